@@ -1,0 +1,42 @@
+"""One exception type for every mistake a user can fix, and the one place it is printed.
+
+A ``UserError`` names the setting, its value, why it is wrong and how to fix it. The command-line
+edges (``launch``, ``preflight``, ``manifest``, ``export``, ``stage``) catch it once and print it as a
+single line on stderr with exit code 2: no Python traceback reaches ``kubectl logs``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad environment, bad config, missing file, bad token."""
+
+    def __init__(self, setting: str, value: object, why: str, fix: str):
+        self.setting, self.value, self.why, self.fix = setting, value, why, fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        shown = "" if self.value is None else f" = {self.value!r}"
+        return f"{self.setting}{shown}: {self.why}. Fix: {self.fix}"
+
+
+def exit_with(error: UserError, prog: str = "torchtitan-runai") -> NoReturn:
+    print(f"{prog}: error: {error.line()}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def cli(main: Callable[[list[str]], int | None], prog: str) -> NoReturn:
+    """Run a command's main(argv); turn a UserError into one line and exit 2."""
+    try:
+        code = main(sys.argv[1:])
+    except UserError as error:
+        exit_with(error, prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    raise SystemExit(code or 0)

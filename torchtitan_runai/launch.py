@@ -1,0 +1,400 @@
+"""The pod's launcher: map the cluster's environment onto torchrun, validate, then run it.
+
+``run_llama_train.sh`` (the container entrypoint) execs ``python -m torchtitan_runai.launch "$@"``.
+Once per pod it:
+
+1. recognises the environment shape the cluster gave the pod (below) and turns it into torchrun
+   arguments (``plan_launch``, a pure function);
+2. validates the environment and the whole config (``torchtitan_runai.config``) before any worker
+   starts: a mistake is one line on stderr and exit code 2, never a traceback;
+3. runs torchrun's elastic agent in this process (rendezvous, restarts, signals to the workers) and
+   turns its outcome into an exit code.
+
+Usage::
+
+    run_llama_train.sh [--dry-run] [torchtitan arguments ...]
+    python -m torchtitan_runai.launch [--dry-run] [torchtitan arguments ...]
+
+``--dry-run`` (first argument only) validates and prints the equivalent torchrun command as the
+last line of stdout, shell-quoted, and starts nothing. Checks that depend on the machine (GPUs
+present, disk space, tokenizer files) are warnings in a dry run. Arguments after the options are
+passed to torchtitan unchanged, e.g. ``run_llama_train.sh --training.steps 5``.
+
+Environment shapes (see shared/reference/cluster-env.md), tried in this order:
+
+==========================  =========================================================================
+shape                       recognised by / mapped to
+==========================  =========================================================================
+elastic PyTorchJob          ``PET_RDZV_ENDPOINT`` set. ``--nnodes PET_NNODES`` (``N`` or ``min:max``),
+                            rendezvous ``PET_RDZV_BACKEND`` (default c10d) at that endpoint.
+Kubeflow v1.7-1.9, Run:ai   ``MASTER_ADDR`` and ``PET_NNODES``. ``--nnodes PET_NNODES``, c10d
+                            rendezvous at ``MASTER_ADDR:MASTER_PORT``. ``WORLD_SIZE`` is ignored (it
+                            counts processes when nprocPerNode is an integer).
+Kubeflow Trainer v2         ``PET_MASTER_ADDR`` and ``PET_NNODES``, no ``MASTER_ADDR``. c10d
+                            rendezvous at ``PET_MASTER_ADDR:PET_MASTER_PORT``.
+old operator (<= v1.3)      ``MASTER_ADDR`` and no ``PET_*`` at all. ``--nnodes WORLD_SIZE`` (the
+                            pod count there), c10d rendezvous at ``MASTER_ADDR:MASTER_PORT``; the
+                            master pod's ``MASTER_ADDR=localhost`` makes it host the store.
+single node                 none of the above: ``--standalone``.
+==========================  =========================================================================
+
+A multi-node shape whose node count is 1 also runs standalone (nothing to rendezvous with).
+
+Variables (all optional except where a shape needs them):
+
+``CONFIG_FILE``         the TOML recipe (default ``./train_configs/llama3_8b.toml``); passed as
+                        ``--job.config_file`` unless the arguments already name one.
+``NGPU``                processes per node. Else a numeric ``PET_NPROC_PER_NODE``, else the number
+                        of visible GPUs, else (no GPU) ``CPU_NPROC`` (default 2) for a CPU rehearsal.
+``OVERRIDE_PET_NNODES`` node count to use instead of ``PET_NNODES``.
+``MAX_RESTARTS``        worker-group restarts after a failure (default: ``PET_MAX_RESTARTS``, else 1).
+``RDZV_TIMEOUT``        seconds to wait for all nodes at rendezvous, and for the master's DNS name
+                        to resolve (default 600).
+``RDZV_ID``             rendezvous id shared by all pods (default ``PET_RDZV_ID``, ``JOB_UUID``,
+                        else ``torchtitan-runai``).
+``LOG_RANK``            comma-separated local ranks whose output is shown (default 0). ``all`` shows
+                        every rank.
+``LOCAL_ADDR``          address this node advertises at rendezvous (default ``POD_IP`` when set);
+                        needed when the pod's hostname does not resolve from other pods.
+``SHUTDOWN_TIMEOUT``    seconds the workers get to checkpoint and exit after SIGTERM before they are
+                        killed (default 25; keep it below the pod's terminationGracePeriodSeconds).
+``HF_TOKEN``            read by the workers from the environment; never printed, never in argv.
+
+Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file);
+128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
+retries it); 1 a worker failed with an error (the line names the rank); 128+N a worker was killed
+by signal N (e.g. 137, OOM-killed), also retryable.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from torchtitan_runai.errors import UserError, cli
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO_ROOT / "train.py"
+DEFAULT_CONFIG = "./train_configs/llama3_8b.toml"
+DEFAULT_PORT = 29500
+EXIT_WORKER_ERROR = 1
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What torchrun is told: one instance per pod, derived from the environment alone."""
+
+    shape: str
+    """The environment shape recognised (see the module docstring)."""
+    nnodes: str
+    """``N`` or elastic ``min:max``."""
+    nproc_per_node: int
+    max_restarts: int
+    standalone: bool = False
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str = ""
+    rdzv_id: str = ""
+    rdzv_conf: tuple[tuple[str, str], ...] = ()
+    node_rank: int | None = None
+    local_addr: str | None = None
+    log_ranks: str = "0"
+    shutdown_timeout: int = 25
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self.nnodes.split(":")[-1])
+
+    @property
+    def world_size(self) -> int:
+        return self.max_nodes * self.nproc_per_node
+
+    @property
+    def endpoint_host(self) -> str:
+        return self.rdzv_endpoint.rsplit(":", 1)[0].strip("[]") if self.rdzv_endpoint else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure mapping
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0, default: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise UserError(name, raw, "must be an integer", f"set {name} to a whole number (or unset it)")
+    if value < minimum:
+        raise UserError(name, raw, f"must be at least {minimum}", f"set {name} to {minimum} or more")
+    return value
+
+
+def _nnodes(env: Mapping[str, str], name: str) -> str:
+    raw = env.get("OVERRIDE_PET_NNODES") or env.get(name, "")
+    source = "OVERRIDE_PET_NNODES" if env.get("OVERRIDE_PET_NNODES") else name
+    parts = raw.strip().split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(source, raw, "must be a node count N or an elastic range MIN:MAX",
+                        f"set {source} to e.g. 2 or 2:2")
+    if len(numbers) > 2 or any(n < 1 for n in numbers) or (len(numbers) == 2 and numbers[0] > numbers[1]):
+        raise UserError(source, raw, "must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX", f"set {source} to e.g. 2 or 1:4")
+    return ":".join(str(n) for n in numbers)
+
+
+def _endpoint(env: Mapping[str, str], addr_var: str, port_var: str) -> str:
+    host = env[addr_var].strip()
+    if not host:
+        raise UserError(addr_var, env[addr_var], "is empty", f"set {addr_var} to the master pod's hostname")
+    if ":" in host and not host.startswith("["):
+        raise UserError(addr_var, host, "must be a host name or address without a port",
+                        f"put the port in {port_var} instead")
+    port_raw = env.get(port_var)
+    if port_raw is None or port_raw.strip() == "":
+        raise UserError(port_var, port_raw, f"{addr_var} is set but {port_var} is not",
+                        f"set {port_var} (the operator's default is 23456) or unset {addr_var} for a single-node run")
+    port = _int(env, port_var, minimum=1)
+    if port > 65535:
+        raise UserError(port_var, port_raw, "is not a TCP port", "use a port in 1..65535")
+    return f"{host}:{port}"
+
+
+def _rdzv_endpoint(env: Mapping[str, str]) -> str:
+    raw = env["PET_RDZV_ENDPOINT"].strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host:
+        raise UserError("PET_RDZV_ENDPOINT", raw, "must be HOST:PORT", "set it to e.g. myjob-worker-0:29400")
+    try:
+        ok = 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError("PET_RDZV_ENDPOINT", raw, "has no valid port", "set it to HOST:PORT with a port in 1..65535")
+    return raw
+
+
+def _rdzv_conf(env: Mapping[str, str], timeout: int) -> tuple[tuple[str, str], ...]:
+    conf: dict[str, str] = {}
+    raw = env.get("PET_RDZV_CONF", "").strip()
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError("PET_RDZV_CONF", raw, f"item {item!r} is not key=value", "use k=v,k2=v2")
+        conf[key] = value
+    conf.setdefault("join_timeout", str(timeout))
+    return tuple(sorted(conf.items()))
+
+
+def _nproc(env: Mapping[str, str], gpu_count: int) -> tuple[int, str]:
+    ngpu = _int(env, "NGPU", minimum=1)
+    if ngpu is not None:
+        return ngpu, "NGPU"
+    pet = env.get("PET_NPROC_PER_NODE", "").strip()
+    if pet and pet != "auto":
+        return _int(env, "PET_NPROC_PER_NODE", minimum=1), "PET_NPROC_PER_NODE"
+    if gpu_count > 0:
+        return gpu_count, "visible GPUs"
+    return _int(env, "CPU_NPROC", minimum=1, default=2), "CPU rehearsal (no GPU visible)"
+
+
+def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
+    """Map a pod's environment to a LaunchPlan. Pure: no I/O, raises UserError on bad values."""
+    has_pet = any(k.startswith("PET_") for k in env)
+    timeout = _int(env, "RDZV_TIMEOUT", minimum=1, default=600)
+    nproc, nproc_source = _nproc(env, gpu_count)
+    pet_restarts = _int(env, "PET_MAX_RESTARTS", minimum=0, default=1)
+    max_restarts = _int(env, "MAX_RESTARTS", minimum=0, default=pet_restarts)
+    rdzv_id = env.get("RDZV_ID") or env.get("PET_RDZV_ID") or env.get("JOB_UUID") or "torchtitan-runai"
+    log_ranks = env.get("LOG_RANK", "0").strip() or "0"
+    if log_ranks != "all" and not all(p.strip().isdigit() for p in log_ranks.split(",")):
+        raise UserError("LOG_RANK", log_ranks, "must be local rank numbers like 0 or 0,1, or 'all'", "set LOG_RANK=0")
+    common = dict(
+        nproc_per_node=nproc,
+        max_restarts=max_restarts,
+        rdzv_id=rdzv_id,
+        rdzv_conf=_rdzv_conf(env, timeout),
+        local_addr=(env.get("LOCAL_ADDR") or env.get("POD_IP") or None),
+        log_ranks=log_ranks,
+        shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", minimum=1, default=25),
+        notes=(f"processes per node from {nproc_source}",),
+    )
+    if env.get("PET_RDZV_ENDPOINT"):
+        if not env.get("PET_NNODES") and not env.get("OVERRIDE_PET_NNODES"):
+            raise UserError("PET_NNODES", None, "the elastic shape (PET_RDZV_ENDPOINT) needs a node count",
+                            "set PET_NNODES to N or MIN:MAX")
+        return LaunchPlan(shape="elastic PyTorchJob", nnodes=_nnodes(env, "PET_NNODES"),
+                          rdzv_backend=env.get("PET_RDZV_BACKEND") or "c10d",
+                          rdzv_endpoint=_rdzv_endpoint(env), **common)
+    if env.get("MASTER_ADDR") is not None and has_pet:
+        if not env.get("PET_NNODES") and not env.get("OVERRIDE_PET_NNODES"):
+            raise UserError("PET_NNODES", None, "MASTER_ADDR and PET_* are set but not the node count",
+                            "set PET_NNODES (the number of pods)")
+        plan = LaunchPlan(shape="Kubeflow PyTorchJob / Run:ai", nnodes=_nnodes(env, "PET_NNODES"),
+                          rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
+                          node_rank=_int(env, "PET_NODE_RANK", default=_int(env, "RANK")), **common)
+    elif env.get("PET_MASTER_ADDR") is not None:
+        if not env.get("PET_NNODES") and not env.get("OVERRIDE_PET_NNODES"):
+            raise UserError("PET_NNODES", None, "PET_MASTER_ADDR is set but not the node count", "set PET_NNODES")
+        plan = LaunchPlan(shape="Kubeflow Trainer v2", nnodes=_nnodes(env, "PET_NNODES"),
+                          rdzv_endpoint=_endpoint(env, "PET_MASTER_ADDR", "PET_MASTER_PORT"),
+                          node_rank=_int(env, "PET_NODE_RANK"), **common)
+    elif env.get("MASTER_ADDR") is not None:
+        if env.get("OVERRIDE_PET_NNODES"):
+            nnodes = _nnodes(env, "OVERRIDE_PET_NNODES")
+        else:
+            nodes = _int(env, "WORLD_SIZE", minimum=1)
+            if nodes is None:
+                raise UserError("WORLD_SIZE", None, "MASTER_ADDR is set without PET_* or WORLD_SIZE (old operator shape)",
+                                "set WORLD_SIZE to the number of pods, or OVERRIDE_PET_NNODES")
+            nnodes = str(nodes)
+        plan = LaunchPlan(shape="old Kubeflow operator", nnodes=nnodes,
+                          rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
+                          node_rank=_int(env, "RANK"), **common)
+    else:
+        nnodes = _nnodes(env, "OVERRIDE_PET_NNODES") if env.get("OVERRIDE_PET_NNODES") else "1"
+        if nnodes != "1":
+            raise UserError("OVERRIDE_PET_NNODES", nnodes, "a multi-node run needs a rendezvous address",
+                            "set MASTER_ADDR and MASTER_PORT (or PET_RDZV_ENDPOINT), or use 1 node")
+        return LaunchPlan(shape="single node", nnodes="1", standalone=True, **common)
+    if plan.nnodes == "1":
+        return LaunchPlan(**{**plan.__dict__, "standalone": True, "rdzv_endpoint": "", "node_rank": None,
+                             "shape": plan.shape + " (1 node: standalone)"})
+    return plan
+
+
+def torchrun_args(plan: LaunchPlan, train_args: list[str], script: str | os.PathLike = TRAIN_SCRIPT) -> list[str]:
+    """The torchrun command line (argv[0] = "torchrun") for a plan and the trainer's arguments."""
+    args = ["torchrun", "--nnodes", plan.nnodes, "--nproc_per_node", str(plan.nproc_per_node)]
+    if plan.standalone:
+        args += ["--standalone"]
+    else:
+        args += ["--rdzv_backend", plan.rdzv_backend, "--rdzv_endpoint", plan.rdzv_endpoint, "--rdzv_id", plan.rdzv_id]
+        if plan.node_rank is not None:
+            args += ["--node_rank", str(plan.node_rank)]
+        if plan.local_addr:
+            args += ["--local_addr", plan.local_addr]
+    if plan.rdzv_conf:
+        args += ["--rdzv_conf", ",".join(f"{k}={v}" for k, v in plan.rdzv_conf)]
+    args += ["--max_restarts", str(plan.max_restarts), "--shutdown_timeout", str(plan.shutdown_timeout)]
+    if plan.log_ranks != "all":
+        args += ["--local_ranks_filter", plan.log_ranks]
+    args += ["--role", "rank", "--tee", "3", str(script), *train_args]
+    return args
+
+
+def trainer_args(env: Mapping[str, str], user_args: list[str]) -> list[str]:
+    """The trainer's arguments: CONFIG_FILE as --job.config_file unless the user passed one."""
+    from torchtitan_runai.config import config_file_from_args
+
+    if config_file_from_args(user_args) is not None:
+        return list(user_args)
+    return ["--job.config_file", env.get("CONFIG_FILE") or DEFAULT_CONFIG, *user_args]
+
+
+# ---------------------------------------------------------------------------------------------
+# Side effects: DNS, GPUs, running the agent
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def wait_for_host(host: str, timeout: float, sleep=time.sleep) -> None:
+    """Kubernetes DNS for a just-created master pod lags; retry instead of crashing the job."""
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as e:
+            if time.monotonic() + delay > deadline:
+                raise UserError("rendezvous host", host, f"does not resolve after {timeout:.0f}s ({e.strerror})",
+                                "check MASTER_ADDR / PET_RDZV_ENDPOINT and that the master pod and its Service exist; "
+                                "raise RDZV_TIMEOUT if pods start slowly")
+            print(f"[launch] waiting for {host} to resolve ({e.strerror}); retrying in {delay:.0f}s", flush=True)
+            sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+def describe_failure(failures: Mapping[int, object]) -> tuple[str, int]:
+    """One line naming the first failing rank, and the exit code to use."""
+    rank = min(failures, key=lambda r: getattr(failures[r], "timestamp", 0))
+    failure = failures[rank]
+    code = failure.exitcode
+    where = f"rank {rank} (local rank {failure.local_rank} on {failure.hostname})"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        hint = " (the kernel's OOM killer sends SIGKILL: check the pod's memory limit)" if -code == signal.SIGKILL else ""
+        return f"{where} was killed by {name}{hint}", 128 - code
+    if code == 2:
+        return f"{where} stopped on a configuration or input error (its message is above)", 2
+    if code >= 128:
+        return f"{where} exited with code {code} (stopped by signal {code - 128})", code
+    return f"{where} failed with exit code {code}; its error is in the log above", EXIT_WORKER_ERROR
+
+
+def run_agent(torchrun_argv: list[str]) -> int:
+    """Run torchrun's elastic agent in this process and translate its outcome to an exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(torchrun_argv[1:])
+    try:
+        run(args)
+    except SignalException as e:
+        sig = signal.Signals(e.sigval)
+        print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
+              file=sys.stderr, flush=True)
+        return 128 + sig
+    except ChildFailedError as e:
+        line, code = describe_failure(e.failures)
+        print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    dry_run = bool(argv) and argv[0] == "--dry-run"
+    user_args = argv[1:] if dry_run else list(argv)
+    env = dict(os.environ)
+    gpus = visible_gpus()
+    plan = plan_launch(env, gpus)
+    train_args = trainer_args(env, user_args)
+
+    from torchtitan_runai import config as config_mod
+
+    config_mod.parse_job_config(train_args, world_size=plan.world_size)
+    ngpu = env.get("NGPU")
+    if gpus and ngpu and int(ngpu) > gpus:
+        message = f"NGPU={ngpu} but only {gpus} GPU(s) are visible"
+        if not dry_run:
+            raise UserError("NGPU", ngpu, f"only {gpus} GPU(s) are visible", f"set NGPU to at most {gpus}")
+        print(f"[launch] warning: {message}", file=sys.stderr)
+    command = torchrun_args(plan, train_args)
+    print(f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es); {'; '.join(plan.notes)}",
+          flush=True)
+    if dry_run:
+        print(shlex.join(command), flush=True)
+        return 0
+    print(f"[launch] {shlex.join(command)}", flush=True)
+    if plan.endpoint_host:
+        wait_for_host(plan.endpoint_host, float(dict(plan.rdzv_conf).get("join_timeout", 600)))
+    return run_agent(command)
+
+
+if __name__ == "__main__":
+    cli(main, prog="run_llama_train.sh")

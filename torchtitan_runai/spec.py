@@ -1,0 +1,35 @@
+"""Our train spec, ``llama3_runai``: torchtitan's Llama 3 with the fork's changes plugged in.
+
+It is registered under its own name (``model.name = "llama3_runai"`` in our configs) and leaves
+torchtitan's ``llama3`` untouched. Relative to ``llama3`` it changes:
+
+- ``build_loss_fn``: the reshaped cross-entropy of ``torchtitan_runai.loss``;
+- ``parallelize_fn``: torchtitan's ``parallelize_llama``, then, on gloo (CPU), FSDP told to
+  reduce gradients by SUM (``device.force_sum_reduction``), since gloo has no AVG.
+
+Importing this module registers the spec (Python imports a module once per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torchtitan_runai import TRAIN_SPEC_NAME, device, loss, upstream
+
+
+def parallelize(model, parallel_dims, job_config):
+    model = upstream.llama3.parallelize_llama(model, parallel_dims, job_config)
+    if device.uses_gloo():
+        device.force_sum_reduction(model)
+    return model
+
+
+def build_train_spec() -> "upstream.TrainSpec":
+    return dataclasses.replace(
+        upstream.llama3.get_train_spec(),
+        parallelize_fn=parallelize,
+        build_loss_fn=loss.build_loss_fn,
+    )
+
+
+upstream.register_train_spec(TRAIN_SPEC_NAME, build_train_spec())
