@@ -1,0 +1,123 @@
+"""Every shipped config parses and validates; config mistakes become one UserError naming the setting."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from torchtitan_runai import TRAIN_SPEC_NAME
+from torchtitan_runai.config import parse_job_config, torchtitan_args
+from torchtitan_runai.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
+WORLD = {"debug_model.toml": 2, "llama3_8b.toml": 16, "llama3_70b.toml": 16, "llama3_405b.toml": 64}
+
+
+def test_the_four_recipes_are_shipped():
+    assert {c.name for c in CONFIGS} >= set(WORLD)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_parses_and_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = parse_job_config(["--job.config_file", str(path)], world_size=WORLD.get(path.name, 8))
+    assert config.model.name == TRAIN_SPEC_NAME
+    assert config.checkpoint.enable and not config.checkpoint.last_save_model_only  # resumable defaults
+    assert config.job.custom_config_module == "torchtitan_runai.config"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_header_says_purpose_and_launch_command(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert header and header[0].startswith(f"# {path.name}:"), "first line names the file and its purpose"
+    assert "run_llama_train.sh" in text or "make train" in text, "header shows the exact launch command"
+
+
+def test_cluster_recipes_keep_the_seeds_intent(monkeypatch):
+    monkeypatch.chdir(REPO)
+    c8 = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml"], world_size=16)
+    c70 = parse_job_config(["--job.config_file", "train_configs/llama3_70b.toml"], world_size=16)
+    c405 = parse_job_config(["--job.config_file", "train_configs/llama3_405b.toml"], world_size=64)
+    assert c8.parallelism.tensor_parallel_degree == 1 and c8.parallelism.data_parallel_shard_degree == -1
+    assert c70.parallelism.tensor_parallel_degree == 8 and c70.activation_checkpoint.mode == "full"
+    assert c405.parallelism.tensor_parallel_degree == 8 and c405.compile.enable
+    assert "quantize.linear.float8" in c405.model.converters and c405.parallelism.enable_async_tensor_parallel
+
+
+def test_paths_resolve_against_the_working_directory_not_the_config_folder(tmp_path, monkeypatch):
+    moved = tmp_path / "elsewhere" / "debug.toml"
+    moved.parent.mkdir()
+    shutil.copy(REPO / "train_configs" / "debug_model.toml", moved)
+    monkeypatch.chdir(REPO)
+    config = parse_job_config(["--job.config_file", str(moved)], world_size=2)
+    assert config.model.hf_assets_path == "./assets/rehearsal/tokenizer"
+    assert Path(config.model.hf_assets_path).is_dir()  # found from the repo root, where runs start
+
+
+def test_cli_overrides_win_over_toml(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = parse_job_config(["--job.config_file", "train_configs/debug_model.toml", "--training.steps", "7"])
+    assert config.training.steps == 7
+
+
+def test_custom_module_is_added_once():
+    assert torchtitan_args(["--x"]) == ["--x", "--job.custom_config_module=torchtitan_runai.config"]
+    assert torchtitan_args(["--job.custom_config_module=torchtitan_runai.config"]).count(
+        "--job.custom_config_module=torchtitan_runai.config") == 1
+
+
+def write(tmp_path, body: str) -> str:
+    base = (REPO / "train_configs" / "debug_model.toml").read_text()
+    path = tmp_path / "c.toml"
+    path.write_text(base + "\n" + body)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, setting, words", [
+    ("[training2]\nsteps = 1", "training2", "unknown config section"),
+    ("[debug]\nseeed = 1", "debug.seeed", "did you mean 'debug.seed'"),
+    ("[debug]\nseed = 4294967296", "debug.seed", "[0, 2**32)"),
+    ("[debug]\nseed = -1", "debug.seed", "[0, 2**32)"),
+    ("[comm]\ninit_timeout_seconds = \"ten\"", "comm.init_timeout_seconds", "wrong type"),
+    ("[profiling]\nprofile_freq = 2.5", "profiling.profile_freq", "wrong type"),
+    ("[comm]\nmode = \"fast\"", "comm.mode", "one of"),
+])
+def test_schema_errors(tmp_path, monkeypatch, extra, setting, words):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(UserError) as e:
+        parse_job_config(["--job.config_file", write(tmp_path, extra)])
+    assert e.value.setting == setting
+    assert words in e.value.line()
+
+
+@pytest.mark.parametrize("args, setting", [
+    (["--training.steps", "0"], "training.steps"),
+    (["--training.seq_len", "127", "--parallelism.tensor_parallel_degree", "2"], "training.seq_len"),
+    (["--training.seq_len", "140000"], "training.seq_len"),
+    (["--model.flavor", "9B"], "model.flavor"),
+    (["--parallelism.data_parallel_replicate_degree", "3"], "parallelism"),
+    (["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"], "parallelism"),
+    (["--checkpoint.keep_latest_k", "1"], "checkpoint.keep_latest_k"),
+    (["--training.global_batch_size", "6"], "training.global_batch_size"),
+    (["--training.stepz", "3"], "command line"),
+])
+def test_value_errors(monkeypatch, args, setting):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(UserError) as e:
+        parse_job_config(["--job.config_file", "train_configs/debug_model.toml", *args], world_size=2)
+    assert e.value.setting == setting
+
+
+def test_toml_syntax_error_names_the_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "bad.toml"
+    path.write_text("[training]\nsteps = = 3\n")
+    with pytest.raises(UserError) as e:
+        parse_job_config(["--job.config_file", str(path)])
+    assert e.value.setting == "CONFIG_FILE" and "line 2" in e.value.line()

@@ -1,0 +1,144 @@
+"""Environment shapes -> torchrun arguments (pure), one test per shape in cluster-env.md."""
+
+import pytest
+
+from torchtitan_runai.errors import UserError
+from torchtitan_runai.launch import plan_launch, torchrun_args, trainer_args
+
+
+def kubeflow_pod(index: int, nodes: int = 2, nproc: str = "8", job: str = "llama") -> dict:
+    """What training-operator v1.8/1.9 puts in pod `index` of a PyTorchJob with a Master."""
+    return {
+        "MASTER_ADDR": f"{job}-master-0", "PET_MASTER_ADDR": f"{job}-master-0",
+        "MASTER_PORT": "23456", "PET_MASTER_PORT": "23456",
+        "RANK": str(index), "PET_NODE_RANK": str(index),
+        "WORLD_SIZE": str(nodes * int(nproc)) if nproc.isdigit() else str(nodes),
+        "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": nproc, "PYTHONUNBUFFERED": "1",
+    }
+
+
+def opt(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_kubeflow_master_and_worker_rendezvous_at_master():
+    for index in (0, 1):
+        plan = plan_launch(kubeflow_pod(index), gpu_count=8)
+        args = torchrun_args(plan, ["--job.config_file", "c.toml"])
+        assert plan.shape == "Kubeflow PyTorchJob / Run:ai"
+        assert opt(args, "--nnodes") == "2"
+        assert opt(args, "--nproc_per_node") == "8"
+        assert opt(args, "--rdzv_backend") == "c10d"
+        assert opt(args, "--rdzv_endpoint") == "llama-master-0:23456"
+        assert opt(args, "--node_rank") == str(index)
+        assert "--standalone" not in args
+        assert args[-2:] == ["--job.config_file", "c.toml"]
+
+
+def test_world_size_counting_processes_is_not_the_node_count():
+    # nprocPerNode=8 makes WORLD_SIZE=16 on a 2-pod job: the node count must still be 2.
+    plan = plan_launch(kubeflow_pod(0, nodes=2, nproc="8"), gpu_count=8)
+    assert plan.nnodes == "2" and plan.world_size == 16
+
+
+def test_nproc_auto_uses_visible_gpus_and_v17_worker_without_nproc():
+    plan = plan_launch(kubeflow_pod(1, nproc="auto"), gpu_count=4)
+    assert plan.nproc_per_node == 4
+    env = kubeflow_pod(1)
+    del env["PET_NPROC_PER_NODE"]  # v1.7 sets it on the master only
+    assert plan_launch(env, gpu_count=8).nproc_per_node == 8
+
+
+def test_ngpu_wins_over_operator_and_gpus():
+    env = {**kubeflow_pod(0, nproc="8"), "NGPU": "2"}
+    assert plan_launch(env, gpu_count=8).nproc_per_node == 2
+
+
+def test_old_operator_master_localhost_and_world_size_is_pods():
+    master = {"MASTER_ADDR": "localhost", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "0"}
+    worker = {"MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2"}
+    pm, pw = plan_launch(master, 8), plan_launch(worker, 8)
+    assert pm.shape == pw.shape == "old Kubeflow operator"
+    assert pm.nnodes == pw.nnodes == "3"
+    assert pm.rdzv_endpoint == "localhost:23456" and pw.rdzv_endpoint == "job-master-0:23456"
+    assert pw.node_rank == 2
+
+
+def test_elastic_pytorchjob_min_max_and_operator_restarts():
+    env = {"PET_RDZV_ENDPOINT": "job-worker-0:29400", "PET_RDZV_BACKEND": "c10d", "PET_NNODES": "2:4",
+           "PET_MAX_RESTARTS": "3", "PET_RDZV_ID": "abc", "PET_RDZV_CONF": "read_timeout=60",
+           "PET_NPROC_PER_NODE": "8"}
+    plan = plan_launch(env, gpu_count=8)
+    args = torchrun_args(plan, [])
+    assert plan.shape == "elastic PyTorchJob"
+    assert opt(args, "--nnodes") == "2:4" and plan.world_size == 32
+    assert opt(args, "--rdzv_endpoint") == "job-worker-0:29400"
+    assert opt(args, "--rdzv_id") == "abc"
+    assert opt(args, "--max_restarts") == "3"
+    assert opt(args, "--rdzv_conf") == "join_timeout=600,read_timeout=60"
+    assert "--node_rank" not in args
+
+
+def test_trainer_v2_pet_only():
+    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "auto", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "tj-node-0-0.tj", "PET_MASTER_PORT": "29500"}
+    plan = plan_launch(env, gpu_count=8)
+    assert plan.shape == "Kubeflow Trainer v2"
+    assert plan.rdzv_endpoint == "tj-node-0-0.tj:29500" and plan.nnodes == "2" and plan.nproc_per_node == 8
+
+
+def test_single_node_standalone_and_cpu_rehearsal_count():
+    plan = plan_launch({}, gpu_count=8)
+    assert plan.standalone and plan.nproc_per_node == 8 and "--standalone" in torchrun_args(plan, [])
+    assert plan_launch({}, gpu_count=0).nproc_per_node == 2
+    assert plan_launch({"CPU_NPROC": "3"}, gpu_count=0).nproc_per_node == 3
+
+
+def test_one_node_job_runs_standalone():
+    plan = plan_launch(kubeflow_pod(0, nodes=1), gpu_count=8)
+    assert plan.standalone and plan.rdzv_endpoint == ""
+
+
+def test_override_nnodes_and_knobs():
+    env = {**kubeflow_pod(0), "OVERRIDE_PET_NNODES": "4", "MAX_RESTARTS": "0", "RDZV_TIMEOUT": "120",
+           "LOG_RANK": "0,1", "RDZV_ID": "run-7"}
+    args = torchrun_args(plan_launch(env, 8), [])
+    assert opt(args, "--nnodes") == "4"
+    assert opt(args, "--max_restarts") == "0"
+    assert opt(args, "--rdzv_conf") == "join_timeout=120"
+    assert opt(args, "--local_ranks_filter") == "0,1"
+    assert opt(args, "--rdzv_id") == "run-7"
+
+
+def test_defaults_max_restarts_1_and_job_uuid_as_id():
+    plan = plan_launch({**kubeflow_pod(0), "JOB_UUID": "u-1"}, 8)
+    assert plan.max_restarts == 1 and plan.rdzv_id == "u-1"
+
+
+@pytest.mark.parametrize("env, setting", [
+    ({**kubeflow_pod(0), "PET_NNODES": "two"}, "PET_NNODES"),
+    ({**kubeflow_pod(0), "PET_NNODES": "3:2"}, "PET_NNODES"),
+    ({"MASTER_ADDR": "job-master-0", "WORLD_SIZE": "2"}, "MASTER_PORT"),
+    ({"MASTER_ADDR": "job-master-0:23456", "MASTER_PORT": "23456", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+    ({**kubeflow_pod(0), "MASTER_PORT": "99999"}, "MASTER_PORT"),
+    ({"NGPU": "eight"}, "NGPU"),
+    ({"NGPU": "0"}, "NGPU"),
+    ({**kubeflow_pod(0), "MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
+    ({"PET_RDZV_ENDPOINT": "host-without-port", "PET_NNODES": "2"}, "PET_RDZV_ENDPOINT"),
+    ({"PET_RDZV_ENDPOINT": "h:1"}, "PET_NNODES"),
+    ({"LOG_RANK": "first"}, "LOG_RANK"),
+    ({"OVERRIDE_PET_NNODES": "2"}, "OVERRIDE_PET_NNODES"),
+    ({"MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "WORLD_SIZE"),
+])
+def test_bad_environment_names_the_variable(env, setting):
+    with pytest.raises(UserError) as e:
+        plan_launch(env, gpu_count=8)
+    assert e.value.setting == setting
+    assert "Fix:" in e.value.line()
+
+
+def test_arguments_pass_through_with_quoting_preserved():
+    user = ["--training.steps", "5", "--job.description", "two words; $(not run)"]
+    args = trainer_args({"CONFIG_FILE": "./x.toml"}, user)
+    assert args == ["--job.config_file", "./x.toml", *user]
+    assert trainer_args({"CONFIG_FILE": "./x.toml"}, ["--job.config_file=y.toml"]) == ["--job.config_file=y.toml"]
