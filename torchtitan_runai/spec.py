@@ -4,6 +4,12 @@ It is registered under its own name (``model.name = "llama3_runai"`` in our conf
 torchtitan's ``llama3`` untouched. Relative to ``llama3`` it changes:
 
 - ``build_loss_fn``: the reshaped cross-entropy of ``torchtitan_runai.loss``;
+- ``build_tokenizer_fn``: the Hugging Face or tiktoken tokenizer, downloaded once per node when
+  missing (``torchtitan_runai.assets``);
+- ``build_dataloader_fn``: torchtitan's text dataloader plus local/PVC files and a retrying C4
+  stream (``torchtitan_runai.data``);
+- ``build_metrics_processor_fn``: torchtitan's step line plus an ETA, no colours off a terminal,
+  memory/MFU reported as n/a on CPU (``torchtitan_runai.logs``);
 - ``parallelize_fn``: torchtitan's ``parallelize_llama``, then, on gloo (CPU), FSDP told to
   reduce gradients by SUM (``device.force_sum_reduction``), since gloo has no AVG.
 
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from torchtitan_runai import TRAIN_SPEC_NAME, device, loss, upstream
+from torchtitan_runai import TRAIN_SPEC_NAME, assets, data, device, logs, loss, upstream
 
 
 def parallelize(model, parallel_dims, job_config):
@@ -29,6 +35,9 @@ def build_train_spec() -> "upstream.TrainSpec":
         upstream.llama3.get_train_spec(),
         parallelize_fn=parallelize,
         build_loss_fn=loss.build_loss_fn,
+        build_tokenizer_fn=assets.build_tokenizer,
+        build_dataloader_fn=data.build_dataloader,
+        build_metrics_processor_fn=logs.build_metrics_processor,
     )
 
 

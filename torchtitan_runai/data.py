@@ -1,0 +1,386 @@
+"""Training text: torchtitan's datasets plus local / PVC files, each data-parallel rank its share.
+
+Datasets, by ``training.dataset``:
+
+- ``"c4"``, ``"c4_validation"`` (stream ``allenai/c4`` from the Hub) and ``"c4_test"``: torchtitan's
+  own entries, unchanged, except that opening the stream is retried with backoff and a stream
+  interrupted by a 429 / 5xx / dropped connection resumes from where it was (its checkpointable
+  state) after a bounded backoff, instead of killing the rank and, through it, the whole job.
+- ``"local"``: ``training.dataset_path`` names a file or a folder of shards (searched recursively):
+  ``.jsonl``/``.json`` (optionally ``.gz``), ``.parquet``, ``.arrow``, ``.txt`` (plain text, one
+  sample per paragraph by default), or a folder written by ``datasets``' ``save_to_disk``. All
+  shards of a folder must share one format. The text is read from ``data.text_column``.
+
+Every dataset goes through torchtitan's ``HuggingFaceTextDataset`` (``split_dataset_by_node`` gives
+each data-parallel rank its own share; the sample index / token buffer state is checkpointed and
+resumed exactly as torchtitan does) and ``ParallelAwareDataloader``. Local files load map-style by
+default (exact resume by sample index; ``datasets`` converts them to Arrow once per node in its
+cache, ``data.cache_dir``); ``data.streaming = true`` streams them instead (big corpora; resume via
+the stream state).
+
+Mistakes are ``UserError``s before any worker starts (``validate_data_config``) and again at load:
+a missing path, an empty file or folder, an unknown format, mixed formats, a missing text column.
+
+Retry budget: keep ``data.retries`` x ``data.max_backoff_s`` below ``comm.train_timeout_seconds``:
+while one rank waits for the Hub, the others wait for it in their next collective.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torchtitan_runai.assets import is_transient, redact, with_backoff
+from torchtitan_runai.errors import UserError
+
+LOCAL = "local"
+FORMATS = {"jsonl": "json", "json": "json", "parquet": "parquet", "arrow": "arrow", "text": "text"}
+_SUFFIXES = {
+    ".jsonl": "jsonl", ".json": "json", ".jsonl.gz": "jsonl", ".json.gz": "json",
+    ".parquet": "parquet", ".arrow": "arrow", ".txt": "text", ".txt.gz": "text",
+}
+_SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
+
+
+@dataclass
+class Data:
+    """How training text is read ([data] section)."""
+
+    text_column: str = "text"
+    """Column (JSON key) holding the text of a sample in local datasets."""
+
+    format: str = "auto"
+    """Local file format: "auto" (from the file suffix), "jsonl", "json", "parquet", "arrow", "text"."""
+
+    streaming: bool = False
+    """Stream local files instead of loading them map-style (for corpora too big to convert)."""
+
+    text_sample_by: str = "paragraph"
+    """Plain text only: one sample per "line", "paragraph" (blank-line separated) or "document"."""
+
+    cache_dir: str = ""
+    """Where `datasets` keeps its Arrow conversion of local files. Empty: its default
+    ($HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)."""
+
+    retries: int = 5
+    """Extra attempts when the Hub stream fails with 429 / 5xx / a dropped connection."""
+
+    backoff_s: float = 1.0
+    """First wait between attempts; doubled each time, capped at max_backoff_s."""
+
+    max_backoff_s: float = 16.0
+    """Longest single wait between attempts."""
+
+    stage_c4_shards: int = 8
+    """How many allenai/c4 "en" train shards (~320 MB each) the stage command copies to the PVC."""
+
+
+def _data_config(job_config: Any) -> Data:
+    return getattr(job_config, "data", None) or Data()
+
+
+# ---------------------------------------------------------------------------------------------
+# local files
+
+
+def find_data_files(path: str | None, data: Data, setting: str = "training.dataset_path"):
+    """(format, sorted files) of a local dataset, or ("disk", [folder]) for a save_to_disk folder."""
+    if not path:
+        raise UserError(setting, path, f'training.dataset = "{LOCAL}" needs a file or folder',
+                        "set training.dataset_path to a .jsonl/.parquet/.arrow/.txt file or folder")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(setting, path, "does not exist",
+                        "fix the path (relative paths are from the working directory) or mount the PVC")
+    if data.format != "auto" and data.format not in FORMATS:
+        raise UserError("data.format", data.format, "unknown format",
+                        f'use "auto" or one of {sorted(FORMATS)}')
+    if root.is_dir() and any((root / m).is_file() for m in _SAVE_TO_DISK_MARKERS):
+        return "disk", [root]
+    candidates = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                       and not p.name.startswith("."))
+    found: dict[str, list[Path]] = {}
+    for file in candidates:
+        fmt = _format_of(file, data)
+        if fmt is not None:
+            found.setdefault(fmt, []).append(file)
+    if not found:
+        what = "is not a known data file" if root.is_file() else "holds no data files"
+        raise UserError(setting, path, f"{what} (known: {sorted(_SUFFIXES)})",
+                        "point it at the data, or set data.format for files without a suffix")
+    if len(found) > 1:
+        raise UserError(setting, path, f"mixes formats {sorted(found)}",
+                        "keep one format per folder, or point at a sub-folder")
+    fmt, files = next(iter(found.items()))
+    if all(f.stat().st_size == 0 for f in files):
+        raise UserError(setting, path, "is empty", "write the dataset first")
+    return fmt, files
+
+
+def _format_of(file: Path, data: Data) -> str | None:
+    if data.format != "auto":
+        return data.format
+    name = file.name.lower()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return _SUFFIXES[suffix]
+    return None
+
+
+def sniff_columns(fmt: str, file: Path) -> list[str] | None:
+    """Column names from the first record / the schema, cheaply; None if unknown."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "text":
+        return ["text"]
+    if fmt == "parquet":
+        return list(pq.read_schema(file).names)
+    if fmt == "arrow":
+        with open(file, "rb") as f:
+            try:
+                return list(pa.ipc.open_stream(f).schema.names)
+            except pa.ArrowInvalid:
+                f.seek(0)
+                return list(pa.ipc.open_file(f).schema.names)
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return None  # a JSON array file: datasets will tell
+                return list(record) if isinstance(record, dict) else None
+    return []
+
+
+def _check_column(columns: list[str] | None, data: Data, path: str) -> None:
+    if columns is None:
+        return
+    if not columns:
+        raise UserError("training.dataset_path", path, "has no records", "write the dataset first")
+    if data.text_column not in columns:
+        raise UserError("data.text_column", data.text_column,
+                        f"{path} has no such column (columns: {columns})",
+                        "set data.text_column to the column holding the text")
+
+
+def load_local_dataset(path: str, data: Data):
+    """A local dataset as a datasets Dataset (or IterableDataset with data.streaming)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    fmt, files = find_data_files(path, data)
+    if fmt == "disk":
+        ds = load_from_disk(str(files[0]))
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds:
+                raise UserError("training.dataset_path", path, f"has splits {list(ds)}, no 'train'",
+                                "point at the split folder you want")
+            ds = ds["train"]
+        if data.streaming:
+            ds = ds.to_iterable_dataset(num_shards=max(1, len(ds.cache_files)))
+        _check_column(list(ds.column_names or []) or None, data, path)
+    else:
+        _check_column(sniff_columns(fmt, files[0]), data, path)
+        kwargs: dict[str, Any] = {}
+        if fmt == "text":
+            kwargs["sample_by"] = data.text_sample_by
+        ds = load_dataset(FORMATS[fmt], data_files=[str(f) for f in files], split="train",
+                          streaming=data.streaming, cache_dir=data.cache_dir or None, **kwargs)
+        if ds.column_names is not None:
+            _check_column(list(ds.column_names), data, path)
+    if not data.streaming and len(ds) == 0:
+        raise UserError("training.dataset_path", path, "has no records", "write the dataset first")
+    return ds
+
+
+def _text_of(sample: dict[str, Any], column: str) -> str:
+    try:
+        return sample[column] or ""
+    except KeyError:
+        raise UserError("data.text_column", column, f"a sample has no such column ({list(sample)})",
+                        "set data.text_column to the column holding the text") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# registry (torchtitan's DATASETS) and the dataset class
+
+
+def register_datasets(data: Data) -> None:
+    """Add "local" to torchtitan's dataset registry and make its Hub loaders retry.
+
+    Done when the training dataloader is built (before torchtitan builds its validator), so that
+    torchtitan's own validation dataloader also knows "local"; the entry carries this job's [data]
+    settings.
+    """
+    import datasets.config as ds_config
+
+    from torchtitan_runai.upstream import DatasetConfig, text_datasets
+
+    registry = text_datasets.DATASETS
+    registry[LOCAL] = DatasetConfig(
+        path="",
+        loader=partial(load_local_dataset, data=data),
+        sample_processor=partial(_text_of, column=data.text_column),
+    )
+    for name in ("c4", "c4_validation"):
+        entry = registry.get(name)
+        if entry is not None:
+            loader = getattr(entry.loader, "__wrapped_loader__", entry.loader)
+            registry[name] = DatasetConfig(entry.path, _retrying_loader(loader, data),
+                                           entry.sample_processor)
+    # datasets retries reads of a stream itself; bound that too (default: 20 tries x up to 60 s)
+    ds_config.STREAMING_READ_MAX_RETRIES = max(1, data.retries)
+    ds_config.STREAMING_READ_RETRY_INTERVAL = data.backoff_s
+    ds_config.STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL = data.max_backoff_s
+    ds_config.STREAMING_READ_RATE_LIMIT_RETRY_INTERVAL = data.max_backoff_s
+    ds_config.STREAMING_OPEN_MAX_RETRIES = max(1, data.retries)
+    ds_config.STREAMING_OPEN_RETRY_INTERVAL = data.backoff_s
+
+
+def _retrying_loader(loader, data: Data):
+    def load(path: str):
+        return with_backoff(lambda: loader(path), retries=data.retries, backoff_s=data.backoff_s,
+                            max_backoff_s=data.max_backoff_s, what=f"opening dataset {path}")
+
+    load.__wrapped_loader__ = loader  # type: ignore[attr-defined]
+    return load
+
+
+@functools.cache
+def _resilient_dataset_class() -> type:
+    # Defined on first use: its base class imports torch; the launcher imports this module for
+    # validate_data_config alone.
+    from torchtitan_runai.upstream import HuggingFaceTextDataset
+
+    class ResilientTextDataset(HuggingFaceTextDataset):
+        """torchtitan's HuggingFaceTextDataset whose stream survives transient Hub errors.
+
+        Only the source iterator is replaced: on a 429 / 5xx / dropped connection the stream is put
+        back to the state it had before the failed read (datasets' checkpointable stream state) and
+        reopened after a backoff, so no sample is lost or repeated. Map-style data is untouched.
+        Checkpoint state (sample index, token buffer, stream state) is torchtitan's.
+        """
+
+        def __init__(self, *args, data: Data | None = None, sleep=time.sleep, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._retry = data or Data()
+            self._sleep = sleep
+
+        def _get_data_iter(self):
+            from datasets import Dataset
+
+            if isinstance(self._data, Dataset):
+                return super()._get_data_iter()
+            return self._resilient_iter()
+
+        def _resilient_iter(self):
+            from torchtitan_runai.upstream import logger
+
+            failures, wait = 0, self._retry.backoff_s
+            state = self._data.state_dict()
+            iterator = iter(self._data)
+            while True:
+                try:
+                    sample = next(iterator)
+                except StopIteration:
+                    return
+                except Exception as error:  # noqa: BLE001
+                    if failures >= self._retry.retries or not is_transient(error):
+                        raise
+                    failures += 1
+                    logger.warning(f"dataset {self.dataset_name}: {type(error).__name__}: "
+                                   f"{redact(str(error)).splitlines()[0] if str(error) else ''}; "
+                                   f"resuming the stream in {wait:.1f}s ({failures}/{self._retry.retries})")
+                    self._sleep(wait)
+                    wait = min(self._retry.max_backoff_s, wait * 2)
+                    self._data.load_state_dict(state)
+                    iterator = iter(self._data)
+                    continue
+                failures, wait = 0, self._retry.backoff_s
+                yield sample
+                state = self._data.state_dict()
+
+    return ResilientTextDataset
+
+
+def __getattr__(name: str):
+    if name == "ResilientTextDataset":
+        return _resilient_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# builders and checks
+
+
+def known_datasets() -> list[str]:
+    from torchtitan_runai.upstream import text_datasets
+
+    return sorted(set(text_datasets.DATASETS) | {LOCAL})
+
+
+def check_dataset(name: str, path: str | None, data: Data, section: str = "training") -> None:
+    """Cheap checks of one dataset setting (no loading): UserError naming the setting."""
+    from torchtitan_runai.upstream import text_datasets
+
+    key = (name or "").lower()
+    if key not in known_datasets():
+        raise UserError(f"{section}.dataset", name, "unknown dataset",
+                        f"use one of {known_datasets()}")
+    setting = f"{section}.dataset_path"
+    if key == LOCAL:
+        fmt, files = find_data_files(path, data, setting)
+        if fmt != "disk":
+            _check_column(sniff_columns(fmt, files[0]), data, path or "")
+        return
+    entry = text_datasets.DATASETS[key]
+    effective = path or entry.path
+    looks_local = effective.startswith(("/", "./", "../", "~")) or key == "c4_test"
+    if looks_local and not Path(effective).expanduser().exists():
+        raise UserError(setting, effective, f"the {key} data folder does not exist",
+                        f'set {setting}, or use training.dataset = "{LOCAL}" with your files')
+
+
+def validate_data_config(job_config: Any) -> None:
+    """Launcher-side checks of the dataset settings, before any worker starts."""
+    data = _data_config(job_config)
+    check_dataset(job_config.training.dataset, job_config.training.dataset_path, data, "training")
+    validation = getattr(job_config, "validation", None)
+    if validation is not None and getattr(validation, "enable", False):
+        check_dataset(validation.dataset, validation.dataset_path, data, "validation")
+
+
+def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any,
+                     infinite: bool = True):
+    """TrainSpec.build_dataloader_fn: torchtitan's text dataloader over our dataset registry."""
+    from torchtitan_runai.upstream import ParallelAwareDataloader
+
+    data = _data_config(job_config)
+    register_datasets(data)
+    training = job_config.training
+    check_dataset(training.dataset, training.dataset_path, data, "training")
+    dataset = _resilient_dataset_class()(
+        dataset_name=training.dataset,
+        dataset_path=training.dataset_path,
+        tokenizer=tokenizer,
+        seq_len=training.seq_len,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        infinite=infinite,
+        data=data,
+    )
+    return ParallelAwareDataloader(
+        dataset,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        **{**asdict(training.dataloader), "batch_size": training.local_batch_size},
+    )
+
