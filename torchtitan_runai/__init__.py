@@ -5,3 +5,4 @@ imports torchtitan internals, and ``torchtitan_runai.spec`` registers our train 
 """
 
 TRAIN_SPEC_NAME = "llama3_runai"
+FUSED_TRAIN_SPEC_NAME = "llama3_runai_fused"  # the memory-saving fused output layer + loss

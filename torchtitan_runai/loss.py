@@ -12,7 +12,7 @@ Variants (``[perf] loss``, see ``Perf``); all return the same value and gradient
 * ``plain``: ``F.cross_entropy`` on the full logits upcast to fp32 (stock behaviour).
 * ``chunked``: the same on slices of the logits, each slice's fp32 copy recomputed in backward
   instead of kept, so eager mode never holds fp32 logits. The bf16 logits still exist.
-* ``fused``: the model's output layer hands over hidden states and weight (see
+* ``fused``: (memory lever, not a speed lever: see ``Perf.loss``) the model's output layer hands over hidden states and weight (see
   ``torchtitan_runai.fused_head``) and the loss computes logits, loss and gradients chunk by chunk:
   neither the logits nor their gradient ever exist in full. Needs the model class
   ``FusedHeadTransformer``; if the model returns plain logits the loss falls back to ``plain``.
@@ -43,11 +43,14 @@ LOSS_VARIANTS = ("plain", "chunked", "fused")
 class Perf:
     """Throughput settings of this fork (TOML section ``[perf]``)."""
 
-    loss: Literal["plain", "chunked", "fused"] = "fused"
-    """Cross-entropy implementation. 'fused' (default) never materialises the [tokens, vocab]
-    logits or their gradient: on the 8B proxy it frees ~4 GiB per 8k-token sequence, which buys
-    a larger batch or less activation checkpointing. 'chunked' keeps the logits but never their
-    fp32 copy (useful without torch.compile). 'plain' is stock torchtitan's loss."""
+    loss: Literal["plain", "chunked", "fused"] = "plain"
+    """Cross-entropy implementation. 'plain' (default) is stock torchtitan's loss; with
+    torch.compile it is already fused (no fp32 logits) and it was the fastest on the H100 proxy
+    (bench/results/2026-11-25-*: 'fused' costs 1-2% tok/s). 'fused' never materialises the
+    [tokens, vocab] logits or their gradient: it frees ~1.5-2 GiB of peak memory per 8k-token
+    sequence (4-8 GiB at local batch 3-4), so choose it only where memory, not speed, binds (a
+    batch or AC setting that otherwise OOMs). Needs the model class FusedHeadTransformer.
+    'chunked' keeps the logits but never their fp32 copy (for runs without torch.compile)."""
 
     loss_chunk_tokens: int = field(default=DEFAULT_CHUNK_TOKENS)
     """Tokens per chunk for 'fused' and 'chunked'. One chunk's logits cost
