@@ -12,9 +12,6 @@ import json
 import random
 from pathlib import Path
 
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-
-
 def _words(rng: random.Random, n: int) -> list[str]:
     letters = "etaoinshrdlcumwfgypbvkjxqz"
     return ["".join(rng.choice(letters[: 8 + i % 18]) for _ in range(2 + i % 9)) for i in range(n)]
@@ -40,19 +37,10 @@ def build_corpus(folder: Path, *, documents: int = 2000, seed: int = 0) -> Path:
 
 def build_tokenizer(folder: Path, corpus: Path, *, vocab_size: int = 2000) -> Path:
     """tokenizer.json + tokenizer_config.json that torchtitan's HuggingFaceTokenizer loads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from torchtitan_runai.rehearsal import write_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
     if (folder / "tokenizer.json").exists():
         return folder
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
 
     def texts():
         with (corpus / "train.jsonl").open() as f:
@@ -61,12 +49,7 @@ def build_tokenizer(folder: Path, corpus: Path, *, vocab_size: int = 2000) -> Pa
                     break
                 yield json.loads(line)["text"]
 
-    tok.train_from_iterator(texts(), trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": True})
-    )
-    return folder
+    return write_tokenizer(texts(), folder, vocab_size)
 
 
 def build_all(root: Path) -> tuple[Path, Path]:

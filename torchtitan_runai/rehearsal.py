@@ -43,7 +43,7 @@ def make_corpus(n_docs: int = N_DOCS, seed: int = SEED) -> list[str]:
     return docs
 
 
-def train_tokenizer(docs: list[str], vocab_size: int = VOCAB_SIZE):
+def train_tokenizer(docs, vocab_size: int = VOCAB_SIZE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -59,6 +59,16 @@ def train_tokenizer(docs: list[str], vocab_size: int = VOCAB_SIZE):
     return tokenizer
 
 
+def write_tokenizer(texts, tok_dir: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Train on ``texts`` and write tokenizer.json + tokenizer_config.json (what torchtitan loads)."""
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(texts, vocab_size).save(str(tok_dir / "tokenizer.json"))
+    config = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False,
+              "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tok_dir
+
+
 def write_assets(out_dir: Path) -> None:
     docs = make_corpus()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,12 +76,7 @@ def write_assets(out_dir: Path) -> None:
     with open(out_dir / "data" / "corpus.jsonl", "w") as f:
         for doc in docs:
             f.write(json.dumps({"text": doc}) + "\n")
-    tok_dir = out_dir / "tokenizer"
-    tok_dir.mkdir(exist_ok=True)
-    train_tokenizer(docs).save(str(tok_dir / "tokenizer.json"))
-    config = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False,
-              "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer(docs, out_dir / "tokenizer")
 
 
 if __name__ == "__main__":
