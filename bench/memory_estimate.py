@@ -6,11 +6,11 @@ The measured set (all one H100 80GB, seq_len 8192, AdamW, bf16, one GPU, stock t
 
 * ``ANCHORS``: the peak-memory column of shared/reference/performance-anchors.md (2026-11-25;
   torchtitan's logged ``max_reserved``);
-* ``bench/results/*-throughput.json`` and ``*-f8.json``: rows of the stock group
+* every ``bench/results/*.json`` of ``bench.throughput``: rows of the stock group and loss
   (``memory.max_reserved_gib``);
-* ``bench/results/memory-peaks-*.json`` when present (the performance engineer's runs): a list of rows, or
-  ``{"results": [...]}``, each with ``lbs``, ``ac`` ("none" | "op" | "full" | "layerN"), ``compile``,
-  ``float8`` and ``max_reserved_gib`` (or ``memory.max_reserved_gib``).
+* ``bench/results/memory-peaks-*.json`` (the performance engineer's summary: ``configs`` with
+  ``seq_len``, ``local_batch_size``, ``ac_mode``, ``compile``, ``float8``, ``loss``, ``max_reserved_gib``),
+  plain-loss rows not already read from their source file.
 
 * ``bench/results/memory-estimate-*-measured.json``: this script's own GPU runs (``--measure``), shapes
   the estimator was not calibrated on (selective every-2nd-layer AC, seq_len 4096, eager without AC).
@@ -67,10 +67,29 @@ def settings(lbs: int, ac: str, compile_: bool, float8: bool, seq_len: int = 819
                          compile=compile_, float8=float8)
 
 
+def _ac_label(mode: str) -> str:
+    """memory-peaks' "selective(op)" / "selective(every 4-th layer)" / "none" / "full" -> our labels."""
+    if mode.startswith("selective"):
+        inner = mode[mode.find("(") + 1:mode.rfind(")")]
+        digits = "".join(ch for ch in inner if ch.isdigit())
+        return "op" if inner == "op" else f"layer{digits}"
+    return mode
+
+
 def _json_rows(path: str, source: str):
     data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "configs" in data:  # memory-peaks-*.json
+        for r in data["configs"]:
+            if r.get("loss", "plain") != "plain" or not r.get("max_reserved_gib"):
+                continue
+            yield (r["config"], int(r["local_batch_size"]), _ac_label(r["ac_mode"]), bool(r["compile"]),
+                   bool(r["float8"]), float(r["max_reserved_gib"]), r.get("source") or source,
+                   int(r.get("seq_len", 8192)))
+        return
     rows = data.get("results", data.get("rows", [])) if isinstance(data, dict) else data
     for r in rows:
+        if not isinstance(r, dict) or "lbs" not in r or "ac" not in r:
+            continue
         if r.get("status", "ok") != "ok" or r.get("group", "stock") != "stock" or r.get("loss", "plain") != "plain":
             continue
         measured = r.get("max_reserved_gib") or (r.get("memory") or {}).get("max_reserved_gib")
@@ -83,12 +102,18 @@ def _json_rows(path: str, source: str):
 
 
 def comparison_rows():
+    """Anchors, then every JSON under bench/results with stock-loss rows; a run listed twice (a
+    results file and memory-peaks' copy of it) counts once."""
     for row in ANCHORS:
         yield (*row, ANCHOR_SOURCE, 8192)
     results = ROOT / "bench" / "results"
-    for pattern in ("*-throughput.json", "*-f8.json", "memory-peaks-*.json", "memory-estimate-*-measured.json"):
-        for path in sorted(glob.glob(str(results / pattern))):
-            yield from _json_rows(path, os.path.relpath(path, ROOT))
+    seen = set()
+    for path in sorted(glob.glob(str(results / "*.json"))):
+        for row in _json_rows(path, os.path.relpath(path, ROOT)):
+            key = (row[0], os.path.basename(row[6]))
+            if key not in seen:
+                seen.add(key)
+                yield row
 
 
 def compare():
@@ -104,11 +129,13 @@ def compare():
 
 def markdown(rows) -> str:
     lines = [
-        "| configuration | seq | lbs | AC | compile | float8 | measured GiB | estimate GiB | error | peak at | source |",
+        "| configuration | seq | lbs | AC | compile | float8 | measured GiB | estimate GiB | error | peak at "
+        "| source |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['seq']} | {r['lbs']} | {r['ac']} | {r['compile']} | {r['float8']} | {r['measured']:.2f} | "
+        lines.append(f"| {r['label']} | {r['seq']} | {r['lbs']} | {r['ac']} | {r['compile']} | {r['float8']} | "
+                     f"{r['measured']:.2f} | "
                      f"{r['estimate']:.2f} | {r['error']:+.1f}% | {r['moment']} | {r['source']} |")
     errors = [abs(r["error"]) for r in rows]
     within = sum(e <= 10 for e in errors)
