@@ -11,7 +11,7 @@ from torchtitan_runai.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
-WORLD = {"debug_model.toml": 2, "llama3_8b.toml": 16, "llama3_70b.toml": 16, "llama3_405b.toml": 64}
+WORLD = {"debug_model.toml": 2, "llama3_8b.toml": 16, "llama3_70b.toml": 32, "llama3_405b.toml": 64}
 
 
 def test_the_four_recipes_are_shipped():
