@@ -24,7 +24,7 @@ import io
 import types
 import typing
 from contextlib import redirect_stderr
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +33,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from torchtitan_runai import TRAIN_SPEC_NAME, upstream
+from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.assets import Hub
+from torchtitan_runai.data import Data
+from torchtitan_runai.export import Export
+from torchtitan_runai.loss import Perf
+from torchtitan_runai.resilience import Resilience
 from torchtitan_runai.seed import check_seed
 
 CUSTOM_CONFIG_MODULE = "torchtitan_runai.config"
@@ -44,6 +49,33 @@ MAX_SEQ_LEN = 131072  # Llama 3.1's trained context
 @dataclass
 class JobConfig:
     """The sections this fork adds to torchtitan's JobConfig (merged by torchtitan's ConfigManager)."""
+
+    resilience: Resilience = field(default_factory=Resilience)
+    """Preemption, hang detection and checkpoint-folder ownership (``torchtitan_runai.resilience``)."""
+
+    hub: Hub = field(default_factory=Hub)
+    """Where the tokenizer comes from on the Hugging Face Hub, and its cache (``torchtitan_runai.assets``)."""
+
+    data: Data = field(default_factory=Data)
+    """Local/PVC dataset format and streaming retries (``torchtitan_runai.data``)."""
+
+    perf: Perf = field(default_factory=Perf)
+    """Throughput/memory levers measured on the GPU (``torchtitan_runai.loss``, bench/)."""
+
+    export: Export = field(default_factory=Export)
+    """A Hugging Face copy of the model at the end of training (``torchtitan_runai.export``)."""
+
+
+def _resolve_annotations(cls: type) -> None:
+    # This module uses postponed annotations; torchtitan merges our fields into a class built in
+    # another module, where the string "Resilience" cannot be resolved. Store the real types.
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        cls.__annotations__[f.name] = hints[f.name]
+
+
+_resolve_annotations(JobConfig)
 
 
 def _merged_config_class() -> type:
@@ -147,6 +179,25 @@ def check_toml_schema(values: dict[str, Any], cls: type, prefix: str = "") -> No
 # Parsing
 
 
+def check_cli_flags(args: list[str], cls: type) -> None:
+    """Unknown ``--section.key`` flags, with the nearest valid flag (tyro's own message is a wall)."""
+    sections = {f.name: f.type for f in dataclasses.fields(cls)}
+    valid = [f"{name}.{f.name}" for name, sub in sections.items() if dataclasses.is_dataclass(sub)
+             for f in dataclasses.fields(sub)]
+    for arg in args:
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            continue
+        flag = arg[2:].split("=")[0].replace("-", "_")
+        section, _, key = flag.partition(".")
+        if key.startswith("no_"):
+            key = key[3:]
+        if f"{section}.{key}" in valid:
+            continue
+        near = difflib.get_close_matches(f"{section}.{key}", valid, n=1, cutoff=0.6)
+        raise UserError("command line", arg, f"unknown flag --{flag}",
+                        f"did you mean --{near[0]}?" if near else "run with --help for every valid flag")
+
+
 def torchtitan_args(args: list[str]) -> list[str]:
     """The arguments torchtitan's ConfigManager gets: ours plus our custom config module."""
     if any(a.split("=")[0] in ("--job.custom_config_module", "--job.custom-config-module") for a in args):
@@ -165,6 +216,7 @@ def parse_job_config(args: list[str], world_size: int | None = None):
             raise UserError("job.custom_config_module", custom, "this fork's config sections live in its own module",
                             f"remove the key or set it to '{CUSTOM_CONFIG_MODULE}'")
         check_toml_schema(values, _merged_config_class())
+    check_cli_flags(args, _merged_config_class())
     stderr = io.StringIO()
     try:
         with redirect_stderr(stderr):
@@ -193,12 +245,13 @@ def _positive(name: str, value: int, fix: str) -> None:
 
 def _model_args(config):
     name, flavor = config.model.name, config.model.flavor
-    if name == TRAIN_SPEC_NAME:
+    if name in (TRAIN_SPEC_NAME, FUSED_TRAIN_SPEC_NAME):
         import torchtitan_runai.spec  # noqa: F401  registers it
     try:
         spec = upstream.get_train_spec(name)
     except ValueError:
-        raise UserError("model.name", name, "no such train spec", f"use '{TRAIN_SPEC_NAME}' (this fork's Llama 3.1 spec)")
+        raise UserError("model.name", name, "no such train spec",
+                        f"use '{TRAIN_SPEC_NAME}' (this fork's Llama 3.1 spec) or '{FUSED_TRAIN_SPEC_NAME}'")
     if flavor not in spec.model_args:
         raise UserError("model.flavor", flavor, f"not a flavor of {name}", "use one of " + ", ".join(spec.model_args))
     return spec.model_args[flavor]
@@ -272,8 +325,31 @@ def validate(config, world_size: int | None = None) -> None:
             raise UserError("checkpoint.keep_latest_k", ck.keep_latest_k,
                             "must be 0 (keep all) or at least 2, so a damaged newest checkpoint has a fallback",
                             "use 2 or more")
+    res = getattr(config, "resilience", None)
+    if res is not None:
+        if res.hang_timeout_seconds < 0:
+            raise UserError("resilience.hang_timeout_seconds", res.hang_timeout_seconds, "must not be negative",
+                            "use 0 (off) or a number of seconds above one step plus one checkpoint save, e.g. 600")
+        if res.heartbeat_seconds <= 0:
+            raise UserError("resilience.heartbeat_seconds", res.heartbeat_seconds, "must be positive", "use e.g. 2")
+    if ck.enable and ck.async_mode not in ("disabled", "async", "async_with_pinned_mem"):
+        raise UserError("checkpoint.async_mode", ck.async_mode, "unknown mode",
+                        'use "disabled", "async" or "async_with_pinned_mem"')
     if config.lr_scheduler.warmup_steps < 0:
         raise UserError("lr_scheduler.warmup_steps", config.lr_scheduler.warmup_steps, "must not be negative", "use 0 or more")
+    from torchtitan_runai import export, hf_import
+
+    export.validate_export_config(config)
+    fused_model = config.model.name == FUSED_TRAIN_SPEC_NAME
+    if config.perf.loss == "fused" and not fused_model:
+        raise UserError("perf.loss", "fused", "needs the model whose output layer feeds the loss",
+                        f'set model.name = "{FUSED_TRAIN_SPEC_NAME}" or perf.loss = "plain"')
+    if fused_model and (tp > 1 or p.pipeline_parallel_degree > 1):
+        raise UserError("model.name", FUSED_TRAIN_SPEC_NAME, "the fused output layer supports FSDP/DDP only",
+                        f'use model.name = "{TRAIN_SPEC_NAME}" with tensor or pipeline parallelism')
+    if config.perf.loss_chunk_tokens <= 0:
+        raise UserError("perf.loss_chunk_tokens", config.perf.loss_chunk_tokens, "must be positive", "use e.g. 8192")
+    hf_import.validate_hf_import(config)
     args = _model_args(config)
     if tp > 1:
         for attr in ("n_heads", "n_kv_heads"):

@@ -62,7 +62,8 @@ Variables (all optional except where a shape needs them):
 
 Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file);
 128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
-retries it); 1 a worker failed with an error (the line names the rank); 128+N a worker was killed
+retries it; the workers first save a full checkpoint at the next step boundary); 142 a rank's
+watchdog found the job hung (the line names the hung rank; retryable); 1 a worker failed with an error (the line names the rank); 128+N a worker was killed
 by signal N (e.g. 137, OOM-killed), also retryable.
 """
 
@@ -85,6 +86,8 @@ TRAIN_SCRIPT = REPO_ROOT / "train.py"
 DEFAULT_CONFIG = "./train_configs/llama3_8b.toml"
 DEFAULT_PORT = 29500
 EXIT_WORKER_ERROR = 1
+EXIT_WORKER_HUNG = 124  # resilience.EXIT_HUNG: a rank's watchdog found the job hung
+EXIT_HUNG = 142  # 128 + SIGALRM: retryable under Kubeflow's ExitCode restart policy
 
 
 @dataclass(frozen=True)
@@ -334,13 +337,18 @@ def describe_failure(failures: Mapping[int, object]) -> tuple[str, int]:
     rank = min(failures, key=lambda r: getattr(failures[r], "timestamp", 0))
     failure = failures[rank]
     code = failure.exitcode
-    where = f"rank {rank} (local rank {failure.local_rank} on {failure.hostname})"
+    host = getattr(failure, "hostname", None) or socket.gethostname()
+    where = f"rank {rank} (local rank {failure.local_rank} on {host})"
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
         hint = " (the kernel's OOM killer sends SIGKILL: check the pod's memory limit)" if -code == signal.SIGKILL else ""
         return f"{where} was killed by {name}{hint}", 128 - code
     if code == 2:
         return f"{where} stopped on a configuration or input error (its message is above)", 2
+    if code == EXIT_WORKER_HUNG:
+        message = getattr(failure, "message", "") or "see the log above"
+        message = message.get("message", message) if isinstance(message, dict) else message
+        return f"{where} stopped the job: {message}", EXIT_HUNG
     if code >= 128:
         return f"{where} exited with code {code} (stopped by signal {code - 128})", code
     return f"{where} failed with exit code {code}; its error is in the log above", EXIT_WORKER_ERROR
@@ -367,6 +375,50 @@ def run_agent(torchrun_argv: list[str]) -> int:
     return 0
 
 
+def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: bool) -> str | None:
+    """Data, tokenizer and checkpoint folder, before any worker starts (see checkpoint.prestart).
+
+    Returns a message when the run is already complete (exit 0, nothing started).
+    """
+    from torchtitan_runai import assets, checkpoint, data
+    from torchtitan_runai.config import data_parallel_degree
+
+    def warn(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        data.validate_data_config(config)
+        hub = getattr(config, "hub", None)
+        if not getattr(hub, "repo_id", None):  # nothing to download: a local check, no network here
+            assets.ensure_tokenizer(config)
+    except UserError as error:
+        if not dry_run:
+            raise
+        warn(f"[launch] warning: {error.line()}")
+    write = not dry_run and plan.node_rank in (None, 0)
+    return checkpoint.prestart(config, env, plan.world_size, data_parallel_degree(config, plan.world_size),
+                               write=write, warn=warn)
+
+
+def apply_storage(config, train_args: list[str], env: Mapping[str, str], world_size: int):
+    """OUTPUT_DIR moves the dump folder (checkpoints, TensorBoard) and the HF cache onto the PVC.
+
+    Also sets the workers' allocator default: expandable segments is what lets the large batches of
+    the recipes fit on an 80 GiB GPU (bench/results); a user's own setting wins.
+    """
+    from torchtitan_runai import config as config_mod
+    from torchtitan_runai import storage
+
+    paths = storage.resolve_storage(env, config.job.dump_folder, config.checkpoint.folder,
+                                    config.metrics.save_tb_folder)
+    for key, value in {**paths.env_updates(), "PYTORCH_ALLOC_CONF": "expandable_segments:True"}.items():
+        os.environ.setdefault(key, value)
+    if paths.dump_folder == config.job.dump_folder:
+        return config, train_args
+    train_args = [*train_args, *paths.train_overrides()]
+    return config_mod.parse_job_config(train_args, world_size=world_size), train_args
+
+
 def main(argv: list[str]) -> int:
     dry_run = bool(argv) and argv[0] == "--dry-run"
     user_args = argv[1:] if dry_run else list(argv)
@@ -377,13 +429,22 @@ def main(argv: list[str]) -> int:
 
     from torchtitan_runai import config as config_mod
 
-    config_mod.parse_job_config(train_args, world_size=plan.world_size)
+    config = config_mod.parse_job_config(train_args, world_size=plan.world_size)
+    config, train_args = apply_storage(config, train_args, env, plan.world_size)
+    done = preflight_inputs(config, env, plan, dry_run)
+    if done:
+        print(f"[launch] {done}", flush=True)
+        return 0
     ngpu = env.get("NGPU")
     if gpus and ngpu and int(ngpu) > gpus:
         message = f"NGPU={ngpu} but only {gpus} GPU(s) are visible"
         if not dry_run:
             raise UserError("NGPU", ngpu, f"only {gpus} GPU(s) are visible", f"set NGPU to at most {gpus}")
         print(f"[launch] warning: {message}", file=sys.stderr)
+    from torchtitan_runai import preflight
+
+    gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
+    preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env))
     command = torchrun_args(plan, train_args)
     print(f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es); {'; '.join(plan.notes)}",
           flush=True)

@@ -522,10 +522,11 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
 
 
 def enforce(findings: list[Finding], warn: Callable[[str], None] | None = None) -> None:
-    """For the launcher: print every warning and error through ``warn``, raise the first error."""
+    """For the launcher: print every warning through ``warn``; raise the first error as the one
+    line a user error gets (printed once, at the CLI edge)."""
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     for f in findings:
-        if f.level in ("warning", "error"):
+        if f.level == "warning":
             warn(f"[preflight] {f.level}: {f.check}: {f.message}")
     error = next((f for f in findings if f.level == "error"), None)
     if error is not None:

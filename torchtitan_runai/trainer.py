@@ -4,27 +4,134 @@
 spec, parse and validate the config exactly as the launcher did, then build ``RunaiTrainer`` and
 train. ``RunaiTrainer`` overrides torchtitan's documented methods only:
 
-- ``init_distributed``: after the process group exists, agree on the run's 32-bit seed (rank 0 draws
-  it when ``debug.seed`` is unset) and log ``seed: N``, so every run can be reproduced from its log.
+- ``init_distributed``: on gloo (CPU), create the process group with retries under a fresh store
+  prefix per attempt (``resilience.init_gloo``: stock restarts fail most of the time); then agree on
+  the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset) and log ``seed: N``.
+- after torchtitan builds its ``CheckpointManager``, it becomes a ``RunaiCheckpointManager``
+  (``torchtitan_runai.checkpoint``): newest *complete* checkpoint, completion markers, full final
+  saves, world-size and schedule checks.
+- logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
+  parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
+  optional Hugging Face export (``[export] at_end``) and the loss/throughput PNG (``plots``);
+- ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder
+  on a multi-node job is a clear error, ``preflight.confirm_shared_folder``).
+- ``should_continue_training`` (torchtitan calls it at every step boundary): feeds the hang
+  watchdog, marks finished async saves complete, and all-reduces the SIGTERM/SIGINT flag; when any
+  rank got one, every rank saves a full checkpoint of the step just finished and stops, and the
+  process exits 143 (130 for SIGINT).
+
+A finished run tears down explicitly (close the checkpointer, barrier, destroy the process group)
+and leaves with ``os._exit``: stock torchtitan aborts in interpreter teardown in ~1 of 20 runs.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import torch
 
+from torchtitan_runai import checkpoint as ckpt
 from torchtitan_runai import config as config_mod
-from torchtitan_runai import device, seed, upstream
+from torchtitan_runai import device, export, logs, plots, preflight, resilience, seed, upstream
 
 logger = upstream.logger
 
 
 class RunaiTrainer(upstream.Trainer):
+    def __init__(self, job_config):
+        logs.configure_logging_from_env()
+        self.resumed_from: int | None = None
+        self.stop_flag = resilience.StopFlag()
+        self.stop_flag.install()
+        res = getattr(job_config, "resilience", None) or resilience.Resilience()
+        self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
+        self.step_trace = resilience.StepTrace()
+        self._step_loss = None
+        super().__init__(job_config)
+        pd = self.parallel_dims
+        owner = ckpt.read_json(ckpt.checkpoint_folder(job_config) / ckpt.OWNER) or {}
+        job_id = owner.get("job") or ckpt.job_identity(os.environ)[0]
+        ckpt.RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
+                                          pd.dp_replicate * pd.dp_shard, job_id)
+        self.checkpointer.on_progress = lambda: self.watchdog.progress()
+        self.watchdog.start()
+
     def init_distributed(self):
+        if not device.has_accelerator() and "TORCHELASTIC_RESTART_COUNT" in os.environ \
+                and not torch.distributed.is_initialized():
+            resilience.init_gloo(self.job_config.comm.init_timeout_seconds)
         parallel_dims = super().init_distributed()
         debug = self.job_config.debug
         debug.seed = seed.agree_on_seed(debug.seed, self.device)
         logger.info(f"seed: {debug.seed}")
+        if self.job_config.checkpoint.enable and torch.distributed.is_initialized():
+            # Before any checkpoint is read or written: a node-local folder on a multi-node job
+            # would give every node its own, unresumable checkpoints.
+            preflight.confirm_shared_folder(ckpt.checkpoint_folder(self.job_config), torch.distributed.get_rank(),
+                                            torch.distributed.get_world_size(), ckpt.job_identity(os.environ)[0])
         return parallel_dims
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.resumed_from = self.step
+
+    def log_startup_summary(self) -> None:
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        jc = self.job_config
+        logs.log_startup_summary(logs.startup_summary(
+            jc, world_size=self.parallel_dims.world_size, nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+            parallel_dims=self.parallel_dims, seed=jc.debug.seed, config_file=jc.job.config_file,
+            resumed_from_step=self.resumed_from, device=self.device.type,
+            initial_load=jc.checkpoint.initial_load_path))
+
+    def train(self):
+        super().train()
+        if self.step == self.job_config.training.steps:
+            export.export_at_end(self.job_config, self.step, torch.distributed.get_rank())
+
+    def close(self) -> None:
+        super().close()  # flushes the TensorBoard writer the plot reads
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            plots.plot_at_end(self.job_config)
+
+    def forward_backward_step(self, *args, **kwargs):
+        loss = super().forward_backward_step(*args, **kwargs)
+        detached = loss.detach()
+        self._step_loss = detached if self._step_loss is None else self._step_loss + detached
+        return loss
+
+    def train_step(self, data_iterator):
+        self._step_loss = None
+        super().train_step(data_iterator)
+        if self._step_loss is not None:
+            self.step_trace.record(self.step, self._step_loss.item())
+
+    def should_continue_training(self) -> bool:
+        # The first boundary after this process's first step arms the watchdog: loading and
+        # compilation are not counted against the hang timeout.
+        self.watchdog.progress(self.step, arm=getattr(self, "_boundaries", 0) >= 1)
+        if getattr(self, "_boundaries", 0) == 0:  # checkpoint loaded, nothing trained yet
+            self.log_startup_summary()
+        self._boundaries = getattr(self, "_boundaries", 0) + 1
+        self.checkpointer.finish_async(block=False)
+        signum = resilience.agree(self.stop_flag.signum, self.device)
+        if signum:
+            logger.warning(f"stopping at step {self.step} (signal {signum}): saving a full checkpoint")
+            self.checkpointer.save_now(self.step)
+            raise ckpt.Preempted(signum)
+        return super().should_continue_training()
+
+
+def _teardown(trainer) -> None:
+    trainer.watchdog.stop()
+    trainer.checkpointer.finish_async(block=True) if hasattr(trainer, "checkpointer") else None
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run(argv: list[str]) -> int:
@@ -34,10 +141,19 @@ def run(argv: list[str]) -> int:
 
     job_config = config_mod.parse_job_config(argv)
     trainer = RunaiTrainer(job_config)
+    code = 0
     try:
         trainer.train()
-    finally:
+    except ckpt.Preempted as stop:
+        code = 128 + stop.signum
+        waited = __import__("time").monotonic() - trainer.stop_flag.when
+        logger.warning(f"checkpoint saved {waited:.2f}s after the signal; exiting {code}")
+    except BaseException:
+        trainer.watchdog.stop()
         trainer.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        raise
+    _teardown(trainer)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

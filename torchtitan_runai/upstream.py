@@ -61,6 +61,7 @@ from torchtitan.components.tokenizer import BaseTokenizer, HuggingFaceTokenizer
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets import text_datasets
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+from torchtitan.tools.utils import Color, NoColor
 
 __all__ = [
     "EXPECTED_TORCHTITAN",
@@ -91,6 +92,8 @@ __all__ = [
     "HuggingFaceTokenizer",
     "ParallelAwareDataloader",
     "text_datasets",
+    "Color",
+    "NoColor",
 ]
 
 # torchtitan picks its device at import time as "the available accelerator, else cuda" and copies

@@ -348,8 +348,6 @@ def test_operator_env_through_run_llama_train_dry_run(operator, nodes, pod):
     assert endpoint == f"{host}:{port}", last
 
 
-@pytest.mark.xfail(strict=True, reason="launch.py does not apply storage.resolve_storage yet: "
-                   "remove this marker when it passes --job.dump_folder=$OUTPUT_DIR")
 def test_dry_run_puts_outputs_on_the_pvc():
     s, env, last, tokens, opts = dry_run("pytorchjob", 2, 0)
     assert opts.get("job.dump_folder") == s.mount_path, last

@@ -1,0 +1,148 @@
+"""Bad input through the real launcher (``python -m torchtitan_runai.launch``, a subprocess).
+
+Every case must be caught before any worker starts: exit 2, exactly one line on stderr that names
+the setting, no traceback, and an existing checkpoint left exactly as it was. Unwritable and full
+checkpoint folders use a read-only bind mount and a tiny tmpfs in a private mount namespace
+(``unshare -m``; CI runs as root, which ignores file permissions).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = (REPO / "train_configs/debug_model.toml").read_text()
+
+
+def toml(tmp: Path, text: str, name="bad.toml") -> str:
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def replace(old: str, new: str):
+    assert old in BASE, old
+    return lambda tmp: toml(tmp, BASE.replace(old, new, 1))
+
+
+def appended(section: str, line: str):
+    return replace(f"[{section}]\n", f"[{section}]\n{line}\n")
+
+
+# (id, config file builder or None for the stock debug config, extra args, env, setting named)
+CASES = [
+    ("missing-config", lambda tmp: str(tmp / "nope.toml"), [], {}, "CONFIG_FILE"),
+    ("config-is-a-directory", lambda tmp: str(tmp), [], {}, "CONFIG_FILE"),
+    ("config-not-utf8", lambda tmp: (tmp / "b.toml").write_bytes(b"\xff\xfe[job]") and str(tmp / "b.toml"), [], {},
+     "CONFIG_FILE"),
+    ("toml-syntax-error", lambda tmp: toml(tmp, "[job]\ndump_folder = './x'\nsteps = = 3\n"), [], {}, "line 3"),
+    ("unknown-key", replace("steps = 30", "stepz = 30"), [], {}, "training.stepz"),
+    ("unknown-section", lambda tmp: toml(tmp, BASE + "\n[trainin]\nsteps = 3\n"), [], {}, "trainin"),
+    ("wrong-type", replace("steps = 30", 'steps = "ten"'), [], {}, "training.steps"),
+    ("seed-too-big", lambda tmp: toml(tmp, BASE + "\n[debug]\nseed = 4294967296\n"), [], {}, "debug.seed"),
+    ("seed-negative", None, ["--debug.seed", "-1"], {}, "debug.seed"),
+    ("degrees-vs-world-size", replace("data_parallel_shard_degree = -1", "data_parallel_shard_degree = 3"), [], {},
+     "parallelism"),
+    ("seq-len-vs-tp", replace("seq_len = 128", "seq_len = 127"),
+     ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"], {},
+     "training.seq_len"),
+    ("steps-zero", replace("steps = 30", "steps = 0"), [], {}, "training.steps"),
+    ("steps-negative", None, ["--training.steps", "-5"], {}, "training.steps"),
+    ("missing-tokenizer", None, ["--model.hf_assets_path", "/nonexistent/tokenizer"], {}, "model.hf_assets_path"),
+    ("missing-dataset", None, ["--training.dataset_path", "/nonexistent/data"], {}, "training.dataset_path"),
+    ("empty-dataset", None, ["--training.dataset", "local", "--training.dataset_path", "{tmp}/empty"], {},
+     "training.dataset_path"),
+    ("interval-zero", None, ["--checkpoint.interval", "0"], {}, "checkpoint.interval"),
+    ("keep-latest-1", None, ["--checkpoint.keep_latest_k", "1"], {}, "checkpoint.keep_latest_k"),
+    ("unknown-flavor", None, ["--model.flavor", "9000B"], {}, "model.flavor"),
+    ("global-batch", None, ["--training.global_batch_size", "7"], {}, "training.global_batch_size"),
+    ("seq-len-too-long", None, ["--training.seq_len", "140000"], {}, "training.seq_len"),
+    ("warmup-negative", None, ["--lr_scheduler.warmup_steps", "-1"], {}, "lr_scheduler.warmup_steps"),
+    ("hang-timeout-negative", None, ["--resilience.hang_timeout_seconds", "-3"], {},
+     "resilience.hang_timeout_seconds"),
+    ("async-mode", None, ["--checkpoint.async_mode", "sometimes"], {}, "checkpoint.async_mode"),
+    ("load-step-incomplete", None, ["--checkpoint.load_step", "5"], {}, "checkpoint.load_step"),
+    ("load-step-missing", None, ["--checkpoint.load_step", "7"], {}, "checkpoint.load_step"),
+    ("unknown-flag", None, ["--training.stepz", "3"], {}, "--training.steps"),
+    ("ngpu-not-a-number", None, [], {"NGPU": "two"}, "NGPU"),
+    ("max-restarts-negative", None, [], {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
+    ("master-port-missing", None, [], {"MASTER_ADDR": "127.0.0.1", "PET_NNODES": "2"}, "MASTER_PORT"),
+]
+
+
+def existing_checkpoint(dump: Path) -> dict[str, tuple[int, int]]:
+    step = dump / "checkpoint" / "step-5"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"precious")
+    (step / "__0_0.distcp").write_bytes(b"x" * 1000)
+    return snapshot(dump / "checkpoint")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def launch(tmp: Path, config: str | None, args: list[str], env: dict, wrap: str | None = None):
+    dump = tmp / "dump"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "MASTER_", "JOB_"))}
+    full_env.update({"NGPU": "2", "CONFIG_FILE": config or str(REPO / "train_configs/debug_model.toml")})
+    full_env.update(env)
+    argv = [sys.executable, "-m", "torchtitan_runai.launch", "--job.dump_folder", str(dump),
+            *[a.replace("{tmp}", str(tmp)) for a in args]]
+    if wrap:
+        argv = ["unshare", "-m", "sh", "-c", f"{wrap} && exec {shlex.join(argv)}"]
+    return subprocess.run(argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def check(result, setting: str, before: dict, folder: Path):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1, lines
+    assert setting in lines[0] and "Fix:" in lines[0], lines[0]
+    assert "torchrun" not in result.stdout  # no worker started
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("name, make_config, args, env, setting", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, make_config, args, env, setting):
+    (tmp_path / "empty").mkdir()
+    config = make_config(tmp_path) if make_config else None
+    before = existing_checkpoint(tmp_path / "dump")
+    result = launch(tmp_path, config, args, env)
+    check(result, setting, before, tmp_path / "dump" / "checkpoint")
+
+
+def _unshare_works() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="needs root (or user namespaces) for unshare -m")
+
+
+@needs_unshare
+def test_read_only_checkpoint_folder(tmp_path):
+    dump = tmp_path / "dump"
+    before = existing_checkpoint(dump)
+    folder = dump / "checkpoint"
+    result = launch(tmp_path, None, [], {},
+                    wrap=f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}")
+    check(result, "checkpoint.folder", before, folder)
+    assert "read-only file system" in result.stderr
+
+
+@needs_unshare
+def test_full_checkpoint_folder(tmp_path):
+    folder = tmp_path / "dump" / "checkpoint"
+    folder.mkdir(parents=True)
+    result = launch(tmp_path, None, [], {}, wrap=f"mount -t tmpfs -o size=64k tmpfs {folder}")
+    check(result, "checkpoint.folder", {}, folder)
+    assert "the disk is full" in result.stderr
