@@ -1,4 +1,4 @@
-"""Checkpoint stall harness: stock async_with_pinned_mem against ours (prestaged), then a resume check.
+"""Checkpoint stall harness: stock async_with_pinned_mem against ours (reusable stager), then a resume check.
 
 Usage (GPU machine, repository root, torchtitan importable; the checkpoint root should be RAM-backed
 or hold one ~33 GB proxy checkpoint):
@@ -9,8 +9,9 @@ Runs, one fresh ``torchrun`` each, on the 8-layer Llama 3.1 8B proxy (``bench.pr
 local batch 1, seq 8192, checkpoints at ``--interval`` and ``2 * --interval``:
 
 1. ``stock-pinned``: torchtitan's Trainer, ``checkpoint.async_mode = "async_with_pinned_mem"``;
-2. ``ours-prestaged``: the same Trainer plus the two wiring lines of
-   ``torchtitan_runai.ckpt_perf.StagingPrewarmer`` (exactly what trainer.py gets);
+2. ``ours``: the same Trainer plus the two wiring lines of ``torchtitan_runai.ckpt_perf.install``
+   (exactly what trainer.py gets): the reusable stager; ``ours-prestage`` (opt-in run) adds the
+   prewarmer (``[checkpoint_perf] prestage = true``);
 3. ``ours-resume``: a new process resumes from run 2's last checkpoint (``load_only``) and trains
    two steps; their losses must equal run 2's at the same steps: the checkpoint is loadable and
    restores model, optimizer, data position and schedule.
@@ -58,10 +59,12 @@ def child() -> None:
         def __init__(self, job_config):
             super().__init__(job_config)
             self._bench_times: list[tuple[int, float, bool]] = []
+            self._upload_errors: list[str] = []
             self._prestager = None
             if os.environ.get("BENCH_CKPT_PERF") == "1":
                 # --- the wiring trainer.py gets (1 of 2) ---
-                self._prestager = ckpt_perf.StagingPrewarmer.install(self.checkpointer, job_config.checkpoint)
+                perf = ckpt_perf.CheckpointPerf(prestage=os.environ.get("BENCH_PRESTAGE") == "1")
+                self._prestager = ckpt_perf.install(self.checkpointer, job_config.checkpoint, perf)
 
         def train_step(self, data_iterator):
             super().train_step(data_iterator)
@@ -73,7 +76,10 @@ def child() -> None:
             if torch.cuda.is_available():  # this stream only: the staging stream's copies are not a stall
                 torch.cuda.current_stream().synchronize()
             fut = getattr(self.checkpointer, "save_future", None)
-            self._bench_times.append((self.step, time.perf_counter(), bool(fut is not None and fut.done())))
+            done = bool(fut is not None and fut.done())
+            if done and fut.exception() is not None and not self._upload_errors:
+                self._upload_errors.append(f"step {self.step}: {fut.exception()!r}")  # a save was lost
+            self._bench_times.append((self.step, time.perf_counter(), done))
             # stop before training.steps: torchtitan's last step would add a model-only synchronous save
             if self.step >= int(os.environ.get("BENCH_STOP_AT", "0") or 10**9):
                 return False
@@ -85,6 +91,7 @@ def child() -> None:
                 Path(out).write_text(json.dumps({
                     "times": self._bench_times,
                     "prestage_s": getattr(self._prestager, "seconds", None),
+                    "upload_errors": self._upload_errors,
                 }))
             fut = getattr(self.checkpointer, "save_future", None)
             if fut is not None:
@@ -227,13 +234,15 @@ def to_markdown(meta: dict, results: list[dict], verdict: dict) -> str:
          "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v), "",
          "Lost training time per checkpoint = sum over the checkpoint step and the "
          f"{meta['window'] - 1} steps after it of (step wall time - median normal step).", "",
-         "| run | status | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s (prestaging) | prestaging s | logged save s | launch to first step s |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+         "A checkpoint whose upload failed was not written: its small stall means nothing (column 'upload errors').", "",
+         "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s (prestaging) | prestaging s | logged save s | launch to first step s |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = r.get("stall") or {}
         cks = s.get("checkpoints", [])
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        L.append(f"| {r['name']} | {r['status']} | {f(s.get('median_step_s'))} | "
+        errs = "; ".join(r.get("upload_errors") or r.get("upload_failed") or []) or "none"
+        L.append(f"| {r['name']} | {r['status']} | {errs} | {f(s.get('median_step_s'))} | "
                  f"{f(cks[0]['lost_s'] if cks else None)} | {f(cks[1]['lost_s'] if len(cks) > 1 else None)} | "
                  f"{f(s.get('pre_checkpoint_lost_s'))} | {f(r.get('prestage_s'))} | "
                  f"{', '.join(f'{x:.2f}' for x in r.get('logged_save_s', [])) or '-'} | {f(r.get('first_step_s'))} |")
@@ -270,27 +279,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{a.tag}-{meta['date']}-{slug}"
-    wanted = a.only.split(",") if a.only else ["stock", "ours", "resume"]
+    wanted = a.only.split(",") if a.only else ["stock", "ours", "resume"]  # also: ours-prestage
     results, verdict = [], {}
 
     def save():
         Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "verdict": verdict, "results": results}, indent=1))
         Path(f"{stem}.md").write_text(to_markdown(meta, results, verdict))
 
-    for name, flag in (("stock", "0"), ("ours", "1")):
+    variants = {"stock": {"BENCH_CKPT_PERF": "0"}, "ours": {"BENCH_CKPT_PERF": "1"},
+                "ours-prestage": {"BENCH_CKPT_PERF": "1", "BENCH_PRESTAGE": "1"}}
+    for name, env_extra in variants.items():
         if name not in wanted:
             continue
         dump = root / name
         shutil.rmtree(dump, ignore_errors=True)
-        r = run(f"{name}-{'prestaged' if flag == '1' else 'pinned'}", train_args(dump, corpus, tok, steps, a.interval, [], a.cpu),
-                {"BENCH_CKPT_PERF": flag}, dump, a.per_run_timeout_s, steps)
+        r = run(name, train_args(dump, corpus, tok, steps, a.interval, [], a.cpu),
+                env_extra, dump, a.per_run_timeout_s, steps)
         if "times" in r:
             r["prestage_s"] = r["times"].get("prestage_s")
+            r["upload_errors"] = r["times"].get("upload_errors")
             r["stall"] = stall_report(r["times"]["times"], ckpt_steps, a.window)
             del r["times"]["times"]
         (Path(a.work) / f"{name}-log.txt").write_text((dump / "log.txt").read_text())
         results.append(r)
-        if name == "stock":
+        if name != "ours":
             shutil.rmtree(dump, ignore_errors=True)  # one proxy checkpoint at a time
         print(f"{r['name']:20s} {r['status']:8s} "
               + json.dumps({k: r.get("stall", {}).get(k) for k in ("median_step_s", "pre_checkpoint_lost_s")})
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         last = max(int(m.group(1)) for q in (dump / "checkpoint").glob("step-*") if (m := re.search(r"step-(\d+)", q.name)))
         r = run("ours-resume", train_args(dump, corpus, tok, last + 2, a.interval, ["--checkpoint.load_only"], a.cpu),
                 {"BENCH_CKPT_PERF": "0", "BENCH_TIMES_OUT": ""}, dump, a.per_run_timeout_s, last + 2)
-        ours = next((x for x in results if x["name"].startswith("ours")), {"losses": {}})
+        ours = next((x for x in results if x["name"] == "ours"), {"losses": {}})
         pairs = {s: (ours["losses"].get(s), r["losses"].get(s)) for s in (last + 1, last + 2)}
         ok = r["status"] == "ok" and all(x is not None and y is not None and abs(x - y) <= 2e-2 for x, y in pairs.values())
         resumed = any(f"Training starts at step {last + 1}" in ln for ln in (dump / "log.txt").read_text().splitlines())

@@ -5,32 +5,38 @@ Checkpoint stall
 torchtitan 0.2.2's ``checkpoint.async_mode = "async_with_pinned_mem"`` copies the model and
 optimizer state from the GPU into pinned, shared host memory on a background thread (DCP's
 ``DefaultStager``), hands it to a separate saving process (DCP's ``AsyncCheckpointerType.PROCESS``)
-and only makes the optimizer step wait until the copy is done. The copy itself is fast (PCIe), but
-the *first* checkpoint of a process also has to create and pin that host memory (one shared-memory
-buffer per GPU tensor, ``cudaHostRegister``: the kernel faults in and locks every page). On the
-8-layer 8B proxy that is ~33 GB, and the step after the first save waited ~15 s for it. DCP's stager
-caches these buffers per GPU storage, so later checkpoints only pay the copy.
+and makes only the next optimizer step wait for the copy. Creating and pinning that host memory
+(~33 GB on the 8-layer proxy: shared-memory buffers + ``cudaHostRegister``) is the expensive part:
+~25 s of lost training on the proxy (bench/results/checkpoint-stall-*).
 
-``StagingPrewarmer`` moves that one-time allocation off the checkpoint step: it installs the same
-stager torchtitan would build (``CheckpointManager.stager``, which torchtitan creates only when it
-is still ``None``) and, right after the first training step (the first moment AdamW's state
-exists), stages the model and optimizer state once through it on the stager's own thread. The data
-of that first staging is thrown away; the pinned buffers stay cached and the real saves reuse them.
-Nothing in torchtitan is changed or copied: the stager and the state are torchtitan's public
-attributes, staging is DCP's public ``DefaultStager.stage``. The installed stager also gets
-``patch_class_copy`` (a torch 2.11 staging bug that made stock lose its second checkpoint).
+With torch 2.11 (the GPU image) DCP's ``DefaultStager._stage`` calls ``StateDictStager.close()``
+after *every* staging, which (a) drops the cached pinned buffers, so every checkpoint pays the
+allocation again, and (b) clears the stager's deep-copy dispatch table, so the *next* staging
+raises ``KeyError: <class 'type'>`` on the first dict or class object. torchtitan's async_save swallows
+that error at staging time when it is already done (training goes on, nothing is written) and it
+surfaces at the following save or at exit. Measured on the proxy: stock's second checkpoint was
+never written and the run died (bench/results/checkpoint-stall-2026-11-25-*).
 
-It only acts when torchtitan would use pinned staging (checkpointing on, not ``load_only``,
-``async_mode = "async_with_pinned_mem"``); otherwise ``install`` returns ``None`` and nothing is
-pinned. Cost: the host memory is held from step 1 instead of from the first checkpoint (the same
-amount stock holds after its first checkpoint: one copy of this rank's model + optimizer shard).
+``build_stager`` returns the stager torchtitan would build (pinned, shared, async, non-blocking)
+whose inner ``StateDictStager`` keeps its buffers and dispatch table across stagings; they are
+released once, when torchtitan closes the stager at the end of the run. Reusing the buffers is
+safe: torchtitan waits for the previous upload (``_async_wait``) before it stages again.
+``install`` puts it into ``CheckpointManager.stager`` (torchtitan builds its own only while that is
+``None``). Nothing in torchtitan is changed or copied.
+
+``StagingPrewarmer`` (opt-in, ``[checkpoint_perf] prestage``) stages once right after step 1 so the
+first checkpoint finds its buffers ready. Measured: the background pinning blocked the training
+thread itself for ~20 s (step 2), so it moves the one-time cost instead of removing it; off by
+default.
 
 Start-up
 --------
-Most of launch-to-first-step is torch.compile. Inductor, AOTAutograd and Triton keep their compiled
-artefacts under ``TORCHINDUCTOR_CACHE_DIR`` (default ``/tmp/torchinductor_<user>``: lost with the
-pod). ``startup_env`` returns the variables the launcher should set so that a restarted pod (the
-common case after a preemption) finds them on the output volume.
+Launch to first step on the proxy (bench/results/startup-2026-11-25-*): 33.8 s with an empty
+compile cache and 21.4 s with the same cache again. About 17 s of both comes before torchtitan's
+first log line (torchrun and imports). Inductor, AOTAutograd and Triton keep their compiled
+artefacts under ``TORCHINDUCTOR_CACHE_DIR`` (default ``/tmp/torchinductor_<user>``, which is lost
+with the pod). ``startup_env`` returns the variables the launcher should set so that a restarted pod
+(the common case after a preemption) finds them on the output volume.
 """
 
 from __future__ import annotations
@@ -54,10 +60,14 @@ STAGED_KEYS = ("model", "optimizer")  # torchtitan's MODEL / OPTIMIZER keys in C
 class CheckpointPerf:
     """``[checkpoint_perf]``: this fork's checkpoint-stall lever (on top of torchtitan's ``[checkpoint]``)."""
 
-    prestage: bool = True
-    """Create and pin the async-checkpoint staging memory right after the first step, in the
-    background, instead of inside the first checkpoint. Only acts with
-    ``checkpoint.async_mode = "async_with_pinned_mem"``."""
+    reuse_staging: bool = True
+    """With ``checkpoint.async_mode = "async_with_pinned_mem"``: stage through ``build_stager`` (pinned
+    buffers kept across checkpoints; works around torch 2.11's per-save close, see above)."""
+
+    prestage: bool = False
+    """Also stage once right after step ``prestage_after_step`` so the first checkpoint finds its
+    buffers ready. Measured: the pinning then blocks training for about as long (~20 s on the
+    proxy) at that step instead: off by default."""
 
     prestage_after_step: int = 1
     """Step after which the staging memory is prepared (AdamW's state exists from step 1 on)."""
@@ -72,18 +82,51 @@ def wants_prestaging(checkpoint_config: Any) -> bool:
     )
 
 
-def default_stager_factory():
-    """The stager torchtitan 0.2.2 builds for async_with_pinned_mem: pinned, shared, async, non-blocking."""
+def build_stager(options=None):
+    """torchtitan's async_with_pinned_mem stager (pinned, shared, async, non-blocking copies) whose
+    staged buffers and copy rules survive DCP's per-staging ``close()`` (torch 2.11)."""
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    return DefaultStager(StagingOptions(True, True, True, True))
+    class KeptStateDictStager(StateDictStager):
+        def close(self) -> None:  # called by DefaultStager._stage after every staging (torch 2.11)
+            pass
+
+        def release(self) -> None:
+            StateDictStager.close(self)
+
+    class ReusableStager(DefaultStager):
+        def __init__(self, config):
+            super().__init__(config)
+            self._state_dict_stager = KeptStateDictStager(pin_memory=config.use_pinned_memory,
+                                                          share_memory=config.use_shared_memory)
+
+        def close(self) -> None:  # end of run (torchtitan's CheckpointManager.close)
+            super().close()
+            self._state_dict_stager.release()
+
+    return ReusableStager(options or StagingOptions(True, True, True, True))
+
+
+default_stager_factory = build_stager
+
+
+def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" = None,
+            stager_factory: Callable[[], Any] = build_stager) -> "StagingPrewarmer | None":
+    """Trainer wiring: the reusable stager (pinned mode only) and, if asked, the prewarmer."""
+    perf = perf or CheckpointPerf()
+    if manager is None or not wants_prestaging(checkpoint_config):
+        return None
+    if perf.reuse_staging and getattr(manager, "stager", None) is None:
+        manager.stager = stager_factory()
+    return StagingPrewarmer.install(manager, checkpoint_config, perf, stager_factory)
 
 
 class StagingPrewarmer:
     """Prepares DCP's pinned staging memory once, after step ``after_step``, on the stager's thread.
 
-    Wiring (trainer): ``p = StagingPrewarmer.install(self.checkpointer, job_config.checkpoint)``
-    after the checkpointer exists; ``if p: p.after_step(self.step)`` after every train step.
+    Built by ``install`` when ``[checkpoint_perf] prestage`` is on; the trainer calls
+    ``after_step(self.step)`` after every train step.
     """
 
     def __init__(self, manager: Any, after_step: int = 1):
@@ -111,7 +154,6 @@ class StagingPrewarmer:
         # every save uses, so the buffers it caches are the ones the saves reuse.
         if getattr(manager, "stager", None) is None:
             manager.stager = stager_factory()
-        patch_class_copy(manager.stager)
         return cls(manager, perf.prestage_after_step)
 
     def state_to_stage(self) -> dict[str, Any]:
@@ -156,26 +198,6 @@ class StagingPrewarmer:
                 self.future.result(timeout=timeout)
             except Exception:
                 pass
-
-
-def _deepcopy_atomic(x, memo, non_blocking=False):  # the name is what DCP's stager dispatches on
-    return x
-
-
-def patch_class_copy(stager: Any) -> bool:
-    """Teach DCP's staging deep-copy that class objects are atomic (as ``copy.deepcopy`` does).
-
-    torch 2.11's ``StateDictStager`` has no rule for ``type``: any plain object in the saved state
-    (reduced to ``(cls, ...)``) raises ``KeyError: <class 'type'>`` in the staging thread. Measured on
-    the proxy: stock ``async_with_pinned_mem`` lost its second checkpoint that way (the error only
-    surfaces at the next save or at exit). Newer torch has the rule; then this does nothing.
-    Returns True when the rule was added.
-    """
-    table = getattr(getattr(stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
-    if not isinstance(table, dict) or type in table:
-        return False
-    table[type] = _deepcopy_atomic
-    return True
 
 
 class _Done:

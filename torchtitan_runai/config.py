@@ -37,6 +37,7 @@ from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.assets import Hub
 from torchtitan_runai.data import Data
+from torchtitan_runai.ckpt_perf import CheckpointPerf
 from torchtitan_runai.export import Export
 from torchtitan_runai.loss import Perf
 from torchtitan_runai.resilience import Resilience
@@ -61,6 +62,9 @@ class JobConfig:
 
     perf: Perf = field(default_factory=Perf)
     """Throughput/memory levers measured on the GPU (``torchtitan_runai.loss``, bench/)."""
+
+    checkpoint_perf: CheckpointPerf = field(default_factory=CheckpointPerf)
+    """Checkpoint-stall levers on top of torchtitan's [checkpoint] (``torchtitan_runai.ckpt_perf``)."""
 
     export: Export = field(default_factory=Export)
     """A Hugging Face copy of the model at the end of training (``torchtitan_runai.export``)."""

@@ -13,6 +13,7 @@ train. ``RunaiTrainer`` overrides torchtitan's documented methods only:
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
   parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
   optional Hugging Face export (``[export] at_end``) and the loss/throughput PNG (``plots``);
+- checkpoint staging: ``ckpt_perf.install`` keeps pinned staging buffers across async saves;
 - ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder
   on a multi-node job is a clear error, ``preflight.confirm_shared_folder``).
 - ``should_continue_training`` (torchtitan calls it at every step boundary): feeds the hang
@@ -34,7 +35,7 @@ import torch
 
 from torchtitan_runai import checkpoint as ckpt
 from torchtitan_runai import config as config_mod
-from torchtitan_runai import device, export, logs, plots, preflight, resilience, seed, upstream
+from torchtitan_runai import ckpt_perf, device, export, logs, plots, preflight, resilience, seed, upstream
 
 logger = upstream.logger
 
@@ -56,6 +57,10 @@ class RunaiTrainer(upstream.Trainer):
         ckpt.RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
                                           pd.dp_replicate * pd.dp_shard, job_id)
         self.checkpointer.on_progress = lambda: self.watchdog.progress()
+        # Before the first save: pinned staging buffers kept across checkpoints (torch 2.11 drops
+        # them after every save, and loses the second checkpoint; bench/results/checkpoint-stall-*).
+        self.ckpt_perf = ckpt_perf.install(self.checkpointer, job_config.checkpoint,
+                                           getattr(job_config, "checkpoint_perf", None))
         self.watchdog.start()
 
     def init_distributed(self):
@@ -106,6 +111,8 @@ class RunaiTrainer(upstream.Trainer):
     def train_step(self, data_iterator):
         self._step_loss = None
         super().train_step(data_iterator)
+        if self.ckpt_perf is not None:
+            self.ckpt_perf.after_step(self.step)
         if self._step_loss is not None:
             self.step_trace.record(self.step, self._step_loss.item())
 
