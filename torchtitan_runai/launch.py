@@ -5,8 +5,10 @@ Once per pod it:
 
 1. recognises the environment shape the cluster gave the pod (below) and turns it into torchrun
    arguments (``plan_launch``, a pure function);
-2. validates the environment and the whole config (``torchtitan_runai.config``) before any worker
-   starts: a mistake is one line on stderr and exit code 2, never a traceback;
+2. validates the environment and the whole config (``torchtitan_runai.config``), then the inputs
+   and the machine (dataset, tokenizer, checkpoint folder and its owner, memory fit, /dev/shm:
+   ``torchtitan_runai.preflight``) before any worker starts: a mistake is one line on stderr and
+   exit code 2, never a traceback; a run that is already complete says so and exits 0;
 3. runs torchrun's elastic agent in this process (rendezvous, restarts, signals to the workers) and
    turns its outcome into an exit code.
 
@@ -58,13 +60,20 @@ Variables (all optional except where a shape needs them):
                         needed when the pod's hostname does not resolve from other pods.
 ``SHUTDOWN_TIMEOUT``    seconds the workers get to checkpoint and exit after SIGTERM before they are
                         killed (default 25; keep it below the pod's terminationGracePeriodSeconds).
+``OUTPUT_DIR``          absolute path of the PVC mount: the dump folder (checkpoints, TensorBoard),
+                        the Hugging Face cache (``HF_HOME``) and the Inductor cache go under it
+                        (``torchtitan_runai.storage``). Unset: the config's ``job.dump_folder``.
 ``HF_TOKEN``            read by the workers from the environment; never printed, never in argv.
+
+The workers also get, unless already set: ``PYTORCH_ALLOC_CONF=expandable_segments:True`` and the
+Inductor/FX-graph cache on the output volume (``ckpt_perf.startup_env``).
 
 Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file);
 128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
 retries it; the workers first save a full checkpoint at the next step boundary); 142 a rank's
-watchdog found the job hung (the line names the hung rank; retryable); 1 a worker failed with an error (the line names the rank); 128+N a worker was killed
-by signal N (e.g. 137, OOM-killed), also retryable.
+watchdog found the job hung (the line names the hung rank; retryable); 1 a worker failed with an
+error (the line names the rank); 128+N a worker was killed by signal N (e.g. 137, OOM-killed),
+also retryable.
 """
 
 from __future__ import annotations

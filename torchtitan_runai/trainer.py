@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -134,7 +135,8 @@ class RunaiTrainer(upstream.Trainer):
 
 def _teardown(trainer) -> None:
     trainer.watchdog.stop()
-    trainer.checkpointer.finish_async(block=True) if hasattr(trainer, "checkpointer") else None
+    if hasattr(trainer, "checkpointer"):
+        trainer.checkpointer.finish_async(block=True)
     trainer.close()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -153,7 +155,7 @@ def run(argv: list[str]) -> int:
         trainer.train()
     except ckpt.Preempted as stop:
         code = 128 + stop.signum
-        waited = __import__("time").monotonic() - trainer.stop_flag.when
+        waited = time.monotonic() - trainer.stop_flag.when
         logger.warning(f"checkpoint saved {waited:.2f}s after the signal; exiting {code}")
     except BaseException:
         trainer.watchdog.stop()

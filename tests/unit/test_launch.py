@@ -142,3 +142,20 @@ def test_arguments_pass_through_with_quoting_preserved():
     args = trainer_args({"CONFIG_FILE": "./x.toml"}, user)
     assert args == ["--job.config_file", "./x.toml", *user]
     assert trainer_args({"CONFIG_FILE": "./x.toml"}, ["--job.config_file=y.toml"]) == ["--job.config_file=y.toml"]
+
+
+def test_worker_failures_become_one_line_and_the_right_exit_code():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from torchtitan_runai.launch import EXIT_HUNG, EXIT_WORKER_ERROR, EXIT_WORKER_HUNG, describe_failure
+
+    def failure(local_rank, exitcode):
+        return ProcessFailure(local_rank=local_rank, pid=100 + local_rank, exitcode=exitcode, error_file="/nonexistent")
+
+    line, code = describe_failure({3: failure(1, -9)})
+    assert code == 137 and line.startswith("rank 3 (local rank 1 on ") and "SIGKILL" in line and "OOM" in line
+    assert describe_failure({0: failure(0, 2)})[1] == 2
+    assert describe_failure({0: failure(0, 143)})[1] == 143
+    line, code = describe_failure({1: failure(1, 1)})
+    assert code == EXIT_WORKER_ERROR == 1 and "rank 1" in line
+    assert describe_failure({1: failure(1, EXIT_WORKER_HUNG)})[1] == EXIT_HUNG == 142
