@@ -447,7 +447,8 @@ def main(argv: list[str]) -> int:
     done = preflight_inputs(config, env, plan, dry_run)
     if done:
         print(f"[launch] {done}", flush=True)
-        return 0
+        if not dry_run:
+            return 0
     ngpu = env.get("NGPU")
     if gpus and ngpu and int(ngpu) > gpus:
         message = f"NGPU={ngpu} but only {gpus} GPU(s) are visible"

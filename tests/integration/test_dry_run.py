@@ -26,15 +26,24 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_dry_run_prints_the_torchrun_command_last(shape):
+def test_dry_run_prints_the_torchrun_command_last(shape, tmp_path):
     env = pod_env(HF_TOKEN=CANARY, **SHAPES[shape])
-    proc = run_launcher(["--dry-run", "--training.steps", "5", "--job.description", "a b"], env)
+    user = ["--job.dump_folder", str(tmp_path), "--training.steps", "5", "--job.description", "a b"]
+    proc = run_launcher(["--dry-run", *user], env)
     assert proc.returncode == 0, proc.stderr
-    expected = torchrun_args(plan_launch(env, gpu_count=0),
-                             trainer_args(env, ["--training.steps", "5", "--job.description", "a b"]))
+    expected = torchrun_args(plan_launch(env, gpu_count=0), trainer_args(env, user))
     assert proc.stdout.rstrip("\n").splitlines()[-1] == shlex.join(expected)
     assert shlex.split(proc.stdout.splitlines()[-1])[-2:] == ["--job.description", "a b"]
     assert CANARY not in proc.stdout + proc.stderr
+    assert not any(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_dry_run_of_a_finished_run_still_prints_the_command(trained_run):
+    env = pod_env(NGPU="2")
+    proc = run_launcher(["--dry-run", "--job.dump_folder", str(trained_run["dump"]), "--training.steps", "12"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "the run is complete" in proc.stdout
+    assert shlex.split(proc.stdout.splitlines()[-1])[0] == "torchrun"
 
 
 @pytest.mark.parametrize("env, setting", [
