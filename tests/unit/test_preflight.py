@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -276,45 +275,32 @@ def test_enforce_prints_warnings_and_raises_the_first_error():
 
 
 def _cli(*args, env=None):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "torchtitan_runai.preflight", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "torchtitan_runai.preflight", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return proc, cpu, time.monotonic() - start
 
 
-def test_cli_reports_a_fitting_debug_run_within_the_time_budget(tmp_path):
-    proc, cpu, wall = _cli("--config", "train_configs/debug_model.toml", "--nodes", "1", "--gpus-per-node", "2",
+def test_cli_reports_a_fitting_debug_run(tmp_path):
+    proc = _cli("--config", "train_configs/debug_model.toml", "--nodes", "1", "--gpus-per-node", "2",
                            "--job.dump_folder", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "[     ok] memory: fits" in proc.stdout and "activations" in proc.stdout
-    # 10 s on a 2-core machine; CPU time, since CI's cores are shared with other jobs
-    assert cpu < 10, f"preflight took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
+    # Its 10 s budget is a benchmark (bench/preflight_time.py, results in bench/results/), not a test.
 
 
 def test_cli_exits_2_when_the_model_does_not_fit(tmp_path):
     args = ["--config", "train_configs/llama3_405b.toml", "--nodes", "2", "--gpus-per-node", "8",
             "--gpu-memory-gib", "80", "--job.dump_folder", str(tmp_path)]
-    proc, _, _ = _cli(*args)
+    proc = _cli(*args)
     assert proc.returncode == 2
     assert "[  error] memory: does not fit" in proc.stdout and "biggest consumer: optimizer" in proc.stdout
-    proc, _, _ = _cli(*args, "--dry-run")  # the GPU may differ from the machine of a dry run
+    proc = _cli(*args, "--dry-run")  # the GPU may differ from the machine of a dry run
     assert proc.returncode == 0 and "[warning] memory: does not fit" in proc.stdout
 
 
 def test_cli_bad_config_is_one_line_exit_2():
-    proc, _, _ = _cli("--config", "train_configs/debug_model.toml", "--training.local_batchsize", "2")
+    proc = _cli("--config", "train_configs/debug_model.toml", "--training.local_batchsize", "2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "local_batch_size" in proc.stderr
-
-
-def test_preflight_itself_is_fast():
-    start = time.perf_counter()
-    for lbs in range(1, 101):
-        estimate_memory(LLAMA_405B, TrainSettings(local_batch_size=lbs, dp_shard=64, tp=8))
-    assert time.perf_counter() - start < 0.5
 
 
 # ---------------------------------------------------------------------------------------------
