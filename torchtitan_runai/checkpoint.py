@@ -31,6 +31,8 @@ checks that the world size and schedule match the checkpoint's.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -427,7 +429,7 @@ class RunaiCheckpointManager(_manager_base()):  # type: ignore[misc]
         manager.job_id = job_id
         manager.pending_marker = None  # (step, kind) of an async save not yet marked complete
         manager.last_complete_step = -1
-        manager.on_progress = lambda: None
+        manager.busy = contextlib.nullcontext  # the trainer pauses its hang watchdog while saving
         if manager.enable:
             manager.rng = RngState(cls._rank())
             manager.states["rng"] = manager.rng
@@ -465,17 +467,16 @@ class RunaiCheckpointManager(_manager_base()):  # type: ignore[misc]
 
         if not self._should_save(curr_step, last_step) or not self.enable:
             return super().save(curr_step, last_step)
-        self.on_progress()
-        self.finish_async(block=True)  # the previous async save must be marked before a new one
-        super().save(curr_step, last_step)
-        kind = "model-only" if last_step and self.last_save_in_hf else "full"
-        if self.save_future is not None and not last_step:
-            self.pending_marker = (curr_step, kind)
-        else:
-            if dist.is_initialized():
-                dist.barrier()
-            self._mark(curr_step, kind)
-        self.on_progress()
+        with self.busy():
+            self.finish_async(block=True)  # the previous async save must be marked before a new one
+            super().save(curr_step, last_step)
+            kind = "model-only" if last_step and self.last_save_in_hf else "full"
+            if self.save_future is not None and not last_step:
+                self.pending_marker = (curr_step, kind)
+            else:
+                if dist.is_initialized():
+                    dist.barrier()
+                self._mark(curr_step, kind)
 
     def finish_async(self, block: bool) -> bool:
         """Mark a finished async save complete; with ``block``, wait for it. True if none is pending."""
@@ -485,7 +486,8 @@ class RunaiCheckpointManager(_manager_base()):  # type: ignore[misc]
         if future is not None and not block and not future.done():
             return False
         if future is not None:
-            future.result()
+            with self.busy():
+                future.result()
         step, kind = self.pending_marker
         self.pending_marker = None
         self._mark(step, kind)

@@ -339,6 +339,10 @@ def validate(config, world_size: int | None = None) -> None:
     if ck.enable and ck.async_mode not in ("disabled", "async", "async_with_pinned_mem"):
         raise UserError("checkpoint.async_mode", ck.async_mode, "unknown mode",
                         'use "disabled", "async" or "async_with_pinned_mem"')
+    if ck.enable and ck.last_save_in_hf:
+        raise UserError("checkpoint.last_save_in_hf", True,
+                        "makes the final (and a preemption) checkpoint model-only, which cannot be resumed",
+                        "remove it and set [export] at_end = true for a Hugging Face copy at the end")
     if config.lr_scheduler.warmup_steps < 0:
         raise UserError("lr_scheduler.warmup_steps", config.lr_scheduler.warmup_steps, "must not be negative", "use 0 or more")
     from torchtitan_runai import export, hf_import

@@ -284,8 +284,13 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
     return plan
 
 
-def torchrun_args(plan: LaunchPlan, train_args: list[str], script: str | os.PathLike = TRAIN_SCRIPT) -> list[str]:
-    """The torchrun command line (argv[0] = "torchrun") for a plan and the trainer's arguments."""
+def torchrun_args(plan: LaunchPlan, train_args: list[str], script: str | os.PathLike = TRAIN_SCRIPT,
+                  shutdown_flag: bool = True) -> list[str]:
+    """The torchrun command line (argv[0] = "torchrun") for a plan and the trainer's arguments.
+
+    ``shutdown_flag``: whether this torchrun has ``--shutdown_timeout`` (added in 2026; older torch,
+    e.g. NGC 25.12's 2.10, rejects it and waits a fixed 30 s).
+    """
     args = ["torchrun", "--nnodes", plan.nnodes, "--nproc_per_node", str(plan.nproc_per_node)]
     if plan.standalone:
         args += ["--standalone"]
@@ -297,7 +302,9 @@ def torchrun_args(plan: LaunchPlan, train_args: list[str], script: str | os.Path
             args += ["--local_addr", plan.local_addr]
     if plan.rdzv_conf:
         args += ["--rdzv_conf", ",".join(f"{k}={v}" for k, v in plan.rdzv_conf)]
-    args += ["--max_restarts", str(plan.max_restarts), "--shutdown_timeout", str(plan.shutdown_timeout)]
+    args += ["--max_restarts", str(plan.max_restarts)]
+    if shutdown_flag:
+        args += ["--shutdown_timeout", str(plan.shutdown_timeout)]
     if plan.log_ranks != "all":
         args += ["--local_ranks_filter", plan.log_ranks]
     args += ["--role", "rank", "--tee", "3", str(script), *train_args]
@@ -361,6 +368,12 @@ def describe_failure(failures: Mapping[int, object]) -> tuple[str, int]:
     if code >= 128:
         return f"{where} exited with code {code} (stopped by signal {code - 128})", code
     return f"{where} failed with exit code {code}; its error is in the log above", EXIT_WORKER_ERROR
+
+
+def torchrun_supports(flag: str) -> bool:
+    from torch.distributed.run import get_args_parser
+
+    return flag in get_args_parser()._option_string_actions
 
 
 def run_agent(torchrun_argv: list[str]) -> int:
@@ -459,7 +472,12 @@ def main(argv: list[str]) -> int:
 
     gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
     preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env))
-    command = torchrun_args(plan, train_args)
+    shutdown_flag = torchrun_supports("--shutdown_timeout")
+    if not shutdown_flag:
+        os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(plan.shutdown_timeout)
+        print(f"[launch] note: this torchrun has no --shutdown_timeout; workers get its built-in 30 s after a "
+              f"SIGTERM, not SHUTDOWN_TIMEOUT={plan.shutdown_timeout}", file=sys.stderr, flush=True)
+    command = torchrun_args(plan, train_args, shutdown_flag=shutdown_flag)
     print(f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es); {'; '.join(plan.notes)}",
           flush=True)
     if dry_run:

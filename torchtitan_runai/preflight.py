@@ -86,6 +86,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -557,14 +558,15 @@ def report(findings: list[Finding]) -> str:
 
 
 def detect_gpu_memory_gib() -> float | None:
+    """The smallest GPU's memory, from nvidia-smi: the launcher lives as long as the job, and asking
+    torch would create a CUDA context on GPU 0 that the job's rank 0 then pays for."""
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory / GIB
-    except Exception:  # no usable driver: same as no GPU
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        mib = [float(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):  # no driver tools: skip the fit check
         return None
-    return None
+    return min(mib) * 2**20 / GIB if mib else None
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -166,6 +167,16 @@ class Watchdog:
         if arm:
             self.armed = True
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No hang verdict while inside (a checkpoint save or upload wait can outlast the timeout)."""
+        armed, self.armed = self.armed, False
+        try:
+            yield
+        finally:
+            self.progress_at = time.monotonic()
+            self.armed = armed
+
     def start(self) -> None:
         if self.timeout_s <= 0 or self.world <= 1 or "MASTER_ADDR" not in os.environ:
             return
@@ -251,9 +262,11 @@ class StepTrace:
     def __init__(self):
         self.path = os.environ.get(STEP_TRACE_ENV)
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        # Only rank 0 records; elsewhere the loss is never read back (no per-step host sync).
+        self.enabled = bool(self.path) and int(os.environ.get("RANK", "0")) == 0
 
     def record(self, step: int, loss) -> None:
-        if not self.path or int(os.environ.get("RANK", "0")) != 0:
+        if not self.enabled:
             return
         value = float(loss)
         with open(self.path, "a") as f:

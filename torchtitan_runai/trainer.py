@@ -12,7 +12,8 @@ train. ``RunaiTrainer`` overrides torchtitan's documented methods only:
   saves, world-size and schedule checks.
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
   parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
-  optional Hugging Face export (``[export] at_end``) and the loss/throughput PNG (``plots``);
+  optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
+  and the loss/throughput PNG (``plots``);
 - checkpoint staging: ``ckpt_perf.install`` keeps pinned staging buffers across async saves;
 - ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder
   on a multi-node job is a clear error, ``preflight.confirm_shared_folder``).
@@ -57,7 +58,7 @@ class RunaiTrainer(upstream.Trainer):
         job_id = owner.get("job") or ckpt.job_identity(os.environ)[0]
         ckpt.RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
                                           pd.dp_replicate * pd.dp_shard, job_id)
-        self.checkpointer.on_progress = lambda: self.watchdog.progress()
+        self.checkpointer.busy = self.watchdog.paused
         # Before the first save: pinned staging buffers kept across checkpoints (torch 2.11 drops
         # them after every save, and loses the second checkpoint; bench/results/checkpoint-stall-*).
         self.ckpt_perf = ckpt_perf.install(self.checkpointer, job_config.checkpoint,
@@ -93,11 +94,6 @@ class RunaiTrainer(upstream.Trainer):
             resumed_from_step=self.resumed_from, device=self.device.type,
             initial_load=jc.checkpoint.initial_load_path))
 
-    def train(self):
-        super().train()
-        if self.step == self.job_config.training.steps:
-            export.export_at_end(self.job_config, self.step, torch.distributed.get_rank())
-
     def close(self) -> None:
         super().close()  # flushes the TensorBoard writer the plot reads
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -106,7 +102,8 @@ class RunaiTrainer(upstream.Trainer):
     def forward_backward_step(self, *args, **kwargs):
         loss = super().forward_backward_step(*args, **kwargs)
         detached = loss.detach()
-        self._step_loss = detached if self._step_loss is None else self._step_loss + detached
+        if self.step_trace.enabled:
+            self._step_loss = detached if self._step_loss is None else self._step_loss + detached
         return loss
 
     def train_step(self, data_iterator):
@@ -162,6 +159,10 @@ def run(argv: list[str]) -> int:
         trainer.close()
         raise
     _teardown(trainer)
+    if code == 0 and trainer.step == job_config.training.steps:
+        # After the process group is gone: a long export must not hold the other ranks in a
+        # collective (NCCL timeout) nor trip the hang watchdog.
+        export.export_at_end(job_config, trainer.step, int(os.environ.get("RANK", "0")))
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

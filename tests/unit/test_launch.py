@@ -159,3 +159,12 @@ def test_worker_failures_become_one_line_and_the_right_exit_code():
     line, code = describe_failure({1: failure(1, 1)})
     assert code == EXIT_WORKER_ERROR == 1 and "rank 1" in line
     assert describe_failure({1: failure(1, EXIT_WORKER_HUNG)})[1] == EXIT_HUNG == 142
+
+
+def test_shutdown_timeout_flag_only_where_torchrun_has_it():
+    from torchtitan_runai.launch import torchrun_supports
+
+    plan = plan_launch({"SHUTDOWN_TIMEOUT": "40"}, gpu_count=8)
+    assert opt(torchrun_args(plan, []), "--shutdown_timeout") == "40"
+    assert "--shutdown_timeout" not in torchrun_args(plan, [], shutdown_flag=False)
+    assert torchrun_supports("--shutdown_timeout") and not torchrun_supports("--no_such_flag")

@@ -382,3 +382,16 @@ def test_shared_folder_over_a_real_gloo_process_group(tmp_path):
     out = [p.communicate(timeout=120)[0] for p in procs]
     assert out[0].strip() == "OK"
     assert out[1].startswith("ERR") and "ReadWriteMany" in out[1]
+
+
+def test_gpu_memory_comes_from_nvidia_smi_without_touching_cuda(tmp_path, monkeypatch):
+    # No GPU here: a stand-in nvidia-smi prints what the real one prints on an 80 GB H100 node.
+    from torchtitan_runai.preflight import detect_gpu_memory_gib
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '81559\\n81559\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert abs(detect_gpu_memory_gib() - 79.65) < 0.01
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert detect_gpu_memory_gib() is None
