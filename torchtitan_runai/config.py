@@ -212,6 +212,7 @@ def torchtitan_args(args: list[str]) -> list[str]:
 def parse_job_config(args: list[str], world_size: int | None = None):
     """Parse TOML + command line exactly as the ranks will, then validate. Raises UserError."""
     toml_path = config_file_from_args(args)
+    schema = _merged_config_class()
     if toml_path is not None:
         values = read_toml(toml_path)
         job = values.get("job", {})
@@ -219,8 +220,8 @@ def parse_job_config(args: list[str], world_size: int | None = None):
         if custom not in (None, "", CUSTOM_CONFIG_MODULE):
             raise UserError("job.custom_config_module", custom, "this fork's config sections live in its own module",
                             f"remove the key or set it to '{CUSTOM_CONFIG_MODULE}'")
-        check_toml_schema(values, _merged_config_class())
-    check_cli_flags(args, _merged_config_class())
+        check_toml_schema(values, schema)
+    check_cli_flags(args, schema)
     stderr = io.StringIO()
     try:
         with redirect_stderr(stderr):
