@@ -83,6 +83,7 @@ import shlex
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,8 +349,15 @@ def wait_for_host(host: str, timeout: float, sleep=time.sleep) -> None:
             delay = min(delay * 2, 15.0)
 
 
-def describe_failure(failures: Mapping[int, object]) -> tuple[str, int]:
-    """One line naming the first failing rank, and the exit code to use."""
+def describe_failure(failures: Mapping[int, object], hang_verdict: tuple[str, float] | None = None) -> tuple[str, int]:
+    """One line naming the first failing rank, and the exit code to use.
+
+    ``hang_verdict`` (message, time) is a watchdog's finding: it wins when it was written at most
+    60 s before the first failure, since the ranks it killed can reach torchrun before its own exit.
+    """
+    first = min(getattr(f, "timestamp", 0) for f in failures.values())
+    if hang_verdict is not None and hang_verdict[1] >= first - 60:
+        return f"the job hung: {hang_verdict[0]}", EXIT_HUNG
     rank = min(failures, key=lambda r: getattr(failures[r], "timestamp", 0))
     failure = failures[rank]
     code = failure.exitcode
@@ -382,7 +390,11 @@ def run_agent(torchrun_argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from torchtitan_runai.resilience import HANG_VERDICT_ENV
+
     args = get_args_parser().parse_args(torchrun_argv[1:])
+    verdict = Path(tempfile.mkdtemp(prefix="runai-launch-")) / "hang-verdict"
+    os.environ[HANG_VERDICT_ENV] = str(verdict)
     try:
         run(args)
     except SignalException as e:
@@ -391,7 +403,8 @@ def run_agent(torchrun_argv: list[str]) -> int:
               file=sys.stderr, flush=True)
         return 128 + sig
     except ChildFailedError as e:
-        line, code = describe_failure(e.failures)
+        found = (verdict.read_text(), verdict.stat().st_mtime) if verdict.is_file() else None
+        line, code = describe_failure(e.failures, found)
         print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
         return code
     return 0

@@ -32,6 +32,9 @@ from datetime import timedelta
 EXIT_PREEMPTED = 143
 EXIT_HUNG = 124
 STEP_TRACE_ENV = "TORCHTITAN_RUNAI_STEP_TRACE"
+# Set by the launcher: where a watchdog leaves its verdict. The ranks it SIGKILLs may be reported
+# to torchrun before the detecting rank's own exit, so the launcher reads the verdict from here.
+HANG_VERDICT_ENV = "TORCHTITAN_RUNAI_HANG_VERDICT"
 
 
 @dataclass
@@ -243,6 +246,7 @@ class Watchdog:
                 f"exiting {EXIT_HUNG} so the job restarts")
         print(f"[resilience] {line}", file=sys.stderr, flush=True)
         _error_file(line)
+        write_hang_verdict(line)
         here = socket.gethostname()
         for r in frozen:
             info = second.get(r) or first.get(r) or {}
@@ -252,6 +256,19 @@ class Watchdog:
                 except OSError:
                     pass
         os._exit(EXIT_HUNG)
+
+
+def write_hang_verdict(line: str) -> None:
+    path = os.environ.get(HANG_VERDICT_ENV)
+    if not path:
+        return
+    try:
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(line)
+        os.replace(tmp, path)
+    except OSError:  # the launcher then reports the failures torchrun saw
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

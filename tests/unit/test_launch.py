@@ -168,3 +168,16 @@ def test_shutdown_timeout_flag_only_where_torchrun_has_it():
     assert opt(torchrun_args(plan, []), "--shutdown_timeout") == "40"
     assert "--shutdown_timeout" not in torchrun_args(plan, [], shutdown_flag=False)
     assert torchrun_supports("--shutdown_timeout") and not torchrun_supports("--no_such_flag")
+
+
+def test_a_watchdog_verdict_wins_over_the_ranks_it_killed():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from torchtitan_runai.launch import EXIT_HUNG, describe_failure
+
+    killed = ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file="/nonexistent")
+    verdict = ("hang detected by rank 0: ...; hung rank(s) 1 (pid 101 on vm, heartbeat stopped)", killed.timestamp - 3)
+    line, code = describe_failure({1: killed}, verdict)
+    assert code == EXIT_HUNG and "hung rank(s) 1" in line
+    stale = (verdict[0], killed.timestamp - 3600)  # from an earlier attempt: not this failure's cause
+    assert describe_failure({1: killed}, stale)[1] == 137
