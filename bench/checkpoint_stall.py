@@ -9,9 +9,11 @@ Runs, one fresh ``torchrun`` each, on the 8-layer Llama 3.1 8B proxy (``bench.pr
 local batch 1, seq 8192, checkpoints at ``--interval`` and ``2 * --interval``:
 
 1. ``stock-pinned``: torchtitan's Trainer, ``checkpoint.async_mode = "async_with_pinned_mem"``;
-2. ``ours``: the same Trainer plus the two wiring lines of ``torchtitan_runai.ckpt_perf.install``
-   (exactly what trainer.py gets): the reusable stager; ``ours-prestage`` (opt-in run) adds the
-   prewarmer (``[checkpoint_perf] prestage = true``);
+2. ``ours``: the same Trainer plus the wiring line of ``torchtitan_runai.ckpt_perf.install``
+   (exactly what trainer.py gets): the reusable stager and the staging pool prepared from the start;
+   ``ours-reuse-only`` (opt-in run) has the reusable stager alone (``prepare_at_start = false``), so
+   the results show each lever's own gain. Each run compiles from its own empty Inductor cache, so
+   the launch-to-first-step column compares like for like;
 3. ``ours-resume``: a new process resumes from run 2's last checkpoint (``load_only``) and trains
    two steps; their losses must equal run 2's at the same steps: the checkpoint is loadable and
    restores model, optimizer, data position and schedule.
@@ -60,17 +62,12 @@ def child() -> None:
             super().__init__(job_config)
             self._bench_times: list[tuple[int, float, bool]] = []
             self._upload_errors: list[str] = []
-            self._prestager = None
+            self._pool = None
             if os.environ.get("BENCH_CKPT_PERF") == "1":
-                # --- the wiring trainer.py gets (1 of 2) ---
-                perf = ckpt_perf.CheckpointPerf(prestage=os.environ.get("BENCH_PRESTAGE") == "1")
-                self._prestager = ckpt_perf.install(self.checkpointer, job_config.checkpoint, perf)
-
-        def train_step(self, data_iterator):
-            super().train_step(data_iterator)
-            # --- the wiring trainer.py gets (2 of 2) ---
-            if self._prestager is not None:
-                self._prestager.after_step(self.step)
+                # --- the wiring trainer.py gets ---
+                perf = ckpt_perf.CheckpointPerf(prepare_at_start=os.environ.get("BENCH_PREPARE", "1") == "1")
+                self._pool = ckpt_perf.install(self.checkpointer, job_config.checkpoint, perf,
+                                               model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
 
         def should_continue_training(self) -> bool:
             if torch.cuda.is_available():  # this stream only: the staging stream's copies are not a stall
@@ -90,7 +87,11 @@ def child() -> None:
             if out and int(os.environ.get("RANK", "0")) == 0:
                 Path(out).write_text(json.dumps({
                     "times": self._bench_times,
-                    "prestage_s": getattr(self._prestager, "seconds", None),
+                    "prepared_s": getattr(self._pool, "seconds", None),
+                    "pool": None if self._pool is None else {
+                        "gb": round(self._pool.nbytes / 1e9, 2), "storages": len(self._pool.sizes),
+                        "taken": self._pool.taken, "missed": self._pool.missed,
+                        "error": repr(self._pool.error) if self._pool.error else None},
                     "upload_errors": self._upload_errors,
                 }))
             fut = getattr(self.checkpointer, "save_future", None)
@@ -130,7 +131,7 @@ def stall_report(times: list, ckpt_steps: list[int], window: int = 5, skip_first
             "lost_s": sum(d[k] - med for k in ks),
             "step_times_s": {k: round(d[k], 4) for k in ks},
         })
-    # steps 2 .. first checkpoint - 1: where the prestaging runs (one-time cost; step 1 is compile)
+    # steps 2 .. first checkpoint - 1: where a background preparation still running would show
     first = min(ckpt_steps) if ckpt_steps else 0
     pre = [k for k in range(2, first) if k in d]
     rep["pre_checkpoint_lost_s"] = sum(d[k] - med for k in pre)
@@ -178,6 +179,8 @@ def run(name: str, args: list[str], env_extra: dict, dump: Path, timeout: float,
     env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_TIMES_OUT=str(times_json),
                PYTORCH_ALLOC_CONF="expandable_segments:True")
     env.update(env_extra, BENCH_STALL_CHILD="1", BENCH_STOP_AT=str(steps))
+    # each run compiles from an empty cache: launch-to-first-step is compared like for like
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/bench-inductor-{name}-{os.getpid()}")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "bench.checkpoint_stall", *args]
@@ -225,6 +228,12 @@ def versions() -> dict:
     return v()
 
 
+def pool_note(pool: dict | None) -> str:
+    if not pool:
+        return ""
+    return f" ({pool['gb']} GB; {pool['taken']}/{pool['storages']} used" + (f"; {pool['error']}" if pool.get("error") else "") + ")"
+
+
 def to_markdown(meta: dict, results: list[dict], verdict: dict) -> str:
     L = [f"# Checkpoint stall: {meta['date']} on {meta['machine']}", "",
          "Proxy: Llama 3.1 8B shape, 8 layers (2.80 B params), seq_len 8192, local batch 1, selective op AC, "
@@ -235,7 +244,7 @@ def to_markdown(meta: dict, results: list[dict], verdict: dict) -> str:
          "Lost training time per checkpoint = sum over the checkpoint step and the "
          f"{meta['window'] - 1} steps after it of (step wall time - median normal step).", "",
          "A checkpoint whose upload failed was not written: its small stall means nothing (column 'upload errors').", "",
-         "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s (prestaging) | prestaging s | logged save s | launch to first step s |",
+         "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s | staging memory prepared in s (background) | logged save s | launch to first step s |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = r.get("stall") or {}
@@ -244,7 +253,7 @@ def to_markdown(meta: dict, results: list[dict], verdict: dict) -> str:
         errs = "; ".join(r.get("upload_errors") or r.get("upload_failed") or []) or "none"
         L.append(f"| {r['name']} | {r['status']} | {errs} | {f(s.get('median_step_s'))} | "
                  f"{f(cks[0]['lost_s'] if cks else None)} | {f(cks[1]['lost_s'] if len(cks) > 1 else None)} | "
-                 f"{f(s.get('pre_checkpoint_lost_s'))} | {f(r.get('prestage_s'))} | "
+                 f"{f(s.get('pre_checkpoint_lost_s'))} | {f(r.get('prepared_s'))}{pool_note(r.get('pool'))} | "
                  f"{', '.join(f'{x:.2f}' for x in r.get('logged_save_s', [])) or '-'} | {f(r.get('first_step_s'))} |")
     L += ["", "## Resume check", "", f"```\n{json.dumps(verdict, indent=1)}\n```", ""]
     return "\n".join(L)
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{a.tag}-{meta['date']}-{slug}"
-    wanted = a.only.split(",") if a.only else ["stock", "ours", "resume"]  # also: ours-prestage
+    wanted = a.only.split(",") if a.only else ["stock", "ours", "resume"]  # also: ours-reuse-only
     results, verdict = [], {}
 
     def save():
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{stem}.md").write_text(to_markdown(meta, results, verdict))
 
     variants = {"stock": {"BENCH_CKPT_PERF": "0"}, "ours": {"BENCH_CKPT_PERF": "1"},
-                "ours-prestage": {"BENCH_CKPT_PERF": "1", "BENCH_PRESTAGE": "1"}}
+                "ours-reuse-only": {"BENCH_CKPT_PERF": "1", "BENCH_PREPARE": "0"}}
     for name, env_extra in variants.items():
         if name not in wanted:
             continue
@@ -296,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         r = run(name, train_args(dump, corpus, tok, steps, a.interval, [], a.cpu),
                 env_extra, dump, a.per_run_timeout_s, steps)
         if "times" in r:
-            r["prestage_s"] = r["times"].get("prestage_s")
+            r["prepared_s"] = r["times"].get("prepared_s")
             r["upload_errors"] = r["times"].get("upload_errors")
+            r["pool"] = r["times"].get("pool")
             r["stall"] = stall_report(r["times"]["times"], ckpt_steps, a.window)
             del r["times"]["times"]
         (Path(a.work) / f"{name}-log.txt").write_text((dump / "log.txt").read_text())
@@ -306,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(dump, ignore_errors=True)  # one proxy checkpoint at a time
         print(f"{r['name']:20s} {r['status']:8s} "
               + json.dumps({k: r.get("stall", {}).get(k) for k in ("median_step_s", "pre_checkpoint_lost_s")})
-              + " lost=" + str([round(c["lost_s"], 2) for c in r.get("stall", {}).get("checkpoints", [])]), flush=True)
+              + " lost=" + str([round(c["lost_s"], 2) for c in r.get("stall", {}).get("checkpoints", [])])
+              + f" pool={r.get('pool')} prepared_s={r.get('prepared_s')} first_step_s={r.get('first_step_s')}", flush=True)
         save()
 
     if "resume" in wanted and (root / "ours" / "checkpoint").exists():

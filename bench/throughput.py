@@ -34,8 +34,8 @@ from bench.assets import build_all
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_RE = re.compile(
-    r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.naife]+).*?memory:\s*(?P<mem>[\d.]+)GiB.*?"
-    r"tps:\s*(?P<tps>[\d,]+).*?tflops:\s*(?P<tflops>[\d.]+).*?mfu:\s*(?P<mfu>[\d.]+)%"
+    r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.naife]+).*?memory:\s*(?P<mem>[\d.]+GiB|n/a).*?"
+    r"tps:\s*(?P<tps>[\d,]+).*?tflops:\s*(?P<tflops>[\d.]+).*?mfu:\s*(?P<mfu>[\d.]+%|n/a)"  # n/a: ours on CPU
 )
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -43,7 +43,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 @dataclass
 class Config:
     name: str
-    group: str  # "stock" | "ours"
+    group: str  # "stock" | "ours" (bench spec on stock's Trainer) | "recipe" (train.py + llama3_8b.toml)
     lbs: int
     ac: str = "none"  # none | op | full | layer<N> (checkpoint every N-th block)
     float8: bool = False
@@ -61,6 +61,8 @@ def C(name, group, lbs, ac="none", float8=False, **kw) -> Config:
     return Config(name, group, lbs, ac, float8, **kw)
 
 
+PROFILE = ["--profiling.enable_profiling", "--profiling.profile_freq", "10", "--profiling.profiler_warmup", "3",
+           "--profiling.profiler_active", "1", "--profiling.save_traces_folder", "profile_traces"]
 ALLOC = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # what torchtitan's run_train.sh sets
 
 SETS: dict[str, list[Config]] = {
@@ -95,20 +97,40 @@ SETS: dict[str, list[Config]] = {
         C("ours-f8-lbs4-noac-fused-c16k", "ours", 4, "none", True, loss="fused",
           env={"BENCH_LOSS_CHUNK": "16384"}),
     ],
+    "profile": [  # one profiled step (torchtitan's profiler, step 10) of stock's best: bench.trace_summary
+        C("stock-bf16-lbs3-noac-prof", "stock", 3, extra=PROFILE),
+        C("stock-f8-lbs4-noac-prof", "stock", 4, "none", True, extra=PROFILE),
+    ],
+    "recipe": [  # the shipped 8B recipe through train.py beside stock's best, same call
+        C("stock-bf16-lbs3-noac", "stock", 3),
+        C("recipe-bf16-lbs3-noac", "recipe", 3),
+        C("stock-f8-lbs4-noac", "stock", 4, "none", True),
+        C("recipe-f8-lbs4-noac", "recipe", 4, "none", True),
+    ],
     "cpu": [
         C("stock-toy", "stock", 2, compile=False),
+        C("recipe-toy", "recipe", 2, compile=False),
         C("ours-toy-fused", "ours", 2, compile=False, loss="fused"),
         C("ours-toy-chunked", "ours", 2, compile=False, loss="chunked"),
     ],
 }
 
 
+RECIPE = "train_configs/llama3_8b.toml"
+
+
 def train_args(cfg: Config, mode: str, corpus: Path, tok: Path, dump: Path, steps: int) -> list[str]:
+    """torchtitan's flags for one run. ``recipe`` rows are the shipped 8B recipe through this fork's
+    ``train.py`` (its Trainer, spec and config sections), with only the proxy's shape, data, batch
+    and AC set here; the other rows are torchtitan's own ``torchtitan.train``."""
     gpu = mode == "gpu"
+    recipe = ["--job.config_file", RECIPE, "--metrics.no-enable-tensorboard"] if cfg.group == "recipe" else []
+    model = [] if cfg.group == "recipe" else ["--model.name", "llama3" if cfg.group == "stock" else "llama3_bench_ours"]
     args = [
+        *recipe,
         "--job.dump_folder", str(dump),
         "--experimental.custom_import", "bench.proxy",
-        "--model.name", "llama3" if cfg.group == "stock" else "llama3_bench_ours",
+        *model,
         "--model.flavor", "8B_proxy8" if gpu else "toy",
         "--model.hf_assets_path", str(tok),
         "--training.dataset", "c4_test",
@@ -130,8 +152,7 @@ def train_args(cfg: Config, mode: str, corpus: Path, tok: Path, dump: Path, step
                  "--activation_checkpoint.selective_ac_option", "op"]
     else:
         args += ["--activation_checkpoint.mode", cfg.ac]
-    if cfg.compile:
-        args += ["--compile.enable"]
+    args += ["--compile.enable"] if cfg.compile else ["--compile.no-enable"]
     if cfg.float8:
         args += ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.filter_fqns", "output"]
     return args + list(cfg.extra)
@@ -145,8 +166,9 @@ def run_one(cfg: Config, mode: str, corpus: Path, tok: Path, work: Path, steps: 
     env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_MEM_OUT=str(mem_json), BENCH_LOSS=cfg.loss,
                **(ALLOC if mode == "gpu" else {}), **cfg.env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    entry = ["train.py"] if cfg.group == "recipe" else ["-m", "torchtitan.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "torchtitan.train", *train_args(cfg, mode, corpus, tok, dump, steps)]
+           *entry, *train_args(cfg, mode, corpus, tok, dump, steps)]
     rows, first_step_s, lines = [], None, []
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -160,7 +182,8 @@ def run_one(cfg: Config, mode: str, corpus: Path, tok: Path, work: Path, steps: 
             if m:
                 if first_step_s is None:
                     first_step_s = time.monotonic() - start
-                rows.append({k: float(v.replace(",", "")) for k, v in m.groupdict().items()})
+                rows.append({k: 0.0 if v == "n/a" else float(v.replace(",", "").rstrip("GiB%"))
+                             for k, v in m.groupdict().items()})
             if time.monotonic() - start > timeout:
                 status = "timeout"
                 break
@@ -213,15 +236,17 @@ def versions() -> dict:
 
 
 def summarize(results: list[dict]) -> dict:
+    """Per precision: stock's best against the best of this fork's rows (bench spec or recipe)."""
     ok = [r for r in results if r["status"] == "ok" and r["tps"]]
     out = {}
     for prec in ("bf16", "float8"):
-        best = {g: max((r for r in ok if r["group"] == g and r["precision"] == prec),
-                       key=lambda r: r["tps"], default=None) for g in ("stock", "ours")}
-        if best["stock"] and best["ours"]:
-            out[prec] = {"stock_best": best["stock"]["name"], "ours_best": best["ours"]["name"],
-                         "stock_tps": best["stock"]["tps"], "ours_tps": best["ours"]["tps"],
-                         "ratio": best["ours"]["tps"] / best["stock"]["tps"]}
+        def best(groups):
+            return max((r for r in ok if r["group"] in groups and r["precision"] == prec),
+                       key=lambda r: r["tps"], default=None)
+        stock, ours = best(("stock",)), best(("ours", "recipe"))
+        if stock and ours:
+            out[prec] = {"stock_best": stock["name"], "ours_best": ours["name"],
+                         "stock_tps": stock["tps"], "ours_tps": ours["tps"], "ratio": ours["tps"] / stock["tps"]}
     return out
 
 

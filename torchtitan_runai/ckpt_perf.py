@@ -5,29 +5,31 @@ Checkpoint stall
 torchtitan 0.2.2's ``checkpoint.async_mode = "async_with_pinned_mem"`` copies the model and
 optimizer state from the GPU into pinned, shared host memory on a background thread (DCP's
 ``DefaultStager``), hands it to a separate saving process (DCP's ``AsyncCheckpointerType.PROCESS``)
-and makes only the next optimizer step wait for the copy. Creating and pinning that host memory
-(~33 GB on the 8-layer proxy: shared-memory buffers + ``cudaHostRegister``) is the expensive part:
-~25 s of lost training on the proxy (bench/results/checkpoint-stall-*).
+and makes only the next optimizer step wait for the copy. Two things cost training time:
 
-With torch 2.11 (the GPU image) DCP's ``DefaultStager._stage`` calls ``StateDictStager.close()``
-after *every* staging, which (a) drops the cached pinned buffers, so every checkpoint pays the
-allocation again, and (b) clears the stager's deep-copy dispatch table, so the *next* staging
-raises ``KeyError: <class 'type'>`` on the first dict or class object. torchtitan's async_save swallows
-that error at staging time when it is already done (training goes on, nothing is written) and it
-surfaces at the following save or at exit. Measured on the proxy: stock's second checkpoint was
-never written and the run died (bench/results/checkpoint-stall-2026-11-25-*).
+1. With torch 2.11 (the GPU image) DCP's ``DefaultStager._stage`` calls ``StateDictStager.close()``
+   after *every* staging. That (a) drops the cached pinned buffers, so every checkpoint pays the
+   allocation again, and (b) clears the stager's deep-copy dispatch table, so the *next* staging
+   raises ``KeyError: <class 'type'>``. torchtitan's async_save swallows that error at staging time
+   and it surfaces at the following save or at exit: stock's second checkpoint on the proxy was
+   never written (bench/results/checkpoint-stall-2026-11-25-*). ``build_stager`` returns the stager
+   torchtitan would build (pinned, shared, async, non-blocking) whose inner ``StateDictStager`` keeps
+   its buffers and dispatch table until torchtitan closes it at the end of the run. Reusing the
+   buffers is safe: torchtitan waits for the previous upload before it stages again.
+2. The first staging creates ~33 GB of shared memory on the 8-layer proxy and pins it: 22-26 s
+   of lost training. Measured phase by phase (bench/results/pinning-*): creating the /dev/shm
+   buffers 5.4 s (the GIL is held), faulting their pages in 16-21 s (inside ``cudaHostRegister`` it
+   also holds the CUDA driver lock, so every kernel launch of the training thread waits), the
+   register itself 1.3-1.5 s once the pages are in (blocks launches), the copy 0.6 s (free).
+   ``StagingPool`` does all of that on a background thread as soon as the trainer is built, while
+   the checkpoint loads and the first step compiles: pages allocated by ``posix_fallocate`` on a
+   memfd and faulted in by chunked ``madvise(MADV_POPULATE_WRITE)``, both without the GIL and
+   outside the driver lock; only the register (~1.4 s) still holds the driver. The first staging
+   then takes its buffers from the pool by size. The host memory held is what stock holds after
+   its first checkpoint, only from the start.
 
-``build_stager`` returns the stager torchtitan would build (pinned, shared, async, non-blocking)
-whose inner ``StateDictStager`` keeps its buffers and dispatch table across stagings; they are
-released once, when torchtitan closes the stager at the end of the run. Reusing the buffers is
-safe: torchtitan waits for the previous upload (``_async_wait``) before it stages again.
-``install`` puts it into ``CheckpointManager.stager`` (torchtitan builds its own only while that is
-``None``). Nothing in torchtitan is changed or copied.
-
-``StagingPrewarmer`` (opt-in, ``[checkpoint_perf] prestage``) stages once right after step 1 so the
-first checkpoint finds its buffers ready. Measured: the background pinning blocked the training
-thread itself for ~20 s (step 2), so it moves the one-time cost instead of removing it; off by
-default.
+Nothing in torchtitan is changed or copied: the stager is handed to ``CheckpointManager.stager``,
+which torchtitan fills itself only while it is ``None``.
 
 Start-up
 --------
@@ -41,11 +43,14 @@ with the pod). ``startup_env`` returns the variables the launcher should set so 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,27 +58,28 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PINNED_MODE = "async_with_pinned_mem"
-STAGED_KEYS = ("model", "optimizer")  # torchtitan's MODEL / OPTIMIZER keys in CheckpointManager.states
+PIN_MIN_BYTES = 5  # DCP pins storages from this size on (StateDictStager.pin_memory_min_bytes)
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in without touching it from user space
+POPULATE_CHUNK = 64 * 1024**2
+ADAM_MOMENTS = {"adam": 2, "adamw": 2}  # optimizer name -> state tensors shaped like each parameter
 
 
 @dataclass
 class CheckpointPerf:
-    """``[checkpoint_perf]``: this fork's checkpoint-stall lever (on top of torchtitan's ``[checkpoint]``)."""
+    """``[checkpoint_perf]``: this fork's checkpoint-stall levers (on top of torchtitan's ``[checkpoint]``)."""
 
     reuse_staging: bool = True
     """With ``checkpoint.async_mode = "async_with_pinned_mem"``: stage through ``build_stager`` (pinned
     buffers kept across checkpoints; works around torch 2.11's per-save close, see above)."""
 
-    prestage: bool = False
-    """Also stage once right after step ``prestage_after_step`` so the first checkpoint finds its
-    buffers ready. Measured: the pinning then blocks training for about as long (~20 s on the
-    proxy) at that step instead: off by default."""
-
-    prestage_after_step: int = 1
-    """Step after which the staging memory is prepared (AdamW's state exists from step 1 on)."""
+    prepare_at_start: bool = True
+    """With ``reuse_staging``: create, fault in and pin the staging memory on a background thread
+    while the trainer loads and compiles, so the first checkpoint costs what the later ones do
+    (proxy: ~22 s -> under 1 s). The shared memory (checkpoint size / GPUs, per GPU) is then held
+    from the start instead of from the first checkpoint on."""
 
 
-def wants_prestaging(checkpoint_config: Any) -> bool:
+def wants_pinned_staging(checkpoint_config: Any) -> bool:
     """Whether torchtitan will stage checkpoints through pinned memory with this config."""
     return (
         bool(getattr(checkpoint_config, "enable", False))
@@ -82,9 +88,10 @@ def wants_prestaging(checkpoint_config: Any) -> bool:
     )
 
 
-def build_stager(options=None):
+def build_stager(options=None, pool: "StagingPool | None" = None):
     """torchtitan's async_with_pinned_mem stager (pinned, shared, async, non-blocking copies) whose
-    staged buffers and copy rules survive DCP's per-staging ``close()`` (torch 2.11)."""
+    staged buffers and copy rules survive DCP's per-staging ``close()`` (torch 2.11), and whose
+    first staging takes ready buffers from ``pool``."""
     from torch.distributed.checkpoint._state_dict_stager import StateDictStager
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -95,6 +102,15 @@ def build_stager(options=None):
         def release(self) -> None:
             StateDictStager.close(self)
 
+        def _stage_untyped_storage(self, storage, non_blocking=False):
+            if pool is not None and storage not in self._cached_storage_mapping:
+                ready = pool.take(storage.nbytes())
+                if ready is not None:
+                    ready.copy_(storage, non_blocking=non_blocking)
+                    self._cached_storage_mapping[storage] = ready  # later saves reuse it, as DCP would
+                    return ready
+            return super()._stage_untyped_storage(storage, non_blocking)
+
     class ReusableStager(DefaultStager):
         def __init__(self, config):
             super().__init__(config)
@@ -104,111 +120,153 @@ def build_stager(options=None):
         def close(self) -> None:  # end of run (torchtitan's CheckpointManager.close)
             super().close()
             self._state_dict_stager.release()
+            if pool is not None:
+                pool.release()
 
     return ReusableStager(options or StagingOptions(True, True, True, True))
 
 
-default_stager_factory = build_stager
+def staging_sizes(model_parts: Iterable[Any], moments: int) -> list[int]:
+    """Byte sizes of the storages a checkpoint stages from this rank: each parameter's local
+    storage (a DTensor's shard), ``moments`` optimizer states shaped like it, and the buffers."""
+    sizes, seen = [], set()
+    for part in model_parts:
+        for tensor, n_states in [(p, moments) for p in part.parameters()] + [(b, 0) for b in part.buffers()]:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            storage = local.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            sizes.append(storage.nbytes())
+            sizes += [local.numel() * local.element_size()] * n_states  # zeros_like(param): unpadded
+    return [n for n in sizes if n >= PIN_MIN_BYTES]
 
 
-def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" = None,
-            stager_factory: Callable[[], Any] = build_stager) -> "StagingPrewarmer | None":
-    """Trainer wiring: the reusable stager (pinned mode only) and, if asked, the prewarmer."""
-    perf = perf or CheckpointPerf()
-    if manager is None or not wants_prestaging(checkpoint_config):
-        return None
-    if perf.reuse_staging and getattr(manager, "stager", None) is None:
-        manager.stager = stager_factory()
-    return StagingPrewarmer.install(manager, checkpoint_config, perf, stager_factory)
+def new_shared_storage(nbytes: int) -> Any:
+    """A shared host storage whose pages are allocated without holding the GIL.
+
+    torch's ``UntypedStorage._new_shared`` fallocates under the GIL (5.4 s for the proxy's 33 GB,
+    stalling the training thread's Python). A memfd filled by ``os.posix_fallocate`` (which
+    releases the GIL) and wrapped by torch is the same kind of storage: shared by file descriptor,
+    as the saving process receives it. Other sharing strategies get torch's own call.
+    """
+    import torch
+    import torch.multiprocessing
+
+    if not hasattr(os, "memfd_create") or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return torch.UntypedStorage._new_shared(nbytes, device="cpu")
+    fd = os.memfd_create("checkpoint-staging", os.MFD_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # maps a dup of fd
+    finally:
+        os.close(fd)
 
 
-class StagingPrewarmer:
-    """Prepares DCP's pinned staging memory once, after step ``after_step``, on the stager's thread.
+def populate(ptr: int, nbytes: int, chunk: int = POPULATE_CHUNK) -> None:
+    """Fault a host range in outside the CUDA driver lock (ctypes calls release the GIL), in chunks:
+    each call holds the process's mmap lock, which the training thread's own mmap calls wait for."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = ptr - ptr % page, ptr + nbytes
+    for a in range(start, end, chunk):
+        n = min(chunk, end - a)
+        if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(n), MADV_POPULATE_WRITE) != 0:
+            ctypes.memset(max(a, ptr), 0, min(a + n, end) - max(a, ptr))  # kernels before 5.14: touch
 
-    Built by ``install`` when ``[checkpoint_perf] prestage`` is on; the trainer calls
-    ``after_step(self.step)`` after every train step.
+
+class StagingPool:
+    """Shared host buffers by size, created, faulted in and (on a GPU) pinned on a background thread.
+
+    ``take(nbytes)`` waits for the preparation (normally long finished) and hands out one buffer of
+    exactly that size, or ``None``: DCP then allocates that storage itself, as stock does.
     """
 
-    def __init__(self, manager: Any, after_step: int = 1):
-        self.manager = manager
-        self.after_step_n = max(1, int(after_step))
-        self.started_at: float | None = None
-        self.seconds: float | None = None  # wall time of the prestaging, once done
+    def __init__(self, sizes: list[int], pin: bool, device_index: int | None = None):
+        self.sizes = sorted(sizes, reverse=True)
+        self.pin = pin
+        self.device_index = device_index
+        self.seconds: float | None = None
         self.error: BaseException | None = None
-        self.future = None
+        self.taken = 0
+        self.missed = 0
+        self._free: dict[int, list[Any]] = defaultdict(list)
         self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._prepare, name="checkpoint-staging-pool", daemon=True)
 
-    @classmethod
-    def install(
-        cls,
-        manager: Any,
-        checkpoint_config: Any,
-        perf: CheckpointPerf | None = None,
-        stager_factory: Callable[[], Any] = default_stager_factory,
-    ) -> "StagingPrewarmer | None":
-        perf = perf or CheckpointPerf()
-        if not perf.prestage or manager is None or not wants_prestaging(checkpoint_config):
-            return None
-        # torchtitan builds its stager lazily in save() only while this is None; built here (main
-        # thread, after CUDA is initialised: DefaultStager creates its stream here) it is the one
-        # every save uses, so the buffers it caches are the ones the saves reuse.
-        if getattr(manager, "stager", None) is None:
-            manager.stager = stager_factory()
-        return cls(manager, perf.prestage_after_step)
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
 
-    def state_to_stage(self) -> dict[str, Any]:
-        """Model and optimizer state as torchtitan saves them (same tensors, hence same storages)."""
-        states: Mapping[str, Any] = self.manager.states
-        return {k: states[k].state_dict() for k in STAGED_KEYS if states.get(k) is not None}
+    def start(self) -> "StagingPool":
+        self._thread.start()
+        return self
 
-    def after_step(self, step: int) -> bool:
-        """Call after every train step; starts the prestaging once. True when it started now."""
-        if self.future is not None or step < self.after_step_n:
-            return False
-        with self._lock:
-            if self.future is not None:
-                return False
-            self.started_at = time.monotonic()
-            try:
-                self.future = self.manager.stager.stage(self.state_to_stage())
-            except Exception as exc:  # never let a speed-up break training: stock behaviour remains
-                self.error = exc
-                self.future = _Done()
-                logger.warning(f"checkpoint prestaging failed, first save will stage as stock: {exc!r}")
-                return False
-        if hasattr(self.future, "add_done_callback"):
-            self.future.add_done_callback(self._done)
-        else:  # a synchronous stager returns the staged dict itself
-            self.future = _Done()
-            self._done(self.future)
-        return True
+    def _prepare(self) -> None:
+        import torch
 
-    def _done(self, future: Any) -> None:
-        self.seconds = time.monotonic() - (self.started_at or time.monotonic())
-        exc = future.exception() if hasattr(future, "exception") else None
-        if exc is not None:
+        began = time.monotonic()
+        try:
+            if self.pin:
+                torch.cuda.set_device(self.device_index)  # the context must be current on this thread
+                cudart = torch.cuda.cudart()
+            for n in self.sizes:
+                storage = new_shared_storage(n)
+                populate(storage.data_ptr(), n)
+                if self.pin and n >= PIN_MIN_BYTES:
+                    ptr = storage.data_ptr()
+                    rc = int(cudart.cudaHostRegister(ptr, n, 1))  # 1: portable, as DCP pins
+                    if rc != 0:
+                        raise RuntimeError(f"cudaHostRegister({n} bytes) failed with CUDA error {rc}")
+                    weakref.finalize(storage, cudart.cudaHostUnregister, ptr).atexit = False
+                with self._lock:
+                    self._free[n].append(storage)
+        except Exception as exc:  # never let a speed-up break training: DCP allocates the rest itself
             self.error = exc
-            logger.warning(f"checkpoint prestaging failed after {self.seconds:.1f}s: {exc!r}")
-        else:
-            logger.info(f"checkpoint staging memory prepared in {self.seconds:.1f}s (background)")
+            logger.warning(f"checkpoint staging memory could not be prepared ({exc!r}); the first "
+                           "checkpoint allocates it instead (slower, as stock)")
+        finally:
+            self.seconds = time.monotonic() - began
+        if self.error is None:
+            logger.info(f"checkpoint staging memory prepared in {self.seconds:.1f}s "
+                        f"({self.nbytes / 1e9:.1f} GB, background)")
 
-    def wait(self, timeout: float | None = None) -> None:
-        if self.future is not None and hasattr(self.future, "result"):
-            try:
-                self.future.result(timeout=timeout)
-            except Exception:
-                pass
-
-
-class _Done:
-    def result(self, timeout: float | None = None):
+    def take(self, nbytes: int) -> Any:
+        if self._thread.ident is not None:
+            self._thread.join()
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                self.taken += 1
+                return free.pop()
+        self.missed += 1
         return None
 
-    def exception(self):
-        return None
+    def release(self) -> None:
+        with self._lock:
+            self._free.clear()
 
-    def done(self) -> bool:
-        return True
+
+def install(manager: Any, checkpoint_config: Any, perf: CheckpointPerf | None = None, *,
+            model_parts: Iterable[Any] = (), optimizer_name: str = "",
+            stager_factory: Callable[..., Any] = build_stager) -> StagingPool | None:
+    """Trainer wiring (pinned mode only): the reusable stager and, unless switched off, the pool
+    preparing its memory now. Returns the pool (or ``None``)."""
+    perf = perf or CheckpointPerf()
+    if manager is None or not wants_pinned_staging(checkpoint_config) or not perf.reuse_staging:
+        return None
+    if getattr(manager, "stager", None) is not None:
+        return None  # someone else's stager: leave it
+    pool = None
+    if perf.prepare_at_start:
+        import torch
+
+        moments = ADAM_MOMENTS.get(optimizer_name.lower(), 0)
+        pin = torch.cuda.is_available()
+        pool = StagingPool(staging_sizes(model_parts, moments), pin=pin,
+                           device_index=torch.cuda.current_device() if pin else None).start()
+    manager.stager = stager_factory(pool=pool)
+    return pool
 
 
 def startup_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, str]:

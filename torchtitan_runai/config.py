@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import io
 import types
 import typing
@@ -183,21 +184,33 @@ def check_toml_schema(values: dict[str, Any], cls: type, prefix: str = "") -> No
 # Parsing
 
 
+def _flag_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every ``section.key`` (and ``section.sub.key`` for nested sections such as
+    ``quantize.linear.float8``) that the command line accepts."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        annotation = hints.get(f.name, f.type)
+        if dataclasses.is_dataclass(annotation):
+            out += _flag_paths(annotation, f"{prefix}{f.name}.")
+        elif prefix:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
 def check_cli_flags(args: list[str], cls: type) -> None:
     """Unknown ``--section.key`` flags, with the nearest valid flag (tyro's own message is a wall)."""
-    sections = {f.name: f.type for f in dataclasses.fields(cls)}
-    valid = [f"{name}.{f.name}" for name, sub in sections.items() if dataclasses.is_dataclass(sub)
-             for f in dataclasses.fields(sub)]
+    valid = set(_flag_paths(cls))
     for arg in args:
         if not arg.startswith("--") or "." not in arg.split("=")[0]:
             continue
         flag = arg[2:].split("=")[0].replace("-", "_")
-        section, _, key = flag.partition(".")
+        head, _, key = flag.rpartition(".")
         if key.startswith("no_"):
             key = key[3:]
-        if f"{section}.{key}" in valid:
+        if f"{head}.{key}" in valid:
             continue
-        near = difflib.get_close_matches(f"{section}.{key}", valid, n=1, cutoff=0.6)
+        near = difflib.get_close_matches(f"{head}.{key}", sorted(valid), n=1, cutoff=0.6)
         raise UserError("command line", arg, f"unknown flag --{flag}",
                         f"did you mean --{near[0]}?" if near else "run with --help for every valid flag")
 
@@ -248,10 +261,24 @@ def _positive(name: str, value: int, fix: str) -> None:
         raise UserError(name, value, "must be positive", fix)
 
 
+def _import_custom_module(config) -> None:
+    """``experimental.custom_import`` may register train specs and flavors: torchtitan's Trainer
+    imports it before it looks the model up, so the checks here must too."""
+    module = getattr(getattr(config, "experimental", None), "custom_import", "")
+    if not module:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise UserError("experimental.custom_import", module, f"cannot be imported ({e})",
+                        "make the module importable from the working directory or PYTHONPATH, or remove the setting")
+
+
 def _model_args(config):
     name, flavor = config.model.name, config.model.flavor
     if name in (TRAIN_SPEC_NAME, FUSED_TRAIN_SPEC_NAME):
         import torchtitan_runai.spec  # noqa: F401  registers it
+    _import_custom_module(config)
     try:
         spec = upstream.get_train_spec(name)
     except ValueError:

@@ -484,7 +484,8 @@ def main(argv: list[str]) -> int:
     from torchtitan_runai import preflight
 
     gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
-    preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env))
+    preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env,
+                                              local_ranks=plan.nproc_per_node))
     shutdown_flag = torchrun_supports("--shutdown_timeout")
     if not shutdown_flag:
         os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(plan.shutdown_timeout)

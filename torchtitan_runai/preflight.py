@@ -27,6 +27,11 @@ What is checked
                  (12 bytes per parameter: fp32 weights and AdamW's two moments);
 ``/dev/shm``     a warning when it is Docker's 64 MiB default: the dataloader workers and NCCL use
                  it (``--large-shm`` in Run:ai, an ``emptyDir: {medium: Memory}`` in a PyTorchJob);
+``host memory``  with ``checkpoint.async_mode = "async_with_pinned_mem"``, every rank keeps its share of
+                 the checkpoint in pinned host memory for the whole run (prepared at start,
+                 ``torchtitan_runai.ckpt_perf``): an error when the node's ranks together need more
+                 than 80% of the container's memory limit (cgroup) or of the node's RAM, which would
+                 otherwise end in the kernel's OOM killer with no message;
 ``tokenizer``    the tokenizer is in ``model.hf_assets_path`` or the Hub cache, or can be downloaded
                  (``hub.repo_id`` set, downloads allowed); nothing is downloaded here. A Hub
                  download without ``HF_TOKEN`` is a warning: Meta's repos are gated.
@@ -439,6 +444,52 @@ def check_dev_shm(path: str = "/dev/shm") -> Finding:
     return Finding("ok", "/dev/shm", f"{size / 1024**3:.1f} GiB")
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+HOST_MEMORY_SHARE = 0.8  # of the limit, for pinned staging; the rest is Python, dataloaders, NCCL
+
+
+def host_memory_limit(cgroup_files: tuple[str, ...] = CGROUP_LIMITS,
+                      meminfo: str = "/proc/meminfo") -> tuple[int | None, str]:
+    """The smaller of the container's cgroup memory limit and the node's RAM, and where it came from."""
+    found: list[tuple[int, str]] = []
+    for path in cgroup_files:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" / a huge number: no limit
+            found.append((int(text), f"the container's memory limit ({path})"))
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                found.append((int(line.split()[1]) * 1024, "the node's RAM"))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else (None, "unknown")
+
+
+def check_host_memory(config: Any, params: int, world_size: int, local_ranks: int,
+                      limit: tuple[int | None, str] | None = None) -> Finding | None:
+    """Pinned checkpoint staging holds each rank's share of the checkpoint in host RAM."""
+    from torchtitan_runai.ckpt_perf import wants_pinned_staging
+
+    if not wants_pinned_staging(config.checkpoint):
+        return None
+    replicas = max(int(config.parallelism.data_parallel_replicate_degree), 1)
+    need = CHECKPOINT_BYTES_PER_PARAM * params * replicas / max(world_size, 1) * local_ranks
+    limit_bytes, source = limit or host_memory_limit()
+    summary = f"pinned checkpoint staging holds {need / 1e9:.1f} GB per node ({local_ranks} ranks)"
+    if limit_bytes is None:
+        return Finding("ok", "host memory", summary + " (limit unknown)")
+    if need > HOST_MEMORY_SHARE * limit_bytes:
+        raise_limit = "raise the pod's memory limit, " if "limit" in source else ""
+        return Finding("error", "host memory", f"{summary}, more than {HOST_MEMORY_SHARE:.0%} of {source}, "
+                                               f"{limit_bytes / 1e9:.1f} GB. Fix: {raise_limit}use more nodes "
+                                               "(each rank's share shrinks), or set [checkpoint] async_mode = "
+                                               "\"async\" (no pinned memory, longer checkpoint stalls)")
+    return Finding("ok", "host memory", f"{summary}, {source}: {limit_bytes / 1e9:.0f} GB")
+
+
 def check_tokenizer(config: Any, env: Mapping[str, str] | None = None) -> Finding:
     """Present locally or in the Hub cache, or downloadable; never downloads."""
     from torchtitan_runai import assets
@@ -489,7 +540,9 @@ def model_args_of(config: Any):
 
 
 def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dry_run: bool = False,
-                  env: Mapping[str, str] | None = None, shm_path: str = "/dev/shm") -> list[Finding]:
+                  env: Mapping[str, str] | None = None, shm_path: str = "/dev/shm",
+                  local_ranks: int | None = None,
+                  host_limit: tuple[int | None, str] | None = None) -> list[Finding]:
     """Every check for a parsed config. Machine-dependent errors become warnings in a dry run."""
     from torchtitan_runai.config import check_world_size
 
@@ -513,6 +566,9 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     if config.checkpoint.enable:
         machine.append(check_checkpoint_folder(checkpoint_folder_of(config, env),
                                                CHECKPOINT_BYTES_PER_PARAM * estimate.params))
+    host = check_host_memory(config, estimate.params, world_size, local_ranks or world_size, host_limit)
+    if host is not None:
+        machine.append(host)
     machine.append(check_tokenizer(config, env))
     if dry_run:
         machine = [dataclasses.replace(f, level="warning") if f.level == "error" else f for f in machine]
@@ -590,7 +646,7 @@ def main(argv: list[str]) -> int:
     from torchtitan_runai import config as config_mod
 
     config = config_mod.parse_job_config(["--job.config_file", args.config, *overrides])
-    findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run)
+    findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run, local_ranks=gpus)
     print(f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)")
     print(report(findings))
     return 2 if any(f.level == "error" for f in findings) else 0

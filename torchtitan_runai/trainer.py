@@ -14,7 +14,8 @@ train. ``RunaiTrainer`` overrides torchtitan's documented methods only:
   parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
   optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
   and the loss/throughput PNG (``plots``);
-- checkpoint staging: ``ckpt_perf.install`` keeps pinned staging buffers across async saves;
+- checkpoint staging: ``ckpt_perf.install`` keeps pinned staging buffers across async saves and
+  prepares them in the background from the start;
 - ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder
   on a multi-node job is a clear error, ``preflight.confirm_shared_folder``).
 - ``should_continue_training`` (torchtitan calls it at every step boundary): feeds the hang
@@ -60,9 +61,11 @@ class RunaiTrainer(upstream.Trainer):
                                           pd.dp_replicate * pd.dp_shard, job_id)
         self.checkpointer.busy = self.watchdog.paused
         # Before the first save: pinned staging buffers kept across checkpoints (torch 2.11 drops
-        # them after every save, and loses the second checkpoint; bench/results/checkpoint-stall-*).
-        self.ckpt_perf = ckpt_perf.install(self.checkpointer, job_config.checkpoint,
-                                           getattr(job_config, "checkpoint_perf", None))
+        # them after every save and loses the second checkpoint), prepared in the background now
+        # rather than inside the first save (bench/results/checkpoint-stall-*, pinning-*).
+        self.staging_pool = ckpt_perf.install(self.checkpointer, job_config.checkpoint,
+                                              getattr(job_config, "checkpoint_perf", None),
+                                              model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
         self.watchdog.start()
 
     def init_distributed(self):
@@ -109,8 +112,6 @@ class RunaiTrainer(upstream.Trainer):
     def train_step(self, data_iterator):
         self._step_loss = None
         super().train_step(data_iterator)
-        if self.ckpt_perf is not None:
-            self.ckpt_perf.after_step(self.step)
         if self._step_loss is not None:
             self.step_trace.record(self.step, self._step_loss.item())
 

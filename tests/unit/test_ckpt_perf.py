@@ -1,5 +1,5 @@
 """ckpt_perf on CPU: the reusable stager survives DCP's per-staging close() (torch 2.11) with its
-buffers and copy rules, when install acts, the opt-in prewarmer, the launcher env."""
+buffers and copy rules, the staging pool prepared from the start, when install acts, the launcher env."""
 
 from __future__ import annotations
 
@@ -41,65 +41,109 @@ def pinned(enable=True, mode="async_with_pinned_mem", load_only=False):
                                  pinned(load_only=True)])
 def test_install_does_nothing_unless_torchtitan_stages_pinned(cfg):
     m = manager()
-    assert ckpt_perf.StagingPrewarmer.install(m, cfg, ON, stager_factory=cpu_stager) is None
-    assert ckpt_perf.install(m, cfg, ON, stager_factory=cpu_stager) is None
+    assert ckpt_perf.install(m, cfg, model_parts=[Model()], optimizer_name="AdamW") is None
     assert m.stager is None
 
 
-def test_prewarmer_off_by_default():
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 32))
+        self.norm = torch.nn.Parameter(torch.ones(32))
+        self.register_buffer("freqs", torch.randn(8, 4))
+        self.tied = self.w  # the same storage twice is staged once
+
+
+def test_staging_sizes_are_each_parameter_its_moments_and_the_buffers():
+    assert sorted(ckpt_perf.staging_sizes([Model()], moments=2)) == sorted(
+        [64 * 32 * 4] * 3 + [32 * 4] * 3 + [8 * 4 * 4])
+    assert len(ckpt_perf.staging_sizes([Model()], moments=0)) == 3
+
+
+def test_pool_prepares_shared_buffers_and_hands_out_exact_sizes():
+    pool = ckpt_perf.StagingPool([4096, 128, 128], pin=False).start()
+    first = pool.take(128)
+    assert first is not None and first.is_shared() and first.nbytes() == 128
+    assert pool.take(128) is not None and pool.take(128) is None  # two of them, then DCP allocates
+    assert pool.take(999) is None
+    assert (pool.taken, pool.missed) == (2, 2) and pool.error is None and pool.seconds is not None
+
+
+def test_populate_faults_pages_in_without_changing_the_memory_contract():
+    s = torch.UntypedStorage._new_shared(1 << 20, device="cpu")
+    ckpt_perf.populate(s.data_ptr(), s.nbytes())
+    t = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
+    t.fill_(7)
+    assert int(t.sum()) == 7 * (1 << 20)
+
+
+def test_new_shared_storage_travels_by_file_descriptor_like_torchs_own():
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    s = ckpt_perf.new_shared_storage(1 << 20)
+    t = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
+    t.fill_(5)
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(t)  # what DCP's saving process is sent
+    assert s.is_shared() and len(buf.getvalue()) < 4096  # a handle, not the megabyte
+    back = pickle.loads(buf.getvalue())
+    t.fill_(9)
+    assert int(back[123]) == 9  # the same memory
+
+
+def test_a_pool_that_cannot_prepare_leaves_stock_behaviour(monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("unable to allocate shared memory")
+
+    monkeypatch.setattr(ckpt_perf, "new_shared_storage", fail)
+    pool = ckpt_perf.StagingPool([4096], pin=False).start()
+    assert pool.take(4096) is None and isinstance(pool.error, RuntimeError)
+
+
+def test_first_staging_uses_the_pools_buffers_and_later_ones_reuse_them():
+    model = Model()
+    sd = {"model": {"w": model.w.detach(), "norm": model.norm.detach()},
+          "optimizer": {"state.w.exp_avg": torch.zeros_like(model.w), "state.w.step": torch.tensor(3.0)},
+          "obj": Plain(5)}
+    pool = ckpt_perf.StagingPool([64 * 32 * 4, 64 * 32 * 4, 32 * 4], pin=False).start()
+    pool._thread.join()
+    ready = {s.data_ptr() for free in pool._free.values() for s in free}
+    stager = ckpt_perf.build_stager(StagingOptions(False, True, True, False), pool=pool)
+    first = torch_2_11_stage(stager, sd)
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert {ptr(first["model"]["w"]), ptr(first["model"]["norm"]), ptr(first["optimizer"]["state.w.exp_avg"])} == ready
+    assert pool.taken == 3 and pool.missed == 1  # the 4-byte step counter: DCP's own path
+    assert torch.equal(first["model"]["w"], model.w) and first["obj"] == Plain(5)
+    with torch.no_grad():
+        model.w.add_(1.0)
+    second = torch_2_11_stage(stager, sd)
+    assert ptr(second["model"]["w"]) == ptr(first["model"]["w"]) and torch.equal(second["model"]["w"], model.w)
+    assert pool.taken == 3  # nothing more taken: the stager's cache serves every later save
+    stager.close()
+
+
+def test_install_builds_the_stager_with_a_pool_and_respects_the_switches():
+    cpu = lambda pool=None: ckpt_perf.build_stager(StagingOptions(False, True, True, False), pool=pool)  # noqa: E731
     m = manager()
-    assert ckpt_perf.StagingPrewarmer.install(m, pinned(), stager_factory=cpu_stager) is None
-
-
-ON = ckpt_perf.CheckpointPerf(prestage=True)
-
-
-def test_install_sets_the_stager_torchtitan_will_use_and_keeps_an_existing_one():
-    m = manager()
-    p = ckpt_perf.StagingPrewarmer.install(m, pinned(), ON, stager_factory=cpu_stager)
-    assert isinstance(m.stager, DefaultStager)
-    mine = cpu_stager()
+    pool = ckpt_perf.install(m, pinned(), model_parts=[Model()], optimizer_name="AdamW", stager_factory=cpu)
+    assert isinstance(pool, ckpt_perf.StagingPool) and len(pool.sizes) == 7 and pool.pin is False  # no CUDA here
+    assert type(m.stager).__name__ == "ReusableStager"
+    m.stager.close()
     m2 = manager()
-    m2.stager = mine
-    ckpt_perf.StagingPrewarmer.install(m2, pinned(), ON, stager_factory=cpu_stager)
-    assert m2.stager is mine
-    m.stager.close()
+    assert ckpt_perf.install(m2, pinned(), ckpt_perf.CheckpointPerf(prepare_at_start=False),
+                             model_parts=[Model()], stager_factory=cpu) is None
+    assert type(m2.stager).__name__ == "ReusableStager"  # reuse without the pool
+    m2.stager.close()
+    m3 = manager()
+    ckpt_perf.install(m3, pinned(), ckpt_perf.CheckpointPerf(reuse_staging=False), stager_factory=cpu)
+    assert m3.stager is None  # torchtitan builds its own
+    m4 = manager()
+    mine = cpu_stager()
+    m4.stager = mine
+    assert ckpt_perf.install(m4, pinned(), stager_factory=cpu) is None and m4.stager is mine
     mine.close()
-    assert p.after_step_n == 1
-
-
-def test_prestages_once_after_the_step_and_the_save_reuses_its_buffers():
-    m = manager()
-    p = ckpt_perf.StagingPrewarmer.install(m, pinned(), ckpt_perf.CheckpointPerf(prestage=True, prestage_after_step=2),
-                                           stager_factory=cpu_stager)
-    assert p.after_step(1) is False and p.future is None  # optimizer state may not exist yet
-    assert p.after_step(2) is True
-    assert p.after_step(3) is False  # once
-    first = p.future.result(timeout=30)
-    p.wait(timeout=30)
-    assert p.seconds is not None and p.error is None
-    assert set(first) == {"model", "optimizer"}  # the big state only; the rest is tiny
-    w_gpu = m.states["model"].sd["w"]
-    assert torch.equal(first["model"]["w"], w_gpu) and first["model"]["w"].is_shared()
-    # what a later save stages (same tensors, new values) lands in the same host buffers
-    w_gpu.add_(1.0)
-    again = m.stager.stage({"model": m.states["model"].state_dict()}).result(timeout=30)
-    assert again["model"]["w"].untyped_storage().data_ptr() == first["model"]["w"].untyped_storage().data_ptr()
-    assert torch.equal(again["model"]["w"], w_gpu)
-    m.stager.close()
-
-
-def test_a_failing_stager_leaves_stock_behaviour():
-    class Broken:
-        def stage(self, sd):
-            raise RuntimeError("no pinned memory")
-
-    m = manager()
-    m.stager = Broken()
-    p = ckpt_perf.StagingPrewarmer.install(m, pinned(), ON)
-    assert p.after_step(1) is False
-    assert isinstance(p.error, RuntimeError)
-    assert p.after_step(2) is False
 
 
 @dataclasses.dataclass
@@ -138,22 +182,6 @@ def test_reusable_stager_keeps_buffers_and_copy_rules_across_stagings():
     assert len(stager._state_dict_stager._cached_storage_mapping) == 0
 
 
-def test_install_sets_the_reusable_stager_only_in_pinned_mode():
-    m = manager()
-    assert ckpt_perf.install(m, pinned(mode="async"), stager_factory=cpu_stager) is None and m.stager is None
-    cpu_reusable = lambda: ckpt_perf.build_stager(StagingOptions(False, True, True, False))  # noqa: E731
-    assert ckpt_perf.install(m, pinned(), stager_factory=cpu_reusable) is None  # no prewarmer by default ...
-    assert type(m.stager).__name__ == "ReusableStager"  # ... but the stager is ours
-    m.stager.close()
-    m2 = manager()
-    ckpt_perf.install(m2, pinned(), ckpt_perf.CheckpointPerf(reuse_staging=False), stager_factory=cpu_reusable)
-    assert m2.stager is None  # torchtitan builds its own
-    m3 = manager()
-    p = ckpt_perf.install(m3, pinned(), ckpt_perf.CheckpointPerf(prestage=True), stager_factory=cpu_stager)
-    assert isinstance(p, ckpt_perf.StagingPrewarmer)
-    m3.stager.close()
-
-
 def test_startup_env_puts_the_compile_cache_on_the_output_volume():
     env = ckpt_perf.startup_env("/out/run1", {})
     assert env["TORCHINDUCTOR_CACHE_DIR"] == "/out/run1/.cache/inductor"
@@ -166,5 +194,5 @@ def test_startup_env_never_overrides_the_user():
     assert "TORCHINDUCTOR_CACHE_DIR" not in env and "PYTORCH_ALLOC_CONF" not in env
 
 
-def test_wants_prestaging_is_case_insensitive():
-    assert ckpt_perf.wants_prestaging(pinned(mode="ASYNC_WITH_PINNED_MEM"))
+def test_wants_pinned_staging_is_case_insensitive():
+    assert ckpt_perf.wants_pinned_staging(pinned(mode="ASYNC_WITH_PINNED_MEM"))

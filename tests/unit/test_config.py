@@ -121,3 +121,38 @@ def test_toml_syntax_error_names_the_line(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         parse_job_config(["--job.config_file", str(path)])
     assert e.value.setting == "CONFIG_FILE" and "line 2" in e.value.line()
+
+
+def test_custom_import_can_add_flavors_before_they_are_checked(tmp_path, monkeypatch):
+    # torchtitan imports experimental.custom_import before it looks the model up; so must we
+    (tmp_path / "my_flavors.py").write_text(
+        "import dataclasses\n"
+        "from torchtitan.models.llama3 import llama3_args\n"
+        "llama3_args.setdefault('8B_4layers', dataclasses.replace(llama3_args['8B'], n_layers=4))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(REPO)
+    base = ["--job.config_file", str(REPO / "train_configs/llama3_8b.toml"), "--model.flavor", "8B_4layers"]
+    with pytest.raises(UserError) as e:
+        parse_job_config(base, world_size=16)
+    assert e.value.setting == "model.flavor"
+    config = parse_job_config(base + ["--experimental.custom_import", "my_flavors"], world_size=16)
+    assert config.model.flavor == "8B_4layers"
+
+
+def test_custom_import_that_cannot_be_imported_is_named(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(UserError) as e:
+        parse_job_config(["--job.config_file", str(REPO / "train_configs/llama3_8b.toml"),
+                          "--experimental.custom_import", "no_such_module_here"], world_size=16)
+    assert e.value.setting == "experimental.custom_import" and "PYTHONPATH" in e.value.line()
+
+
+def test_nested_section_flags_such_as_float8_are_known(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = ["--job.config_file", str(REPO / "train_configs/llama3_8b.toml")]
+    config = parse_job_config(base + ["--model.converters", "quantize.linear.float8",
+                                      "--quantize.linear.float8.filter_fqns", "output"], world_size=16)
+    assert config.quantize.linear.float8.filter_fqns == ["output"]
+    with pytest.raises(UserError) as e:
+        parse_job_config(base + ["--quantize.linear.float8.filter_fqn", "output"], world_size=16)
+    assert "did you mean --quantize.linear.float8.filter_fqns" in e.value.line()

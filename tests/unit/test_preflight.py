@@ -395,3 +395,42 @@ def test_gpu_memory_comes_from_nvidia_smi_without_touching_cuda(tmp_path, monkey
     assert abs(detect_gpu_memory_gib() - 79.65) < 0.01
     monkeypatch.setenv("PATH", "/nonexistent")
     assert detect_gpu_memory_gib() is None
+
+
+# host memory for pinned checkpoint staging
+
+def test_host_memory_limit_is_the_smaller_of_cgroup_and_ram(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       2097152 kB\nMemFree: 1 kB\n")  # 2 GiB
+    v2 = tmp_path / "memory.max"
+    v2.write_text("max\n")
+    assert preflight.host_memory_limit((str(v2),), str(meminfo)) == (2 * GIB, "the node's RAM")
+    v2.write_text(f"{GIB}\n")
+    limit, source = preflight.host_memory_limit((str(v2), str(tmp_path / "absent")), str(meminfo))
+    assert limit == GIB and "memory limit" in source and str(v2) in source
+
+
+def test_pinned_staging_that_cannot_fit_the_pod_is_an_error_naming_the_fix():
+    from torchtitan_runai.config import parse_job_config
+
+    config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml"], world_size=16)
+    params = 8_030_261_248
+    # 16 GPUs over 2 nodes: each node's 8 ranks hold half of a ~96 GB checkpoint
+    small = preflight.check_host_memory(config, params, 16, 8, limit=(40 * 10**9, "the container's memory limit"))
+    assert small.level == "error" and "48.2 GB per node" in small.message
+    assert "memory limit" in small.message and 'async_mode = "async"' in small.message
+    big = preflight.check_host_memory(config, params, 16, 8, limit=(2 * 10**12, "the node's RAM"))
+    assert big.level == "ok"
+    config.checkpoint.async_mode = "async"
+    assert preflight.check_host_memory(config, params, 16, 8, limit=(1, "x")) is None  # nothing pinned
+
+
+def test_run_preflight_reports_host_memory_and_dry_run_softens_it():
+    from torchtitan_runai.config import parse_job_config
+
+    config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml"], world_size=16)
+    tiny = (10**9, "the container's memory limit")
+    level = lambda fs: next(f.level for f in fs if f.check == "host memory")  # noqa: E731
+    assert level(preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny)) == "error"
+    assert level(preflight.run_preflight(config, 16, 79.6, dry_run=True, env={}, local_ranks=8,
+                                         host_limit=tiny)) == "warning"
