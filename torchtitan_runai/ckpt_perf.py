@@ -102,14 +102,14 @@ def build_stager(options=None, pool: "StagingPool | None" = None):
         def release(self) -> None:
             StateDictStager.close(self)
 
-        def _stage_untyped_storage(self, storage, non_blocking=False):
+        def _stage_untyped_storage(self, storage, *args, **kwargs):  # signature varies across torch
             if pool is not None and storage not in self._cached_storage_mapping:
                 ready = pool.take(storage.nbytes())
                 if ready is not None:
-                    ready.copy_(storage, non_blocking=non_blocking)
+                    ready.copy_(storage, non_blocking=bool(kwargs.get("non_blocking", args[0] if args else False)))
                     self._cached_storage_mapping[storage] = ready  # later saves reuse it, as DCP would
                     return ready
-            return super()._stage_untyped_storage(storage, non_blocking)
+            return super()._stage_untyped_storage(storage, *args, **kwargs)
 
     class ReusableStager(DefaultStager):
         def __init__(self, config):
@@ -124,6 +124,14 @@ def build_stager(options=None, pool: "StagingPool | None" = None):
                 pool.release()
 
     return ReusableStager(options or StagingOptions(True, True, True, True))
+
+
+def pool_supported() -> bool:
+    """The pool hands buffers over through DCP's per-storage staging hook and its storage cache."""
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+    return (hasattr(StateDictStager, "_stage_untyped_storage")
+            and hasattr(StateDictStager(), "_cached_storage_mapping"))
 
 
 def staging_sizes(model_parts: Iterable[Any], moments: int) -> list[int]:
@@ -258,7 +266,10 @@ def install(manager: Any, checkpoint_config: Any, perf: CheckpointPerf | None = 
     if getattr(manager, "stager", None) is not None:
         return None  # someone else's stager: leave it
     pool = None
-    if perf.prepare_at_start:
+    if perf.prepare_at_start and not pool_supported():
+        logger.warning("checkpoint_perf.prepare_at_start: this torch's DCP stager has no per-storage hook; "
+                       "the first checkpoint allocates its staging memory itself")
+    elif perf.prepare_at_start:
         import torch
 
         moments = ADAM_MOMENTS.get(optimizer_name.lower(), 0)

@@ -196,3 +196,13 @@ def test_startup_env_never_overrides_the_user():
 
 def test_wants_pinned_staging_is_case_insensitive():
     assert ckpt_perf.wants_pinned_staging(pinned(mode="ASYNC_WITH_PINNED_MEM"))
+
+
+def test_without_dcps_per_storage_hook_no_pool_is_built(monkeypatch):
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+    monkeypatch.delattr(StateDictStager, "_stage_untyped_storage")
+    cpu = lambda pool=None: ckpt_perf.build_stager(StagingOptions(False, True, True, False), pool=pool)  # noqa: E731
+    m = manager()
+    assert ckpt_perf.install(m, pinned(), model_parts=[Model()], optimizer_name="AdamW", stager_factory=cpu) is None
+    assert type(m.stager).__name__ == "ReusableStager"  # the reuse fix still applies
