@@ -36,17 +36,15 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.child import child_env, run_torchrun
+
 SAVE_RE = re.compile(r"Finished saving the checkpoint.*?in ([\d.]+) seconds")
 PREP_RE = re.compile(r"checkpoint staging memory prepared in ([\d.]+)s")
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naife]+)")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # ---------------------------------------------------------------- child (runs under torchrun)
@@ -176,43 +174,32 @@ def train_args(dump: Path, corpus: Path, tok: Path, steps: int, interval: int, e
 def run(name: str, args: list[str], env_extra: dict, dump: Path, timeout: float, steps: int) -> dict:
     dump.mkdir(parents=True, exist_ok=True)
     times_json = dump / "times.json"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_TIMES_OUT=str(times_json),
-               PYTORCH_ALLOC_CONF="expandable_segments:True")
+    env = child_env(BENCH_TIMES_OUT=str(times_json), PYTORCH_ALLOC_CONF="expandable_segments:True")
     env.update(env_extra, BENCH_STALL_CHILD="1", BENCH_STOP_AT=str(steps))
     # each run compiles from an empty cache: launch-to-first-step is compared like for like
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/bench-inductor-{name}-{os.getpid()}")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "bench.checkpoint_stall", *args]
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_keep_newest, args=(dump / "checkpoint", stop), daemon=True)
     watcher.start()
-    start = time.monotonic()
-    lines, losses, saves, first_step_s, status = [], {}, [], None, "ok"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    losses: dict[int, float] = {}
+    saves: list[float] = []
+    first: list[float] = []
+
+    def on_line(line: str, now: float) -> None:
+        if m := STEP_RE.search(line):
+            first.append(now)
+            losses[int(m.group(1))] = float(m.group(2))
+        if m := SAVE_RE.search(line):
+            saves.append(float(m.group(1)))
+
     try:
-        for raw in proc.stdout:  # type: ignore[union-attr]
-            line = ANSI.sub("", raw.rstrip())
-            lines.append(line)
-            if m := STEP_RE.search(line):
-                first_step_s = first_step_s or time.monotonic() - start
-                losses[int(m.group(1))] = float(m.group(2))
-            if m := SAVE_RE.search(line):
-                saves.append(float(m.group(1)))
-            if time.monotonic() - start > timeout:
-                status = "timeout"
-                break
+        child = run_torchrun(["-m", "bench.checkpoint_stall", *args], env, timeout, on_line)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        proc.wait()
         stop.set()
         watcher.join()
+    lines, status, first_step_s = child.lines, child.status, (first[0] if first else None)
     (dump / "log.txt").write_text("\n".join(lines))
-    if status == "ok" and proc.returncode != 0:
-        status = f"exit {proc.returncode}"
-    res = {"name": name, "status": status, "upload_failed": [ln for ln in lines if "upload FAILED" in ln][:1], "wall_s": time.monotonic() - start, "first_step_s": first_step_s,
+    res = {"name": name, "status": status, "upload_failed": [ln for ln in lines if "upload FAILED" in ln][:1], "wall_s": child.wall_s, "first_step_s": first_step_s,
            "losses": losses, "logged_save_s": saves,
            "prepared_logged_s": [float(m.group(1)) for ln in lines if (m := PREP_RE.search(ln))]}
     if times_json.exists():

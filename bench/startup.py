@@ -20,51 +20,35 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from bench.assets import build_all
-from bench.throughput import ANSI, REPO, C, train_args, versions
+from bench.child import child_env, run_torchrun
+from bench.throughput import C, train_args, versions
 from torchtitan_runai.ckpt_perf import startup_env
 
 MARKS = {"first_line": None, "training_starts": "Training starts at step", "first_step": "step:"}
 
 
 def run(name: str, cache: Path, corpus: Path, tok: Path, dump: Path, timeout: float) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = child_env()
     env.update(startup_env(cache.parent.parent))  # <out>/.cache/inductor, as the launcher would
     env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     cfg = C(name, "stock", 1, "op")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "torchtitan.train", *train_args(cfg, "gpu", corpus, tok, dump, 3)]
     got: dict[str, float | None] = {k: None for k in MARKS}
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    lines = []
-    try:
-        for raw in proc.stdout:  # type: ignore[union-attr]
-            line = ANSI.sub("", raw.rstrip())
-            lines.append(line)
-            now = time.monotonic() - start
-            for k, pat in MARKS.items():
-                if got[k] is None and (pat is None or (pat in line and (k != "first_step" or re.search(r"step:\s*\d+\s+loss", line)))):
-                    got[k] = now
-            if now > timeout:
-                break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        proc.wait()
-    res = {"name": name, "rc": proc.returncode, **{f"{k}_s": v for k, v in got.items()},
-           "wall_s": time.monotonic() - start,
+
+    def on_line(line: str, now: float) -> None:
+        for k, pat in MARKS.items():
+            if got[k] is None and (pat is None or (pat in line and (k != "first_step" or re.search(r"step:\s*\d+\s+loss", line)))):
+                got[k] = now
+
+    child = run_torchrun(["-m", "torchtitan.train", *train_args(cfg, "gpu", corpus, tok, dump, 3)], env, timeout, on_line)
+    lines = child.lines
+    res = {"name": name, "rc": child.returncode, **{f"{k}_s": v for k, v in got.items()},
+           "wall_s": child.wall_s,
            "env": {k: env[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
                                        "TORCHINDUCTOR_AUTOGRAD_CACHE", "PYTORCH_ALLOC_CONF")}}
     if got["first_step"] is None:

@@ -21,23 +21,20 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
 import platform
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.assets import build_all
+from bench.child import child_env, run_torchrun
 
-REPO = Path(__file__).resolve().parent.parent
 LOG_RE = re.compile(
     r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.naife]+).*?memory:\s*(?P<mem>[\d.]+GiB|n/a).*?"
     r"tps:\s*(?P<tps>[\d,]+).*?tflops:\s*(?P<tflops>[\d.]+).*?mfu:\s*(?P<mfu>[\d.]+%|n/a)"  # n/a: ours on CPU
 )
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -163,39 +160,24 @@ def run_one(cfg: Config, mode: str, corpus: Path, tok: Path, work: Path, steps: 
     dump.mkdir(parents=True, exist_ok=True)
     mem_json = dump / "memory.json"
     mem_json.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_MEM_OUT=str(mem_json), BENCH_LOSS=cfg.loss,
-               **(ALLOC if mode == "gpu" else {}), **cfg.env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env = child_env(BENCH_MEM_OUT=str(mem_json), BENCH_LOSS=cfg.loss, **(ALLOC if mode == "gpu" else {}), **cfg.env)
     entry = ["train.py"] if cfg.group == "recipe" else ["-m", "torchtitan.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           *entry, *train_args(cfg, mode, corpus, tok, dump, steps)]
-    rows, first_step_s, lines = [], None, []
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    status = "ok"
-    try:
-        for raw in proc.stdout:  # type: ignore[union-attr]
-            line = ANSI.sub("", raw.rstrip())
-            lines.append(line)
-            m = LOG_RE.search(line)
-            if m:
-                if first_step_s is None:
-                    first_step_s = time.monotonic() - start
-                rows.append({k: 0.0 if v == "n/a" else float(v.replace(",", "").rstrip("GiB%"))
-                             for k, v in m.groupdict().items()})
-            if time.monotonic() - start > timeout:
-                status = "timeout"
-                break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        proc.wait()
-    wall = time.monotonic() - start
+    rows: list[dict] = []
+    first: list[float] = []
+
+    def on_line(line: str, now: float) -> None:
+        m = LOG_RE.search(line)
+        if m:
+            first.append(now)
+            rows.append({k: 0.0 if v == "n/a" else float(v.replace(",", "").rstrip("GiB%"))
+                         for k, v in m.groupdict().items()})
+
+    child = run_torchrun([*entry, *train_args(cfg, mode, corpus, tok, dump, steps)], env, timeout, on_line)
+    lines, wall, status = child.lines, child.wall_s, child.status
+    first_step_s = first[0] if first else None
     (dump / "log.txt").write_text("\n".join(lines))
-    text = "\n".join(lines[-400:])
-    if status == "ok" and proc.returncode != 0:
-        status = "oom" if "out of memory" in text.lower() else f"exit {proc.returncode}"
+    if status.startswith("exit") and "out of memory" in "\n".join(lines[-400:]).lower():
+        status = "oom"
     warm = [r for r in rows if r["step"] > (5 if mode == "gpu" else 1)] or rows[-1:]
     result = {
         **dataclasses.asdict(cfg), "precision": cfg.precision, "status": status,
