@@ -69,12 +69,21 @@ def test_pool_prepares_shared_buffers_and_hands_out_exact_sizes():
     assert (pool.taken, pool.missed) == (2, 2) and pool.error is None and pool.seconds is not None
 
 
+def _rss_shmem_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    pytest.skip("no RssShmem in /proc/self/status")
+
+
 def test_populate_faults_pages_in_without_changing_the_memory_contract():
-    s = torch.UntypedStorage._new_shared(1 << 20, device="cpu")
-    ckpt_perf.populate(s.data_ptr(), s.nbytes())
+    s = ckpt_perf.new_shared_storage(64 << 20)
+    before = _rss_shmem_kib()
+    ckpt_perf.populate(s.data_ptr(), s.nbytes(), chunk=8 << 20)
+    assert _rss_shmem_kib() - before >= 60 * 1024  # the 64 MiB are resident before anything touches them
     t = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
     t.fill_(7)
-    assert int(t.sum()) == 7 * (1 << 20)
+    assert int(t[:1 << 20].sum()) == 7 * (1 << 20) and int(t[-1]) == 7
 
 
 def test_new_shared_storage_travels_by_file_descriptor_like_torchs_own():

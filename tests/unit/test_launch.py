@@ -181,3 +181,26 @@ def test_a_watchdog_verdict_wins_over_the_ranks_it_killed():
     assert code == EXIT_HUNG and "hung rank(s) 1" in line
     stale = (verdict[0], killed.timestamp - 3600)  # from an earlier attempt: not this failure's cause
     assert describe_failure({1: killed}, stale)[1] == 137
+
+
+def test_preflight_counts_host_memory_per_node_not_per_job(monkeypatch, tmp_path):
+    # 2 nodes x 2 processes: pinned staging on one node is 2 ranks' share, not the job's 4
+    import os
+
+    from conftest import REPO, pod_env
+    from torchtitan_runai import launch, preflight
+
+    env = pod_env(MASTER_ADDR="job-master-0", MASTER_PORT="23456", RANK="0", WORLD_SIZE="4", PET_NNODES="2",
+                  PET_NPROC_PER_NODE="2")
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.chdir(REPO)
+    seen = {}
+    real = preflight.run_preflight
+
+    def spy(config, world_size, *a, **kw):
+        seen.update(world_size=world_size, local_ranks=kw.get("local_ranks"))
+        return real(config, world_size, *a, **kw)
+
+    monkeypatch.setattr(preflight, "run_preflight", spy)
+    assert launch.main(["--dry-run", "--job.dump_folder", str(tmp_path)]) == 0
+    assert seen == {"world_size": 4, "local_ranks": 2}
