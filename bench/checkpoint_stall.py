@@ -9,7 +9,7 @@ Runs, one fresh ``torchrun`` each, on the 8-layer Llama 3.1 8B proxy (``bench.pr
 local batch 1, seq 8192, checkpoints at ``--interval`` and ``2 * --interval``:
 
 1. ``stock-pinned``: torchtitan's Trainer, ``checkpoint.async_mode = "async_with_pinned_mem"``;
-2. ``ours``: the same Trainer plus the wiring line of ``torchtitan_runai.ckpt_perf.install``
+2. ``ours``: the same Trainer plus the wiring line of ``torchtitan_runai.checkpoint.staging.install``
    (exactly what trainer.py gets): the reusable stager and the staging pool prepared from the start;
    ``ours-reuse-only`` (opt-in run) has the reusable stager alone (``prepare_at_start = false``), so
    the results show each lever's own gain. Each run compiles from its own empty Inductor cache, so
@@ -53,7 +53,9 @@ def child() -> None:
     is therefore selected by ``BENCH_STALL_CHILD=1``, and argv is torchtitan's alone."""
     import torch
 
-    from torchtitan_runai import ckpt_perf, upstream
+    from torchtitan_runai import upstream
+    from torchtitan_runai.checkpoint import staging as ckpt_perf
+    from torchtitan_runai.config import CheckpointPerf
 
     class StallTrainer(upstream.Trainer):
         def __init__(self, job_config):
@@ -63,7 +65,7 @@ def child() -> None:
             self._pool = None
             if os.environ.get("BENCH_CKPT_PERF") == "1":
                 # --- the wiring trainer.py gets ---
-                perf = ckpt_perf.CheckpointPerf(prepare_at_start=os.environ.get("BENCH_PREPARE", "1") == "1")
+                perf = CheckpointPerf(prepare_at_start=os.environ.get("BENCH_PREPARE", "1") == "1")
                 self._pool = ckpt_perf.install(self.checkpointer, job_config.checkpoint, perf,
                                                model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
 

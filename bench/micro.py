@@ -60,8 +60,8 @@ def attention(results: dict) -> None:
 
 
 def loss_head(results: dict) -> None:
-    from torchtitan_runai.fused_head import HeadInput, ce_sum_and_grad, fused_linear_cross_entropy
-    from torchtitan_runai.loss import reshaped_cross_entropy
+    from torchtitan_runai.training.fused_head import HeadInput, ce_sum_and_grad, fused_linear_cross_entropy
+    from torchtitan_runai.training.loss import reshaped_cross_entropy
 
     n, dim, vocab = 16384, 4096, 128256
     h = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)

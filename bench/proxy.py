@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from torchtitan_runai import device
+from torchtitan_runai.training import device
 from torchtitan_runai.upstream import get_train_spec, llama3, register_train_spec
 
 PROXY_FLAVOR = "8B_proxy8"
@@ -51,8 +51,8 @@ def register() -> None:
         return
     except ValueError:
         pass
-    from torchtitan_runai.fused_head import FusedHeadTransformer
-    from torchtitan_runai.loss import build_loss
+    from torchtitan_runai.training.fused_head import FusedHeadTransformer
+    from torchtitan_runai.training.loss import build_loss
 
     variant = os.environ.get("BENCH_LOSS", "fused")
     chunk = int(os.environ.get("BENCH_LOSS_CHUNK", "8192"))

@@ -1,18 +1,22 @@
-"""Our config sections, and validation of the whole job config before any worker starts.
+"""Our config sections, and parsing and value validation of the job config.
 
 torchtitan 0.2.2 reads TOML into its ``JobConfig`` and merges in extra sections from
-``job.custom_config_module``; that module is this one (``parse_job_config`` always passes it, so a
-config file need not name it). The sections below are ours; everything else is torchtitan's schema.
+``job.custom_config_module``; that module is this one (``parse_config`` always passes it, so a
+config file need not name it). The sections below are ours (one dataclass per section, read by the
+feature it configures); everything else is torchtitan's schema. This module is a base layer: it
+imports no feature, so every feature may import its section from here.
 
-``parse_job_config(args)`` is what both the launcher (once per pod, before torchrun) and every
-rank use, so a config the launcher accepted is the config the ranks train with. It turns every
-mistake into one ``UserError`` naming the setting, its value and the fix:
+``parse_config(args)`` reads and checks the file, the flags and the values. The checks that need
+the model (train spec and flavor, head counts, a Hugging Face initial load) sit above it, in
+``torchtitan_runai.job.parse_job_config``: that is what the launcher (once per pod, before
+torchrun), every rank and every command use, so a config the launcher accepted is the config the
+ranks train with. Every mistake is one ``UserError`` naming the setting, its value and the fix:
 
 - the file: missing, unreadable, TOML syntax error (with its line);
 - keys: unknown sections or keys (with the nearest valid name), values of the wrong type;
 - values: seed outside [0, 2**32), steps or batch sizes not positive, seq_len not divisible by the
-  tensor/context-parallel degree, parallel degrees that cannot tile the world size, unknown model
-  flavor, global batch not divisible by local batch x data-parallel degree, and more
+  tensor/context-parallel degree, parallel degrees that cannot tile the world size, global batch
+  not divisible by local batch x data-parallel degree, [export] without checkpoints, and more
   (``validate``).
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import io
 import types
 import typing
@@ -36,16 +39,167 @@ except ModuleNotFoundError:  # Python 3.10
 
 from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.assets import Hub
-from torchtitan_runai.data import Data
-from torchtitan_runai.ckpt_perf import CheckpointPerf
-from torchtitan_runai.export import Export
-from torchtitan_runai.loss import Perf
-from torchtitan_runai.resilience import Resilience
-from torchtitan_runai.seed import check_seed
+from torchtitan_runai.training.seed import check_seed
 
 CUSTOM_CONFIG_MODULE = "torchtitan_runai.config"
 MAX_SEQ_LEN = 131072  # Llama 3.1's trained context
+LOSS_CHUNK_TOKENS = 8192
+"""Default tokens per chunk of the chunked and fused losses (``[perf] loss_chunk_tokens``)."""
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+"""Weight dtypes a Hugging Face export can write (``[export] dtype``, ``export --dtype``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections (one dataclass per section; the features read them, this module validates them)
+
+
+@dataclass
+class Resilience:
+    """Preemption, hang detection and checkpoint-folder ownership ([resilience] in the TOML)."""
+
+    hang_timeout_seconds: int = 300
+    """Seconds without a finished training step (or checkpoint save) before a rank declares the job
+    hung, names the stuck rank(s) and exits so that torchrun/Kubernetes restart it. Armed after the
+    first step (compilation and loading are not counted). Must exceed one step plus one
+    checkpoint save; 0 disables the watchdog."""
+
+    heartbeat_seconds: float = 2.0
+    """How often each rank publishes its heartbeat to the rendezvous store."""
+
+    take_over_folder: bool = False
+    """Use a checkpoint folder that another job (a different JOB_UUID/JOB_NAME) owns, and make this
+    job its owner. Only for deliberately continuing another job's run."""
+
+
+@dataclass
+class Hub:
+    """Where the tokenizer comes from when ``model.hf_assets_path`` lacks it ([hub] section)."""
+
+    repo_id: str = ""
+    """Hub repository of the tokenizer, e.g. "meta-llama/Llama-3.1-8B". Empty: never download;
+    model.hf_assets_path must then hold the tokenizer."""
+
+    revision: str = "main"
+    """Branch, tag or commit of repo_id. Pin a commit for reproducible runs."""
+
+    cache_dir: str = ""
+    """Download cache (shared by all ranks; put it on the PVC). Empty: $HF_HUB_CACHE, else
+    $HF_HOME/hub, else <job.dump_folder>/hf_cache."""
+
+    files: list[str] = field(
+        default_factory=lambda: [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "original/tokenizer.model",
+        ]
+    )
+    """Tokenizer files to fetch from repo_id (nothing else is downloaded). Files the repo lacks are
+    skipped, as long as tokenizer.json or original/tokenizer.model arrives."""
+
+    tokenizer_format: str = "auto"
+    """"auto" (tokenizer.json if present, else tiktoken), "hf" or "tiktoken"."""
+
+    allow_download: bool = True
+    """False: use the cache only, as HF_HUB_OFFLINE=1 does."""
+
+    retries: int = 5
+    """Extra attempts after a rate limit (429), a Hub error (5xx) or a connection failure."""
+
+    backoff_s: float = 2.0
+    """First wait between attempts; doubled each time, capped at max_backoff_s."""
+
+    max_backoff_s: float = 60.0
+    """Longest single wait between attempts."""
+
+    lock_timeout_s: float = 1800.0
+    """How long a process waits for another one's download before giving up."""
+
+
+@dataclass
+class Data:
+    """How training text is read ([data] section)."""
+
+    text_column: str = "text"
+    """Column (JSON key) holding the text of a sample in local datasets."""
+
+    format: str = "auto"
+    """Local file format: "auto" (from the file suffix), "jsonl", "json", "parquet", "arrow", "text"."""
+
+    streaming: bool = False
+    """Stream local files instead of loading them map-style (for corpora too big to convert)."""
+
+    text_sample_by: str = "paragraph"
+    """Plain text only: one sample per "line", "paragraph" (blank-line separated) or "document"."""
+
+    cache_dir: str = ""
+    """Where `datasets` keeps its Arrow conversion of local files. Empty: its default
+    ($HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)."""
+
+    retries: int = 5
+    """Extra attempts when the Hub stream fails with 429 / 5xx / a dropped connection."""
+
+    backoff_s: float = 1.0
+    """First wait between attempts; doubled each time, capped at max_backoff_s."""
+
+    max_backoff_s: float = 16.0
+    """Longest single wait between attempts."""
+
+    stage_c4_shards: int = 8
+    """How many allenai/c4 "en" train shards (~320 MB each) the stage command copies to the PVC."""
+
+
+@dataclass
+class Perf:
+    """Throughput settings of this fork (TOML section ``[perf]``)."""
+
+    loss: Literal["plain", "chunked", "fused"] = "plain"
+    """Cross-entropy implementation. 'plain' (default) is stock torchtitan's loss; with
+    torch.compile it is already fused (no fp32 logits) and it was the fastest on the H100 proxy
+    (bench/results/2026-11-25-*: 'fused' costs 1-2% tok/s). 'fused' never materialises the
+    [tokens, vocab] logits or their gradient: it frees ~1.5-2 GiB of peak memory per 8k-token
+    sequence (4-8 GiB at local batch 3-4), so choose it only where memory, not speed, binds (a
+    batch or AC setting that otherwise OOMs). Needs the model class FusedHeadTransformer.
+    'chunked' keeps the logits but never their fp32 copy (for runs without torch.compile)."""
+
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    """Tokens per chunk for 'fused' and 'chunked'. One chunk's logits cost
+    chunk_tokens x vocab x 2 bytes (2 GiB at 8192 x 128256 in bf16); smaller chunks save memory,
+    larger ones keep the output matmuls big. 8192 measured as good on H100."""
+
+
+@dataclass
+class CheckpointPerf:
+    """``[checkpoint_perf]``: this fork's checkpoint-stall levers (on top of torchtitan's ``[checkpoint]``)."""
+
+    reuse_staging: bool = True
+    """With ``checkpoint.async_mode = "async_with_pinned_mem"``: stage through ``build_stager`` (pinned
+    buffers kept across checkpoints; works around torch 2.11's per-save close, ``torchtitan_runai.checkpoint.staging``)."""
+
+    prepare_at_start: bool = True
+    """With ``reuse_staging``: create, fault in and pin the staging memory on a background thread
+    while the trainer loads and compiles, so the first checkpoint costs what the later ones do
+    (8B proxy, one H100: 27.8 s for stock's first -> 0.41 s). The shared memory (checkpoint size /
+    GPUs, per GPU) is then held from the start instead of from the first checkpoint on."""
+
+
+@dataclass
+class Export:
+    """[export]: a Hugging Face copy of the model when training completes."""
+
+    at_end: bool = False
+    """Write a Hugging Face Llama folder from the final checkpoint when training reaches
+    training.steps (rank 0, on the CPU, after the final full checkpoint is saved; the
+    checkpoint itself stays resumable). Needs checkpoint.enable."""
+
+    folder: str = "hf"
+    """Output folder, relative to job.dump_folder unless absolute."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Weight dtype of the exported safetensors."""
+
+    max_shard_gb: float = 5.0
+    """Largest safetensors file, in GB (1e9 bytes); bigger models are split with an index."""
 
 
 @dataclass
@@ -53,22 +207,22 @@ class JobConfig:
     """The sections this fork adds to torchtitan's JobConfig (merged by torchtitan's ConfigManager)."""
 
     resilience: Resilience = field(default_factory=Resilience)
-    """Preemption, hang detection and checkpoint-folder ownership (``torchtitan_runai.resilience``)."""
+    """Preemption, hang detection and checkpoint-folder ownership (``torchtitan_runai.training.resilience``)."""
 
     hub: Hub = field(default_factory=Hub)
-    """Where the tokenizer comes from on the Hugging Face Hub, and its cache (``torchtitan_runai.assets``)."""
+    """Where the tokenizer comes from on the Hugging Face Hub, and its cache (``torchtitan_runai.hub``, ``torchtitan_runai.training.tokenizer``)."""
 
     data: Data = field(default_factory=Data)
-    """Local/PVC dataset format and streaming retries (``torchtitan_runai.data``)."""
+    """Local/PVC dataset format and streaming retries (``torchtitan_runai.training.data``)."""
 
     perf: Perf = field(default_factory=Perf)
-    """Throughput/memory levers measured on the GPU (``torchtitan_runai.loss``, bench/)."""
+    """Throughput/memory levers measured on the GPU (``torchtitan_runai.training.loss``, bench/)."""
 
     checkpoint_perf: CheckpointPerf = field(default_factory=CheckpointPerf)
-    """Checkpoint-stall levers on top of torchtitan's [checkpoint] (``torchtitan_runai.ckpt_perf``)."""
+    """Checkpoint-stall levers on top of torchtitan's [checkpoint] (``torchtitan_runai.checkpoint.staging``)."""
 
     export: Export = field(default_factory=Export)
-    """A Hugging Face copy of the model at the end of training (``torchtitan_runai.export``)."""
+    """A Hugging Face copy of the model at the end of training (``torchtitan_runai.hf.export``)."""
 
 
 def _resolve_annotations(cls: type) -> None:
@@ -222,8 +376,9 @@ def torchtitan_args(args: list[str]) -> list[str]:
     return [*args, f"--job.custom_config_module={CUSTOM_CONFIG_MODULE}"]
 
 
-def parse_job_config(args: list[str], world_size: int | None = None):
-    """Parse TOML + command line exactly as the ranks will, then validate. Raises UserError."""
+def parse_config(args: list[str], world_size: int | None = None):
+    """Parse TOML + command line exactly as the ranks will, then validate the values (not the model:
+    ``job.parse_job_config`` does both). Raises UserError."""
     toml_path = config_file_from_args(args)
     schema = _merged_config_class()
     if toml_path is not None:
@@ -259,34 +414,6 @@ def parse_job_config(args: list[str], world_size: int | None = None):
 def _positive(name: str, value: int, fix: str) -> None:
     if value <= 0:
         raise UserError(name, value, "must be positive", fix)
-
-
-def _import_custom_module(config) -> None:
-    """``experimental.custom_import`` may register train specs and flavors: torchtitan's Trainer
-    imports it before it looks the model up, so the checks here must too."""
-    module = getattr(getattr(config, "experimental", None), "custom_import", "")
-    if not module:
-        return
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        raise UserError("experimental.custom_import", module, f"cannot be imported ({e})",
-                        "make the module importable from the working directory or PYTHONPATH, or remove the setting")
-
-
-def _model_args(config):
-    name, flavor = config.model.name, config.model.flavor
-    if name in (TRAIN_SPEC_NAME, FUSED_TRAIN_SPEC_NAME):
-        import torchtitan_runai.spec  # noqa: F401  registers it
-    _import_custom_module(config)
-    try:
-        spec = upstream.get_train_spec(name)
-    except ValueError:
-        raise UserError("model.name", name, "no such train spec",
-                        f"use '{TRAIN_SPEC_NAME}' (this fork's Llama 3.1 spec) or '{FUSED_TRAIN_SPEC_NAME}'")
-    if flavor not in spec.model_args:
-        raise UserError("model.flavor", flavor, f"not a flavor of {name}", "use one of " + ", ".join(spec.model_args))
-    return spec.model_args[flavor]
 
 
 def parallel_degrees(config) -> dict[str, int]:
@@ -373,9 +500,12 @@ def validate(config, world_size: int | None = None) -> None:
                         "remove it and set [export] at_end = true for a Hugging Face copy at the end")
     if config.lr_scheduler.warmup_steps < 0:
         raise UserError("lr_scheduler.warmup_steps", config.lr_scheduler.warmup_steps, "must not be negative", "use 0 or more")
-    from torchtitan_runai import export, hf_import
-
-    export.validate_export_config(config)
+    ex = getattr(config, "export", None)
+    if ex is not None and ex.at_end:
+        if not ck.enable:
+            raise UserError("export.at_end", True, "exports from the final checkpoint", "set checkpoint.enable = true")
+        if ex.dtype not in EXPORT_DTYPES:
+            raise UserError("export.dtype", ex.dtype, "unsupported", f"one of {EXPORT_DTYPES}")
     fused_model = config.model.name == FUSED_TRAIN_SPEC_NAME
     if config.perf.loss == "fused" and not fused_model:
         raise UserError("perf.loss", "fused", "needs the model whose output layer feeds the loss",
@@ -385,14 +515,6 @@ def validate(config, world_size: int | None = None) -> None:
                         f'use model.name = "{TRAIN_SPEC_NAME}" with tensor or pipeline parallelism')
     if config.perf.loss_chunk_tokens <= 0:
         raise UserError("perf.loss_chunk_tokens", config.perf.loss_chunk_tokens, "must be positive", "use e.g. 8192")
-    hf_import.validate_hf_import(config)
-    args = _model_args(config)
-    if tp > 1:
-        for attr in ("n_heads", "n_kv_heads"):
-            heads = getattr(args, attr, None) or args.n_heads
-            if heads % tp:
-                raise UserError("parallelism.tensor_parallel_degree", tp,
-                                f"does not divide the model's {attr} ({heads})", "use a divisor of it, e.g. 8")
     if world_size is not None:
         check_world_size(config, world_size)
         dp = data_parallel_degree(config, world_size)

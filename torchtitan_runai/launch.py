@@ -22,7 +22,7 @@ last line of stdout, shell-quoted, and starts nothing. Checks that depend on the
 present, disk space, tokenizer files) are warnings in a dry run. Arguments after the options are
 passed to torchtitan unchanged, e.g. ``run_llama_train.sh --training.steps 5``.
 
-Environment shapes (see shared/reference/cluster-env.md), tried in this order:
+Environment shapes (what each operator injects: docs/cluster.md), tried in this order:
 
 ==========================  =========================================================================
 shape                       recognised by / mapped to
@@ -66,7 +66,7 @@ Variables (all optional except where a shape needs them):
 ``HF_TOKEN``            read by the workers from the environment; never printed, never in argv.
 
 The workers also get, unless already set: ``PYTORCH_ALLOC_CONF=expandable_segments:True`` and the
-Inductor/FX-graph cache on the output volume (``ckpt_perf.startup_env``).
+Inductor/FX-graph cache on the output volume (``worker_env``).
 
 Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file);
 128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
@@ -78,6 +78,7 @@ also retryable.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -89,14 +90,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from torchtitan_runai import storage
 from torchtitan_runai.errors import UserError, cli
+from torchtitan_runai.training.resilience import EXIT_HUNG as EXIT_WORKER_HUNG
+from torchtitan_runai.training.resilience import HANG_VERDICT_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
 DEFAULT_CONFIG = "./train_configs/llama3_8b.toml"
-DEFAULT_PORT = 29500
 EXIT_WORKER_ERROR = 1
-EXIT_WORKER_HUNG = 124  # resilience.EXIT_HUNG: a rank's watchdog found the job hung
 EXIT_HUNG = 142  # 128 + SIGALRM: retryable under Kubeflow's ExitCode restart policy
 
 
@@ -390,8 +392,6 @@ def run_agent(torchrun_argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from torchtitan_runai.resilience import HANG_VERDICT_ENV
-
     args = get_args_parser().parse_args(torchrun_argv[1:])
     verdict = Path(tempfile.mkdtemp(prefix="runai-launch-")) / "hang-verdict"
     os.environ[HANG_VERDICT_ENV] = str(verdict)
@@ -411,51 +411,73 @@ def run_agent(torchrun_argv: list[str]) -> int:
 
 
 def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: bool) -> str | None:
-    """Data, tokenizer and checkpoint folder, before any worker starts (see checkpoint.prestart).
+    """Data, tokenizer (``preflight.check_tokenizer``) and checkpoint folder
+    (``checkpoint.resume.prestart``), before any worker starts; the inputs first, so that a missing
+    one is the only line printed.
 
     Returns a message when the run is already complete (exit 0, nothing started).
     """
-    from torchtitan_runai import assets, checkpoint, data
+    from torchtitan_runai import preflight
+    from torchtitan_runai.checkpoint.resume import prestart
     from torchtitan_runai.config import data_parallel_degree
+    from torchtitan_runai.training.data import validate_data_config
 
     def warn(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        data.validate_data_config(config)
-        hub = getattr(config, "hub", None)
-        if not getattr(hub, "repo_id", None):  # nothing to download: a local check, no network here
-            assets.ensure_tokenizer(config)
+        validate_data_config(config)
     except UserError as error:
         if not dry_run:
             raise
         warn(f"[launch] warning: {error.line()}")
+    tokenizer = preflight.check_tokenizer(config, env)
+    if dry_run and tokenizer.level == "error":  # the machine that trains may have it
+        tokenizer = dataclasses.replace(tokenizer, level="warning")
+    preflight.enforce([tokenizer], warn=warn)
     write = not dry_run and plan.node_rank in (None, 0)
-    return checkpoint.prestart(config, env, plan.world_size, data_parallel_degree(config, plan.world_size),
-                               write=write, warn=warn)
+    return prestart(config, env, plan.world_size, data_parallel_degree(config, plan.world_size),
+                    write=write, warn=warn)
+
+
+def worker_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Variables the launcher should add to the workers' environment (never overriding the user's).
+
+    - ``TORCHINDUCTOR_CACHE_DIR`` on the output volume: a restarted pod reuses compiled kernels
+      (Inductor's FX-graph cache, AOTAutograd cache and Triton binaries all live under it).
+    - FX-graph and AOTAutograd caches switched on explicitly (defaults differ across torch builds).
+    - ``PYTORCH_ALLOC_CONF=expandable_segments:True``: what torchtitan's own run_train.sh sets; it is
+      what lets the big-batch recipes fit (docs/performance.md).
+    """
+    env = dict(env or {})
+    wanted = {
+        "TORCHINDUCTOR_CACHE_DIR": str(storage.inductor_cache_dir(output_dir)),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+        "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+    }
+    return {k: v for k, v in wanted.items() if k not in env and not (
+        k == "PYTORCH_ALLOC_CONF" and "PYTORCH_CUDA_ALLOC_CONF" in env)}
 
 
 def apply_storage(config, train_args: list[str], env: Mapping[str, str], world_size: int):
     """OUTPUT_DIR moves the dump folder (checkpoints, TensorBoard) and the HF cache onto the PVC.
 
-    Also sets the workers' defaults from ``ckpt_perf.startup_env`` (Inductor cache on the volume,
-    expandable segments for the allocator); a user's own settings win.
+    Also sets the workers' defaults from ``worker_env`` (Inductor cache on the volume, expandable
+    segments for the allocator); a user's own settings win.
     """
-    from torchtitan_runai import config as config_mod
-    from torchtitan_runai import storage
+    from torchtitan_runai.job import parse_job_config
 
     paths = storage.resolve_storage(env, config.job.dump_folder, config.checkpoint.folder,
                                     config.metrics.save_tb_folder)
-    from torchtitan_runai import ckpt_perf
-
     # Compiled kernels cached on the output volume: a restarted pod starts ~12 s sooner
     # (bench/results/startup-*); also the allocator setting the big-batch recipes need.
-    for key, value in {**paths.env_updates(), **ckpt_perf.startup_env(paths.dump_folder, env)}.items():
+    for key, value in {**paths.env_updates(), **worker_env(paths.dump_folder, env)}.items():
         os.environ.setdefault(key, value)
     if paths.dump_folder == config.job.dump_folder:
         return config, train_args
     train_args = [*train_args, *paths.train_overrides()]
-    return config_mod.parse_job_config(train_args, world_size=world_size), train_args
+    return parse_job_config(train_args, world_size=world_size), train_args
 
 
 def main(argv: list[str]) -> int:
@@ -466,9 +488,9 @@ def main(argv: list[str]) -> int:
     plan = plan_launch(env, gpus)
     train_args = trainer_args(env, user_args)
 
-    from torchtitan_runai import config as config_mod
+    from torchtitan_runai.job import parse_job_config
 
-    config = config_mod.parse_job_config(train_args, world_size=plan.world_size)
+    config = parse_job_config(train_args, world_size=plan.world_size)
     config, train_args = apply_storage(config, train_args, env, plan.world_size)
     done = preflight_inputs(config, env, plan, dry_run)
     if done:
@@ -485,7 +507,7 @@ def main(argv: list[str]) -> int:
 
     gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
     preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env,
-                                              local_ranks=plan.nproc_per_node))
+                                              local_ranks=plan.nproc_per_node, tokenizer_check=False))
     shutdown_flag = torchrun_supports("--shutdown_timeout")
     if not shutdown_flag:
         os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(plan.shutdown_timeout)

@@ -30,9 +30,6 @@ What every spec gets, and why:
   set no command; the TrainJob must set one (its runtime's template has its own) and names the
   same chain.
 
-Operator environment: :func:`operator_env` reproduces what each operator injects into each pod
-(see docs/cluster.md), so tests can feed it to ``run_llama_train.sh --dry-run``.
-
 Versions: PyTorchJob ``kubeflow.org/v1`` for training-operator v1.8+ (``spec.nprocPerNode``);
 TrainJob ``trainer.kubeflow.org/v1alpha1`` for Trainer v2.0/v2.1 (``podTemplateOverrides``, the
 ``torch-distributed`` ClusterTrainingRuntime; Trainer 2.2 renamed the overrides to
@@ -252,7 +249,7 @@ def build_trainjob(spec: JobSpec) -> dict[str, Any]:
 
 
 def build_runai_command(spec: JobSpec) -> list[str]:
-    """argv of the Run:ai CLI (v1 syntax, as in the seed): ``submit-dist pytorch`` for several
+    """argv of the Run:ai CLI (v1 syntax, as in the original example project): ``submit-dist pytorch`` for several
     nodes, plain ``submit`` for one. HF_TOKEN comes from the Secret (``-e VAR=SECRET:name,key``)."""
     argv = ["runai"]
     if spec.nodes > 1:
@@ -277,67 +274,6 @@ def render_runai(spec: JobSpec) -> str:
             lines.append([])  # one option (and its value) per line
         lines[-1].append(token)
     return " \\\n    ".join(shlex.join(line) for line in lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# What the operators inject (pure; docs/cluster.md and shared/reference/cluster-env.md)
-# ---------------------------------------------------------------------------------------------
-
-
-def pod_hostname(spec: JobSpec, operator: str, pod_index: int) -> str:
-    """The pod's name/hostname; pod 0 is the master / node-0."""
-    if operator == "trainjob":
-        return f"{spec.name}-node-0-{pod_index}"
-    return f"{spec.name}-master-0" if pod_index == 0 else f"{spec.name}-worker-{pod_index - 1}"
-
-
-def operator_env(
-    spec: JobSpec, operator: str, pod_index: int, secrets: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The container environment of pod ``pod_index`` as the operator creates it: our spec's env
-    (Secret references resolved from ``secrets``, {secret name: {key: value}} flattened as
-    ``{"<secret>/<key>": value}``) plus what the operator adds."""
-    if operator not in FORMATS:
-        raise ValueError(f"operator must be one of {FORMATS}, not {operator!r}")
-    if not 0 <= pod_index < spec.nodes:
-        raise ValueError(f"pod_index {pod_index} outside 0..{spec.nodes - 1}")
-    secrets = secrets or {}
-    env = dict(spec.env())
-    token = secrets.get(f"{spec.secret}/{HF_TOKEN_KEY}")
-    if token is not None:
-        env[HF_TOKEN_KEY] = token
-    nnodes, nproc = str(spec.nodes), str(spec.gpus_per_node)
-    if operator == "trainjob":
-        env.update(
-            PET_NNODES=nnodes,
-            PET_NPROC_PER_NODE=nproc,
-            PET_NODE_RANK=str(pod_index),
-            PET_MASTER_ADDR=f"{spec.name}-node-0-0.{spec.name}",
-            PET_MASTER_PORT=str(TRAINJOB_PORT),
-        )
-        return env
-    if operator == "runai":
-        env.update(JOB_NAME=spec.name, RUNAI_NUM_OF_GPUS=nproc, NODE_NAME=f"gpu-node-{pod_index}")
-        if spec.nodes == 1:  # runai submit (not -dist): a plain pod, no rendezvous variables
-            return env
-        # submit-dist sets no nprocPerNode: the operator says "auto" and WORLD_SIZE = pods
-        nproc_env, world = "auto", nnodes
-    else:
-        nproc_env, world = nproc, str(spec.nodes * spec.gpus_per_node)
-    master = f"{spec.name}-master-0"
-    env.update(
-        MASTER_ADDR=master,
-        PET_MASTER_ADDR=master,
-        MASTER_PORT=str(PYTORCHJOB_PORT),
-        PET_MASTER_PORT=str(PYTORCHJOB_PORT),
-        RANK=str(pod_index),
-        PET_NODE_RANK=str(pod_index),
-        WORLD_SIZE=world,
-        PET_NNODES=nnodes,
-        PET_NPROC_PER_NODE=nproc_env,
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 # ---------------------------------------------------------------------------------------------

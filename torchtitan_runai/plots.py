@@ -24,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torchtitan_runai import storage
 from torchtitan_runai.errors import UserError, cli
 
-DEFAULT_NAME = "training_curves.png"
 LOSS = "loss_metrics/global_avg_loss"
 VALIDATION_LOSS = "validation_metrics/loss"
 TPS = "throughput(tps)"
@@ -117,11 +117,7 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike | 
 
 def _default_output(folder: Path) -> Path:
     tb = folder / "tb"
-    return (tb if tb.is_dir() and event_files(tb) else folder) / DEFAULT_NAME
-
-
-def tensorboard_dir(job_config: Any) -> Path:
-    return Path(job_config.job.dump_folder) / job_config.metrics.save_tb_folder
+    return storage.plot_file(tb if tb.is_dir() and event_files(tb) else folder)
 
 
 def plot_at_end(job_config: Any) -> Path | None:
@@ -130,11 +126,11 @@ def plot_at_end(job_config: Any) -> Path | None:
 
     if not job_config.metrics.enable_tensorboard:
         return None
-    folder = tensorboard_dir(job_config)
+    folder = storage.tensorboard_dir(job_config)
     if not event_files(folder):
         return None
     try:
-        path = plot_training_curves(folder, folder / DEFAULT_NAME)
+        path = plot_training_curves(folder, storage.plot_file(folder))
     except Exception as error:  # noqa: BLE001  (a plot must not fail a finished job)
         logger.warning(f"Could not plot training curves from {folder}: {error}")
         return None
@@ -146,7 +142,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchtitan_runai.plots",
                                      description="Plot loss and throughput from TensorBoard files.")
     parser.add_argument("folder", help="job.dump_folder, its TensorBoard folder, or above")
-    parser.add_argument("-o", "--output", help=f"PNG path (default: <tb folder>/{DEFAULT_NAME})")
+    parser.add_argument("-o", "--output", help=f"PNG path (default: <tb folder>/{storage.PLOT_NAME})")
     parser.add_argument("--title")
     args = parser.parse_args(argv)
     print(plot_training_curves(args.folder, args.output, args.title))

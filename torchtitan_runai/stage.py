@@ -23,15 +23,15 @@ line for a problem you can fix (bad token, licence not accepted, missing data, .
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from torchtitan_runai import assets, errors
-from torchtitan_runai.assets import Hub
-from torchtitan_runai.data import LOCAL, Data, check_dataset, find_data_files
+from torchtitan_runai import errors, hub
+from torchtitan_runai.config import Data, Hub
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.training import tokenizer
+from torchtitan_runai.training.data import LOCAL, check_dataset, find_data_files
 
 PROG = "torchtitan_runai.stage"
 C4_REPO = "allenai/c4"
@@ -42,12 +42,12 @@ _TOKENIZER_GLOBS = ("tokenizer*.json", "special_tokens_map.json", "tokenizer.mod
 
 def stage_tokenizer(job_config: Any, output_dir: Path | None) -> tuple[Path, list[str]]:
     """Stage the tokenizer; returns its folder and the overrides that make a job use it."""
-    hub: Hub = getattr(job_config, "hub", None) or Hub()
+    hub_section: Hub = getattr(job_config, "hub", None) or Hub()
     assets_path = job_config.model.hf_assets_path
     if output_dir is None:
-        return assets.ensure_tokenizer(job_config), []
+        return tokenizer.ensure_tokenizer(job_config), []
     local = Path(assets_path).expanduser() if assets_path else None
-    if local is not None and local.is_dir() and assets.find_tokenizer_files(local, hub.tokenizer_format):
+    if local is not None and local.is_dir() and tokenizer.find_tokenizer_files(local, hub_section.tokenizer_format):
         target = output_dir / "tokenizer"
         for pattern in _TOKENIZER_GLOBS:
             for src in local.glob(pattern):
@@ -56,21 +56,21 @@ def stage_tokenizer(job_config: Any, output_dir: Path | None) -> tuple[Path, lis
                 shutil.copy2(src, dst)
         return target, [f"--model.hf_assets_path={target}"]
     cache = output_dir / "hf_cache"
-    folder = assets.resolve_tokenizer(assets_path, hub, cache)
+    folder = tokenizer.resolve_tokenizer(assets_path, hub_section, cache)
     return folder, [f"--hub.cache_dir={cache}"]
 
 
 def stage_dataset(job_config: Any, output_dir: Path | None) -> tuple[str, list[str]]:
     """Stage the training dataset; returns a description and the overrides that use the copy."""
     data: Data = getattr(job_config, "data", None) or Data()
-    hub: Hub = getattr(job_config, "hub", None) or Hub()
+    hub_section: Hub = getattr(job_config, "hub", None) or Hub()
     name = job_config.training.dataset.lower()
     path = job_config.training.dataset_path
     if name in ("c4", "c4_validation") and not path:
         if output_dir is None:
             return f"{name} streams from the Hub (pass --output-dir to stage shards of it)", []
         target = output_dir / "data" / "c4"
-        _download_c4(target, data.stage_c4_shards, hub)
+        _download_c4(target, data.stage_c4_shards, hub_section)
         return (f"{data.stage_c4_shards} c4 shards in {target / 'en'}",
                 [f"--training.dataset={LOCAL}", f"--training.dataset_path={target / 'en'}"])
     check_dataset(name, path, data)
@@ -94,26 +94,14 @@ def stage_dataset(job_config: Any, output_dir: Path | None) -> tuple[str, list[s
     return f"{name} dataset copied to {target}", [f"--training.dataset_path={target}"]
 
 
-def _download_c4(target: Path, shards: int, hub: Hub) -> None:
-    from huggingface_hub import hf_hub_download
-
-    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
-    token = assets.hf_token()
-    c4 = Hub(repo_id=C4_REPO, revision="main", retries=hub.retries, backoff_s=hub.backoff_s,
-             max_backoff_s=hub.max_backoff_s)
+def _download_c4(target: Path, shards: int, hub_section: Hub) -> None:
+    c4 = Hub(repo_id=C4_REPO, revision="main", retries=hub_section.retries, backoff_s=hub_section.backoff_s,
+             max_backoff_s=hub_section.max_backoff_s)
     for index in range(shards):
         name = C4_SHARD.format(index=index)
         if (target / name).is_file():
             continue
-        try:
-            assets.with_backoff(
-                lambda: hf_hub_download(C4_REPO, name, repo_type="dataset", local_dir=str(target),
-                                        token=token or False, endpoint=endpoint),
-                retries=hub.retries, backoff_s=hub.backoff_s, max_backoff_s=hub.max_backoff_s,
-                what=f"staging {C4_REPO}/{name}",
-            )
-        except Exception as error:  # noqa: BLE001 - one line for the user
-            raise assets.hub_error(error, c4, token) from None
+        hub.download_file(c4, name, local_dir=target, repo_type="dataset", optional=False)
 
 
 def stage(job_config: Any, output_dir: str | None = None) -> list[str]:
@@ -136,11 +124,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="the job's TOML config")
     parser.add_argument("--output-dir", help="stage under this folder (e.g. on the PVC)")
     args, overrides = parser.parse_known_args(argv)
-    from torchtitan_runai.config import parse_job_config
+    from torchtitan_runai.job import parse_job_config
 
     job_config = parse_job_config(["--job.config_file", args.config, *overrides])
     for line in stage(job_config, args.output_dir):
-        print(assets.redact(line), flush=True)
+        print(hub.redact(line), flush=True)
     return 0
 
 

@@ -12,6 +12,12 @@ TensorBoard logs   ``$OUTPUT_DIR/<metrics.save_tb_folder>``    ``<dump>/<metrics
 Hugging Face cache ``$OUTPUT_DIR/.cache/huggingface``          huggingface_hub's default
 =================  ==========================================  ==================================
 
+Every other module asks this one for a path under the dump folder, from a parsed config (after
+the launcher applied ``OUTPUT_DIR``, ``job.dump_folder`` is the PVC): ``checkpoint_dir`` (the
+checkpoint folder), ``tensorboard_dir``, ``export_dir`` (``[export] folder``), ``plot_file`` (the
+loss/throughput PNG), ``default_hub_cache`` (the Hub cache when nothing else names one) and
+``inductor_cache_dir`` (compiled kernels, so a restarted pod reuses them).
+
 ``OUTPUT_DIR`` must be absolute and must equal the PVC mount path (``--existing-pvc
 claimname=X,path=$OUTPUT_DIR`` for Run:ai, the ``volumeMounts`` path in a PyTorchJob/TrainJob;
 ``python -m torchtitan_runai.manifest`` writes both from one ``--pvc CLAIM:MOUNT``). The image sets
@@ -43,18 +49,20 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Mapping
 
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.memory_estimate import BYTES_PER_PARAM_FULL_CHECKPOINT
 
 OUTPUT_DIR_ENV = "OUTPUT_DIR"
 IMAGE_OUTPUT_DIR = "/outputs"
 """OUTPUT_DIR baked into the image and the default PVC mount path of the generated specs."""
 
 HF_CACHE_SUBDIR = os.path.join(".cache", "huggingface")
-
-BYTES_PER_PARAM_FULL_CHECKPOINT = 12
-"""fp32 weights (4) + AdamW exp_avg (4) + exp_avg_sq (4)."""
+INDUCTOR_CACHE_SUBDIR = os.path.join(".cache", "inductor")
+HUB_CACHE_FALLBACK = "hf_cache"
+PLOT_NAME = "training_curves.png"
 
 PARAMS_BY_FLAVOR = {
     "8B": 8_030_261_248,
@@ -140,6 +148,44 @@ def resolve_storage(
         tensorboard_folder=os.path.join(output_dir, tb_folder),
         hf_home=env.get("HF_HOME") or os.path.join(output_dir, HF_CACHE_SUBDIR),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths under the dump folder of a parsed config
+
+
+def checkpoint_dir(config: Any) -> Path:
+    """``<job.dump_folder>/<checkpoint.folder>``: where torchtitan writes the ``step-N`` folders."""
+    return Path(config.job.dump_folder) / config.checkpoint.folder
+
+
+def tensorboard_dir(config: Any) -> Path:
+    """``<job.dump_folder>/<metrics.save_tb_folder>``: parent of TensorBoard's per-run folders."""
+    return Path(config.job.dump_folder) / config.metrics.save_tb_folder
+
+
+def export_dir(config: Any) -> Path:
+    """``[export] folder``, relative to the dump folder unless absolute."""
+    return Path(config.job.dump_folder) / config.export.folder
+
+
+def plot_file(folder: str | os.PathLike) -> Path:
+    """The loss/throughput PNG for a dump or TensorBoard folder."""
+    return Path(folder) / PLOT_NAME
+
+
+def default_hub_cache(dump_folder: str | os.PathLike) -> Path:
+    """The Hub cache when neither hub.cache_dir, HF_HUB_CACHE nor HF_HOME names one."""
+    return Path(dump_folder).expanduser() / HUB_CACHE_FALLBACK
+
+
+def inductor_cache_dir(dump_folder: str | os.PathLike) -> Path:
+    """``TORCHINDUCTOR_CACHE_DIR`` on the output volume: compiled kernels outlive the pod."""
+    return Path(dump_folder) / INDUCTOR_CACHE_SUBDIR
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and retention
 
 
 def parse_size(text: str, setting: str = "--pvc-size") -> int:

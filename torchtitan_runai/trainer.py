@@ -2,22 +2,31 @@
 
 ``run(argv)`` is the body of ``train.py``: pick the device (CUDA, else CPU/gloo), register our train
 spec, parse and validate the config exactly as the launcher did, then build ``RunaiTrainer`` and
-train. ``RunaiTrainer`` overrides torchtitan's documented methods only:
+train. ``RunaiTrainer`` overrides these methods of torchtitan 0.2.2's ``Trainer`` (public ones,
+which its own ``train`` loop calls: ``init_distributed``, ``load_state_dict``, ``close``,
+``forward_backward_step``, ``train_step``, ``should_continue_training``) and uses no private
+Trainer method. The one place that reaches into torchtitan's internals is the checkpoint manager:
+``checkpoint.manager.RunaiCheckpointManager.adopt`` swaps the ``__class__`` of the manager the
+Trainer built (there is no hook to choose its class) and overrides its private ``_find_load_step``
+and ``_save_last_step`` (see that module's docstring for why); ``training.device`` rebinds
+torchtitan's device globals for the CPU rehearsal (``upstream.use_cpu_device``). All of it is
+pinned to the exact torchtitan version (``upstream``).
 
 - ``init_distributed``: on gloo (CPU), create the process group with retries under a fresh store
   prefix per attempt (``resilience.init_gloo``: stock restarts fail most of the time); then agree on
-  the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset) and log ``seed: N``.
+  the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset, ``training.seed``: the
+  original example's first patch) and log ``seed: N``.
 - after torchtitan builds its ``CheckpointManager``, it becomes a ``RunaiCheckpointManager``
-  (``torchtitan_runai.checkpoint``): newest *complete* checkpoint, completion markers, full final
-  saves, world-size and schedule checks.
+  (``torchtitan_runai.checkpoint.manager``): newest *complete* checkpoint, completion markers, full
+  final saves, world-size and schedule checks.
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
   parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
   optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
   and the loss/throughput PNG (``plots``);
-- checkpoint staging: ``ckpt_perf.install`` keeps pinned staging buffers across async saves and
+- checkpoint staging: ``checkpoint.staging.install`` keeps pinned staging buffers across async saves and
   prepares them in the background from the start;
 - ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder
-  on a multi-node job is a clear error, ``preflight.confirm_shared_folder``).
+  on a multi-node job is a clear error, ``checkpoint.ownership.confirm_shared_folder``).
 - ``should_continue_training`` (torchtitan calls it at every step boundary): feeds the hang
   watchdog, marks finished async saves complete, and all-reduces the SIGTERM/SIGINT flag; when any
   rank got one, every rank saves a full checkpoint of the step just finished and stops, and the
@@ -36,9 +45,14 @@ import time
 
 import torch
 
-from torchtitan_runai import checkpoint as ckpt
-from torchtitan_runai import config as config_mod
-from torchtitan_runai import ckpt_perf, device, export, logs, plots, preflight, resilience, seed, upstream
+from torchtitan_runai import plots, storage, upstream
+from torchtitan_runai.checkpoint import ownership, staging
+from torchtitan_runai.checkpoint.folder import read_json
+from torchtitan_runai.checkpoint.manager import Preempted, RunaiCheckpointManager
+from torchtitan_runai.config import Resilience
+from torchtitan_runai.hf.export import export_at_end
+from torchtitan_runai.job import parse_job_config
+from torchtitan_runai.training import device, logs, resilience, seed
 
 logger = upstream.logger
 
@@ -49,21 +63,21 @@ class RunaiTrainer(upstream.Trainer):
         self.resumed_from: int | None = None
         self.stop_flag = resilience.StopFlag()
         self.stop_flag.install()
-        res = getattr(job_config, "resilience", None) or resilience.Resilience()
+        res = getattr(job_config, "resilience", None) or Resilience()
         self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
         self.step_trace = resilience.StepTrace()
         self._step_loss = None
         super().__init__(job_config)
         pd = self.parallel_dims
-        owner = ckpt.read_json(ckpt.checkpoint_folder(job_config) / ckpt.OWNER) or {}
-        job_id = owner.get("job") or ckpt.job_identity(os.environ)[0]
-        ckpt.RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
+        owner = read_json(storage.checkpoint_dir(job_config) / ownership.OWNER) or {}
+        job_id = owner.get("job") or ownership.job_identity(os.environ)[0]
+        RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
                                           pd.dp_replicate * pd.dp_shard, job_id)
         self.checkpointer.busy = self.watchdog.paused
         # Before the first save: pinned staging buffers kept across checkpoints (torch 2.11 drops
         # them after every save and loses the second checkpoint), prepared in the background now
         # rather than inside the first save (bench/results/checkpoint-stall-*, pinning-*).
-        self.staging_pool = ckpt_perf.install(self.checkpointer, job_config.checkpoint,
+        self.staging_pool = staging.install(self.checkpointer, job_config.checkpoint,
                                               getattr(job_config, "checkpoint_perf", None),
                                               model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
         self.watchdog.start()
@@ -79,8 +93,8 @@ class RunaiTrainer(upstream.Trainer):
         if self.job_config.checkpoint.enable and torch.distributed.is_initialized():
             # Before any checkpoint is read or written: a node-local folder on a multi-node job
             # would give every node its own, unresumable checkpoints.
-            preflight.confirm_shared_folder(ckpt.checkpoint_folder(self.job_config), torch.distributed.get_rank(),
-                                            torch.distributed.get_world_size(), ckpt.job_identity(os.environ)[0])
+            ownership.confirm_shared_folder(storage.checkpoint_dir(self.job_config), torch.distributed.get_rank(),
+                                            torch.distributed.get_world_size(), ownership.job_identity(os.environ)[0])
         return parallel_dims
 
     def load_state_dict(self, state_dict):
@@ -127,7 +141,7 @@ class RunaiTrainer(upstream.Trainer):
         if signum:
             logger.warning(f"stopping at step {self.step} (signal {signum}): saving a full checkpoint")
             self.checkpointer.save_now(self.step)
-            raise ckpt.Preempted(signum)
+            raise Preempted(signum)
         return super().should_continue_training()
 
 
@@ -144,14 +158,12 @@ def _teardown(trainer) -> None:
 def run(argv: list[str]) -> int:
     upstream.init_logger()
     device.select_device()
-    import torchtitan_runai.spec  # noqa: F401  registers llama3_runai
-
-    job_config = config_mod.parse_job_config(argv)
+    job_config = parse_job_config(argv)  # also registers llama3_runai (training.spec)
     trainer = RunaiTrainer(job_config)
     code = 0
     try:
         trainer.train()
-    except ckpt.Preempted as stop:
+    except Preempted as stop:
         code = 128 + stop.signum
         waited = time.monotonic() - trainer.stop_flag.when
         logger.warning(f"checkpoint saved {waited:.2f}s after the signal; exiting {code}")
@@ -163,7 +175,7 @@ def run(argv: list[str]) -> int:
     if code == 0 and trainer.step == job_config.training.steps:
         # After the process group is gone: a long export must not hold the other ranks in a
         # collective (NCCL timeout) nor trip the hang watchdog.
-        export.export_at_end(job_config, trainer.step, int(os.environ.get("RANK", "0")))
+        export_at_end(job_config, trainer.step, int(os.environ.get("RANK", "0")))
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,7 +5,8 @@ import json
 import torch
 
 from conftest import DEBUG_CONFIG, REPO
-from torchtitan_runai.export import export_checkpoint, load_job_config, model_args_for, read_model_state_dict
+from torchtitan_runai.hf.export import export_checkpoint, model_args_for, read_model_state_dict
+from torchtitan_runai.job import load_job_config
 
 ATOL = RTOL = 1e-5  # fp32 on CPU; the largest difference seen is ~5e-7
 
@@ -15,7 +16,7 @@ def test_export_of_a_sharded_training_checkpoint_matches_torchtitan(trained_run,
 
     monkeypatch.chdir(REPO)  # the config's tokenizer path is relative to the repo root
     step_dir = trained_run["checkpoint"] / "step-12"
-    out = export_checkpoint(step_dir, tmp_path / "hf", DEBUG_CONFIG, dtype="float32")
+    out = export_checkpoint(step_dir, tmp_path / "hf", load_job_config(DEBUG_CONFIG), dtype="float32")
     job_config = load_job_config(DEBUG_CONFIG)
     spec, args = model_args_for(job_config)
     model = spec.model_cls(args)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from torchtitan_runai.checkpoint import saved_keys
+from torchtitan_runai.checkpoint.manager import saved_keys
 
 from resilience_util import losses, run, start, trace_steps, train_args, wait_for_step, worker_pids
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from torchtitan_runai import TRAIN_SPEC_NAME
-from torchtitan_runai.config import parse_job_config, torchtitan_args
+from torchtitan_runai.config import torchtitan_args
+from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]

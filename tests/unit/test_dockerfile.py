@@ -164,7 +164,7 @@ def test_plan_keeps_every_image_package_and_installs_only_the_rest():
 
 
 def test_torch_version_floor():
-    assert pin.torch_too_old("2.6.0a0+ecf3bae")  # NGC 25.01, the seed's base
+    assert pin.torch_too_old("2.6.0a0+ecf3bae")  # NGC 25.01, the original example's base
     assert not pin.torch_too_old("2.10.0a0+b4e4ee81d3")  # NGC 25.12
     assert not pin.torch_too_old("2.13.0+cpu")
 

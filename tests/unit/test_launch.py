@@ -3,6 +3,7 @@
 import pytest
 
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.launch import worker_env
 from torchtitan_runai.launch import plan_launch, torchrun_args, trainer_args
 
 
@@ -204,3 +205,15 @@ def test_preflight_counts_host_memory_per_node_not_per_job(monkeypatch, tmp_path
     monkeypatch.setattr(preflight, "run_preflight", spy)
     assert launch.main(["--dry-run", "--job.dump_folder", str(tmp_path)]) == 0
     assert seen == {"world_size": 4, "local_ranks": 2}
+
+
+def test_worker_env_puts_the_compile_cache_on_the_output_volume():
+    env = worker_env("/out/run1", {})
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/out/run1/.cache/inductor"
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_worker_env_never_overrides_the_user():
+    env = worker_env("/out", {"TORCHINDUCTOR_CACHE_DIR": "/mine", "PYTORCH_CUDA_ALLOC_CONF": "x"})
+    assert "TORCHINDUCTOR_CACHE_DIR" not in env and "PYTORCH_ALLOC_CONF" not in env

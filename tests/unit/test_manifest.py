@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Mapping
 
 import kubernetes_validate
 import pytest
@@ -277,24 +278,74 @@ def test_cli_absolute_tb_folder_is_refused(repo):
 # --- operator environment ---------------------------------------------------------------------
 
 
+# What each operator injects into each pod (docs/cluster.md): the tests feed it to run_llama_train.sh --dry-run.
+def operator_env(
+    spec: manifest.JobSpec, operator: str, pod_index: int, secrets: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The container environment of pod ``pod_index`` as the operator creates it: our spec's env
+    (Secret references resolved from ``secrets``, {secret name: {key: value}} flattened as
+    ``{"<secret>/<key>": value}``) plus what the operator adds."""
+    if operator not in manifest.FORMATS:
+        raise ValueError(f"operator must be one of {manifest.FORMATS}, not {operator!r}")
+    if not 0 <= pod_index < spec.nodes:
+        raise ValueError(f"pod_index {pod_index} outside 0..{spec.nodes - 1}")
+    secrets = secrets or {}
+    env = dict(spec.env())
+    token = secrets.get(f"{spec.secret}/{manifest.HF_TOKEN_KEY}")
+    if token is not None:
+        env[manifest.HF_TOKEN_KEY] = token
+    nnodes, nproc = str(spec.nodes), str(spec.gpus_per_node)
+    if operator == "trainjob":
+        env.update(
+            PET_NNODES=nnodes,
+            PET_NPROC_PER_NODE=nproc,
+            PET_NODE_RANK=str(pod_index),
+            PET_MASTER_ADDR=f"{spec.name}-node-0-0.{spec.name}",
+            PET_MASTER_PORT=str(manifest.TRAINJOB_PORT),
+        )
+        return env
+    if operator == "runai":
+        env.update(JOB_NAME=spec.name, RUNAI_NUM_OF_GPUS=nproc, NODE_NAME=f"gpu-node-{pod_index}")
+        if spec.nodes == 1:  # runai submit (not -dist): a plain pod, no rendezvous variables
+            return env
+        # submit-dist sets no nprocPerNode: the operator says "auto" and WORLD_SIZE = pods
+        nproc_env, world = "auto", nnodes
+    else:
+        nproc_env, world = nproc, str(spec.nodes * spec.gpus_per_node)
+    master = f"{spec.name}-master-0"
+    env.update(
+        MASTER_ADDR=master,
+        PET_MASTER_ADDR=master,
+        MASTER_PORT=str(manifest.PYTORCHJOB_PORT),
+        PET_MASTER_PORT=str(manifest.PYTORCHJOB_PORT),
+        RANK=str(pod_index),
+        PET_NODE_RANK=str(pod_index),
+        WORLD_SIZE=world,
+        PET_NNODES=nnodes,
+        PET_NPROC_PER_NODE=nproc_env,
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 def test_operator_env_shapes():
     s = spec(2)
     secrets = {"hf-token/HF_TOKEN": FAKE_TOKEN}
-    pj1 = manifest.operator_env(s, "pytorchjob", 1, secrets)
+    pj1 = operator_env(s, "pytorchjob", 1, secrets)
     assert pj1["MASTER_ADDR"] == pj1["PET_MASTER_ADDR"] == "llama3-8b-master-0"
     assert (pj1["RANK"], pj1["PET_NODE_RANK"], pj1["WORLD_SIZE"], pj1["PET_NNODES"],
             pj1["PET_NPROC_PER_NODE"], pj1["MASTER_PORT"]) == ("1", "1", "16", "2", "8", "23456")
     assert pj1["HF_TOKEN"] == FAKE_TOKEN and pj1["OUTPUT_DIR"] == "/outputs"
-    ra = manifest.operator_env(s, "runai", 0)
+    ra = operator_env(s, "runai", 0)
     assert (ra["PET_NPROC_PER_NODE"], ra["WORLD_SIZE"], ra["JOB_NAME"]) == ("auto", "2", "llama3-8b")
     assert "HF_TOKEN" not in ra  # no secret given, nothing invented
-    tj = manifest.operator_env(s, "trainjob", 1)
+    tj = operator_env(s, "trainjob", 1)
     assert tj["PET_MASTER_ADDR"] == "llama3-8b-node-0-0.llama3-8b" and tj["PET_MASTER_PORT"] == "29500"
     assert not {"MASTER_ADDR", "WORLD_SIZE", "RANK"} & set(tj)
-    single = manifest.operator_env(spec(1), "runai", 0)
+    single = operator_env(spec(1), "runai", 0)
     assert not any(k.startswith("PET_") or k in ("MASTER_ADDR", "RANK") for k in single)
     with pytest.raises(ValueError):
-        manifest.operator_env(s, "pytorchjob", 2)
+        operator_env(s, "pytorchjob", 2)
 
 
 def torchrun_options(line: str) -> tuple[list[str], dict[str, str]]:
@@ -321,7 +372,7 @@ def dry_run(operator: str, nodes: int, pod: int):
     if not configs:
         pytest.skip("no train config under train_configs/ yet (lead)")
     s = spec(nodes, config_file=f"./train_configs/{configs[0]}")
-    env = manifest.operator_env(s, operator, pod, {"hf-token/HF_TOKEN": FAKE_TOKEN})
+    env = operator_env(s, operator, pod, {"hf-token/HF_TOKEN": FAKE_TOKEN})
     base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     res = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, env={**base, **env},
                          capture_output=True, text=True, timeout=120)

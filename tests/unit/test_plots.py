@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from torchtitan_runai import plots
+from torchtitan_runai import plots, storage
 from torchtitan_runai.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_runs_merge_by_step_newest_wins(resumed_job):
 
 def test_plot_defaults_beside_tensorboard_files(resumed_job):
     png = plots.plot_training_curves(resumed_job)
-    assert png == resumed_job / "tb" / plots.DEFAULT_NAME
+    assert png == resumed_job / "tb" / storage.PLOT_NAME
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     assert not list(png.parent.glob(".*partial*"))
 

@@ -18,9 +18,10 @@ import pytest
 
 from torchtitan_runai import preflight
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.preflight import (GIB, ModelShape, TrainSettings, check_checkpoint_folder, check_dev_shm,
-                                        check_fit, check_tokenizer, confirm_shared_folder, estimate_memory,
-                                        ffn_hidden_dim)
+from torchtitan_runai.checkpoint import ownership
+from torchtitan_runai.checkpoint.ownership import confirm_shared_folder
+from torchtitan_runai.memory_estimate import GIB, ModelShape, TrainSettings, estimate_memory, ffn_hidden_dim
+from torchtitan_runai.preflight import check_checkpoint_folder, check_dev_shm, check_fit, check_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_8B = ModelShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
@@ -206,7 +207,7 @@ def test_dev_shm_large_is_ok_and_missing_warns(tmp_path):
 
 
 def _config(tmp_path, assets_path="", repo_id="", allow_download=True):
-    from torchtitan_runai.assets import Hub
+    from torchtitan_runai.config import Hub
 
     return SimpleNamespace(model=SimpleNamespace(hf_assets_path=assets_path),
                            hub=Hub(repo_id=repo_id, cache_dir=str(tmp_path / "cache"), allow_download=allow_download),
@@ -244,7 +245,7 @@ def test_tokenizer_download_needs_a_token_for_gated_repos(tmp_path):
 
 
 def test_run_preflight_dry_run_turns_machine_errors_into_warnings(tmp_path):
-    from torchtitan_runai.config import parse_job_config
+    from torchtitan_runai.job import parse_job_config
 
     config = parse_job_config(["--job.config_file", "train_configs/debug_model.toml",
                                "--model.hf_assets_path", str(tmp_path / "missing")])
@@ -333,7 +334,7 @@ def _run_ranks(folders: list[Path], world: int, key="job-1", timeout=0.5):
 
 def test_shared_folder_seen_by_every_rank(tmp_path):
     assert _run_ranks([tmp_path / "ckpt"] * 4, 4) == {}
-    assert (tmp_path / "ckpt" / preflight.MARKER_NAME).read_text().startswith("job-1 ")
+    assert (tmp_path / "ckpt" / ownership.MARKER_NAME).read_text().startswith("job-1 ")
 
 
 def test_node_local_folder_is_a_clear_error(tmp_path):
@@ -348,7 +349,7 @@ def test_node_local_folder_is_a_clear_error(tmp_path):
 def test_stale_marker_from_another_folder_copy_is_an_error(tmp_path):
     node1 = tmp_path / "node1"
     node1.mkdir()
-    (node1 / preflight.MARKER_NAME).write_text("job-1 0123")  # an old run's marker on the local disk
+    (node1 / ownership.MARKER_NAME).write_text("job-1 0123")  # an old run's marker on the local disk
     errors = _run_ranks([tmp_path / "node0", node1], 2)
     assert "another job's or an older marker" in errors[1].line()
 
@@ -363,7 +364,7 @@ def test_shared_folder_over_a_real_gloo_process_group(tmp_path):
 
     script = textwrap.dedent("""
         import os, sys, torch.distributed as dist
-        from torchtitan_runai.preflight import confirm_shared_folder
+        from torchtitan_runai.checkpoint.ownership import confirm_shared_folder
         from torchtitan_runai.errors import UserError
         rank = int(sys.argv[1])
         dist.init_process_group("gloo", rank=rank, world_size=2, init_method="tcp://127.0.0.1:" + sys.argv[2])
@@ -411,7 +412,7 @@ def test_host_memory_limit_is_the_smaller_of_cgroup_and_ram(tmp_path):
 
 
 def test_pinned_staging_that_cannot_fit_the_pod_is_an_error_naming_the_fix():
-    from torchtitan_runai.config import parse_job_config
+    from torchtitan_runai.job import parse_job_config
 
     config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml"], world_size=16)
     params = 8_030_261_248
@@ -426,7 +427,7 @@ def test_pinned_staging_that_cannot_fit_the_pod_is_an_error_naming_the_fix():
 
 
 def test_run_preflight_reports_host_memory_and_dry_run_softens_it():
-    from torchtitan_runai.config import parse_job_config
+    from torchtitan_runai.job import parse_job_config
 
     config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml"], world_size=16)
     tiny = (10**9, "the container's memory limit")

@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
 from fakehub import FakeHub  # noqa: E402
 from tokgen import write_tokenizer  # noqa: E402
 
-from torchtitan_runai import assets, stage  # noqa: E402
-from torchtitan_runai.assets import Hub  # noqa: E402
-from torchtitan_runai.data import Data, load_local_dataset  # noqa: E402
+from torchtitan_runai import hub, stage  # noqa: E402
+from torchtitan_runai.config import Data, Hub  # noqa: E402
+from torchtitan_runai.training import tokenizer as tokenizer_mod  # noqa: E402
+from torchtitan_runai.training.data import load_local_dataset  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
 
 REPO = "meta-llama/Llama-3.1-8B"
@@ -72,7 +73,7 @@ def test_stage_into_the_jobs_own_cache(hub, tmp_path, monkeypatch):
     assert any(str(tmp_path / "out" / "hf_cache") in line for line in lines)
     hub.requests.clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert (folder / "tokenizer.json").is_file() and hub.requests == []
 
 
@@ -86,7 +87,7 @@ def test_stage_to_output_dir_then_job_runs_offline(hub, tmp_path, monkeypatch):
     hub.requests.clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     staged = job(tmp_path, repo_id=REPO, cache_dir=str(out / "hf_cache"))
-    assert type(assets.build_tokenizer(staged)).__name__ == "HuggingFaceTokenizer"
+    assert type(tokenizer_mod.build_tokenizer(staged)).__name__ == "HuggingFaceTokenizer"
     assert hub.requests == []
     # staging twice is a no-op on the network
     monkeypatch.delenv("HF_HUB_OFFLINE")

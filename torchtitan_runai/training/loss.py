@@ -1,35 +1,33 @@
 """The fork's loss: cross-entropy over flattened logits, in torchtitan's contract, plus faster paths.
 
-The seed patched torchtitan's train loop to reshape logits ``[B, S, V] -> [B*S, V]`` and labels
+The original example project patched torchtitan's train loop to reshape logits ``[B, S, V] -> [B*S, V]`` and labels
 ``[B, S] -> [B*S]`` before the loss. Here that lives in the train spec's ``build_loss_fn`` instead.
 The contract with torchtitan 0.2.2's Trainer is unchanged: the function returns the *sum* of the
 per-token losses, positions labelled ``IGNORE_INDEX`` contribute nothing, and the Trainer divides
 by the global count of valid tokens across data-parallel ranks and microbatches.
 
-Variants (``[perf] loss``, see ``Perf``); all return the same value and gradients up to rounding
-(tests/unit/test_loss.py checks each against a direct fp64 reference, ignored positions included):
+Variants (``[perf] loss``, see ``config.Perf``); all return the same value and gradients up to rounding
+(tests/unit/training/test_loss.py checks each against a direct fp64 reference, ignored positions included):
 
 * ``plain``: ``F.cross_entropy`` on the full logits upcast to fp32 (stock behaviour).
 * ``chunked``: the same on slices of the logits, each slice's fp32 copy recomputed in backward
   instead of kept, so eager mode never holds fp32 logits. The bf16 logits still exist.
-* ``fused``: (memory lever, not a speed lever: see ``Perf.loss``) the model's output layer hands over hidden states and weight (see
-  ``torchtitan_runai.fused_head``) and the loss computes logits, loss and gradients chunk by chunk:
+* ``fused``: (memory lever, not a speed lever: see ``config.Perf.loss``) the model's output layer hands over hidden states and weight (see
+  ``torchtitan_runai.training.fused_head``) and the loss computes logits, loss and gradients chunk by chunk:
   neither the logits nor their gradient ever exist in full. Needs the model class
   ``FusedHeadTransformer``; if the model returns plain logits the loss falls back to ``plain``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from torchtitan_runai.fused_head import (
-    DEFAULT_CHUNK_TOKENS,
+from torchtitan_runai.config import LOSS_CHUNK_TOKENS as DEFAULT_CHUNK_TOKENS
+from torchtitan_runai.training.fused_head import (
     HeadInput,
     ce_sum_and_grad,
     fused_linear_cross_entropy,
@@ -37,25 +35,6 @@ from torchtitan_runai.fused_head import (
 from torchtitan_runai.upstream import IGNORE_INDEX, JobConfig, logger
 
 LOSS_VARIANTS = ("plain", "chunked", "fused")
-
-
-@dataclass
-class Perf:
-    """Throughput settings of this fork (TOML section ``[perf]``)."""
-
-    loss: Literal["plain", "chunked", "fused"] = "plain"
-    """Cross-entropy implementation. 'plain' (default) is stock torchtitan's loss; with
-    torch.compile it is already fused (no fp32 logits) and it was the fastest on the H100 proxy
-    (bench/results/2026-11-25-*: 'fused' costs 1-2% tok/s). 'fused' never materialises the
-    [tokens, vocab] logits or their gradient: it frees ~1.5-2 GiB of peak memory per 8k-token
-    sequence (4-8 GiB at local batch 3-4), so choose it only where memory, not speed, binds (a
-    batch or AC setting that otherwise OOMs). Needs the model class FusedHeadTransformer.
-    'chunked' keeps the logits but never their fp32 copy (for runs without torch.compile)."""
-
-    loss_chunk_tokens: int = field(default=DEFAULT_CHUNK_TOKENS)
-    """Tokens per chunk for 'fused' and 'chunked'. One chunk's logits cost
-    chunk_tokens x vocab x 2 bytes (2 GiB at 8192 x 128256 in bf16); smaller chunks save memory,
-    larger ones keep the output matmuls big. 8192 measured as good on H100."""
 
 
 def reshaped_cross_entropy(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

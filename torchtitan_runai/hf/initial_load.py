@@ -1,4 +1,4 @@
-"""Continued pretraining from Hugging Face Llama weights.
+"""Continued pretraining from Hugging Face Llama weights (the initial load).
 
 torchtitan 0.2.2 already knows how: on a job's *first* start (its checkpoint folder does not exist
 yet) ``CheckpointManager.load`` reads ``checkpoint.initial_load_path`` as Hugging Face safetensors
@@ -25,7 +25,7 @@ is how the round trip is tested.
 
 torchtitan checks none of this up front: a wrong flavor shows up as a size-mismatch traceback on
 every rank after the model is built. ``validate_hf_import`` (called from the whole-config
-validation, before any worker starts) compares the folder's ``config.json`` with the configured
+validation, ``job.parse_job_config``, before any worker starts) compares the folder's ``config.json`` with the configured
 flavor and reports the first difference as one line.
 """
 
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.hf.llama import hf_compatibility_problems
+from torchtitan_runai.training.spec import model_args
 
 
 def hf_source_dir(job_config: Any) -> Path | None:
@@ -44,38 +46,6 @@ def hf_source_dir(job_config: Any) -> Path | None:
     if not ckpt.initial_load_in_hf:
         return None
     return Path(ckpt.initial_load_path or job_config.model.hf_assets_path or "")
-
-
-def hf_compatibility_problems(hf_config: dict[str, Any], args: Any) -> list[str]:
-    """Differences between a HF Llama config.json and torchtitan llama3 model args (pure)."""
-    from torchtitan_runai.export import hf_config_dict
-
-    problems = []
-    if hf_config.get("model_type", "llama") != "llama":
-        problems.append(f"model_type is {hf_config.get('model_type')!r}, not 'llama'")
-    if hf_config.get("tie_word_embeddings"):
-        problems.append("tie_word_embeddings is true (torchtitan llama3 has a separate output "
-                        "layer; Llama 3.2 1B/3B are tied)")
-    ours = hf_config_dict(args, intermediate_size=-1, dtype="float32", max_position_embeddings=0)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "rope_theta", "rms_norm_eps"):
-        theirs = hf_config.get(key)
-        if key == "rope_theta" and theirs is None:
-            theirs = (hf_config.get("rope_parameters") or {}).get("rope_theta")
-        if key == "num_key_value_heads" and theirs is None:
-            theirs = hf_config.get("num_attention_heads")
-        if theirs is not None and float(theirs) != float(ours[key]):
-            problems.append(f"{key} is {theirs}, the flavor has {ours[key]}")
-    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        for key in ("factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings"):
-            if key in scaling and float(scaling[key]) != float(ours["rope_scaling"][key]):
-                problems.append(f"rope_scaling.{key} is {scaling[key]}, torchtitan uses "
-                                f"{ours['rope_scaling'][key]}")
-    elif scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        problems.append(f"rope_scaling type {scaling.get('rope_type')!r} is not llama3")
-    return problems
 
 
 def validate_hf_import(job_config: Any) -> Path | None:
@@ -101,10 +71,7 @@ def validate_hf_import(job_config: Any) -> Path | None:
                         "download the model's safetensors (not only the tokenizer) there")
     config_json = source / "config.json"
     if config_json.is_file():
-        from torchtitan_runai.export import model_args_for
-
-        _, args = model_args_for(job_config)
-        problems = hf_compatibility_problems(json.loads(config_json.read_text()), args)
+        problems = hf_compatibility_problems(json.loads(config_json.read_text()), model_args(job_config))
         if problems:
             raise UserError("model.flavor", job_config.model.flavor,
                             f"does not match {config_json}: {problems[0]}",

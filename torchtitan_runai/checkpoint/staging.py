@@ -1,4 +1,4 @@
-"""Checkpoint stall and start-up time: the two one-time costs that are not in tok/s (issue #6).
+"""Checkpoint stall: what a pinned asynchronous save costs the training loop, and how it is cut (issue #6).
 
 Checkpoint stall
 ----------------
@@ -30,15 +30,6 @@ and makes only the next optimizer step wait for the copy. Two things cost traini
 
 Nothing in torchtitan is changed or copied: the stager is handed to ``CheckpointManager.stager``,
 which torchtitan fills itself only while it is ``None``.
-
-Start-up
---------
-Launch to first step on the proxy (bench/results/startup-2026-11-25-*): 33.8 s with an empty
-compile cache and 21.4 s with the same cache again. About 17 s of both comes before torchtitan's
-first log line (torchrun and imports). Inductor, AOTAutograd and Triton keep their compiled
-artefacts under ``TORCHINDUCTOR_CACHE_DIR`` (default ``/tmp/torchinductor_<user>``, which is lost
-with the pod). ``startup_env`` returns the variables the launcher should set so that a restarted pod
-(the common case after a preemption) finds them on the output volume.
 """
 
 from __future__ import annotations
@@ -50,10 +41,11 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from torchtitan_runai.config import CheckpointPerf
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +54,6 @@ PIN_MIN_BYTES = 5  # DCP pins storages from this size on (StateDictStager.pin_me
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in without touching it from user space
 POPULATE_CHUNK = 64 * 1024**2
 ADAM_MOMENTS = {"adam": 2, "adamw": 2}  # optimizer name -> state tensors shaped like each parameter
-
-
-@dataclass
-class CheckpointPerf:
-    """``[checkpoint_perf]``: this fork's checkpoint-stall levers (on top of torchtitan's ``[checkpoint]``)."""
-
-    reuse_staging: bool = True
-    """With ``checkpoint.async_mode = "async_with_pinned_mem"``: stage through ``build_stager`` (pinned
-    buffers kept across checkpoints; works around torch 2.11's per-save close, see above)."""
-
-    prepare_at_start: bool = True
-    """With ``reuse_staging``: create, fault in and pin the staging memory on a background thread
-    while the trainer loads and compiles, so the first checkpoint costs what the later ones do
-    (8B proxy, one H100: 27.8 s for stock's first -> 0.41 s). The shared memory (checkpoint size /
-    GPUs, per GPU) is then held from the start instead of from the first checkpoint on."""
 
 
 def wants_pinned_staging(checkpoint_config: Any) -> bool:
@@ -255,7 +232,7 @@ class StagingPool:
             self._free.clear()
 
 
-def install(manager: Any, checkpoint_config: Any, perf: CheckpointPerf | None = None, *,
+def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" = None, *,
             model_parts: Iterable[Any] = (), optimizer_name: str = "",
             stager_factory: Callable[..., Any] = build_stager) -> StagingPool | None:
     """Trainer wiring (pinned mode only): the reusable stager and, unless switched off, the pool
@@ -278,23 +255,3 @@ def install(manager: Any, checkpoint_config: Any, perf: CheckpointPerf | None = 
                            device_index=torch.cuda.current_device() if pin else None).start()
     manager.stager = stager_factory(pool=pool)
     return pool
-
-
-def startup_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Variables the launcher should add to the workers' environment (never overriding the user's).
-
-    - ``TORCHINDUCTOR_CACHE_DIR`` on the output volume: a restarted pod reuses compiled kernels
-      (Inductor's FX-graph cache, AOTAutograd cache and Triton binaries all live under it).
-    - FX-graph and AOTAutograd caches switched on explicitly (defaults differ across torch builds).
-    - ``PYTORCH_ALLOC_CONF=expandable_segments:True``: what torchtitan's own run_train.sh sets; it is
-      what lets the big-batch recipes fit (docs/performance.md).
-    """
-    env = dict(env or {})
-    wanted = {
-        "TORCHINDUCTOR_CACHE_DIR": str(Path(output_dir) / ".cache" / "inductor"),
-        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
-        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
-        "PYTORCH_ALLOC_CONF": "expandable_segments:True",
-    }
-    return {k: v for k, v in wanted.items() if k not in env and not (
-        k == "PYTORCH_ALLOC_CONF" and "PYTORCH_CUDA_ALLOC_CONF" in env)}

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from torchtitan_runai import ckpt_perf
+from torchtitan_runai.checkpoint import staging as ckpt_perf
+from torchtitan_runai.config import CheckpointPerf
 
 
 def cpu_stager():
@@ -141,12 +142,12 @@ def test_install_builds_the_stager_with_a_pool_and_respects_the_switches():
     assert type(m.stager).__name__ == "ReusableStager"
     m.stager.close()
     m2 = manager()
-    assert ckpt_perf.install(m2, pinned(), ckpt_perf.CheckpointPerf(prepare_at_start=False),
+    assert ckpt_perf.install(m2, pinned(), CheckpointPerf(prepare_at_start=False),
                              model_parts=[Model()], stager_factory=cpu) is None
     assert type(m2.stager).__name__ == "ReusableStager"  # reuse without the pool
     m2.stager.close()
     m3 = manager()
-    ckpt_perf.install(m3, pinned(), ckpt_perf.CheckpointPerf(reuse_staging=False), stager_factory=cpu)
+    ckpt_perf.install(m3, pinned(), CheckpointPerf(reuse_staging=False), stager_factory=cpu)
     assert m3.stager is None  # torchtitan builds its own
     m4 = manager()
     mine = cpu_stager()
@@ -189,18 +190,6 @@ def test_reusable_stager_keeps_buffers_and_copy_rules_across_stagings():
     assert second["model"]["w"].untyped_storage().data_ptr() == first["model"]["w"].untyped_storage().data_ptr()
     stager.close()  # end of run: released for real
     assert len(stager._state_dict_stager._cached_storage_mapping) == 0
-
-
-def test_startup_env_puts_the_compile_cache_on_the_output_volume():
-    env = ckpt_perf.startup_env("/out/run1", {})
-    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/out/run1/.cache/inductor"
-    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
-    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
-
-
-def test_startup_env_never_overrides_the_user():
-    env = ckpt_perf.startup_env("/out", {"TORCHINDUCTOR_CACHE_DIR": "/mine", "PYTORCH_CUDA_ALLOC_CONF": "x"})
-    assert "TORCHINDUCTOR_CACHE_DIR" not in env and "PYTORCH_ALLOC_CONF" not in env
 
 
 def test_wants_pinned_staging_is_case_insensitive():

@@ -12,7 +12,7 @@ How it plugs into torchtitan 0.2.2 without touching its train loop:
   it returns ``HeadInput(hidden, weight)``. In eval/no-grad it is an ordinary ``nn.Linear``
   (validation, generation and export see logits). Parameter names and shapes are unchanged, so
   checkpoints are interchangeable with stock llama3.
-* The Trainer then calls ``loss_fn(pred, labels)`` with that ``HeadInput``; ``torchtitan_runai.loss``
+* The Trainer then calls ``loss_fn(pred, labels)`` with that ``HeadInput``; ``torchtitan_runai.training.loss``
   recognises it and calls ``fused_linear_cross_entropy``.
 * The output layer *is called* as a module, once, so FSDP2's hooks on the ``[norm, output]`` group
   fire as usual: the weight handed out is the unsharded one, and its gradient flows back through
@@ -36,9 +36,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
+from torchtitan_runai.config import LOSS_CHUNK_TOKENS as DEFAULT_CHUNK_TOKENS
 from torchtitan_runai.upstream import IGNORE_INDEX, llama3
-
-DEFAULT_CHUNK_TOKENS = 8192
 
 
 class HeadInput(NamedTuple):

@@ -2,7 +2,7 @@
 
 import time
 
-from torchtitan_runai.resilience import StepTrace, Watchdog
+from torchtitan_runai.training.resilience import StepTrace, Watchdog
 
 
 def test_no_hang_verdict_while_a_save_runs():

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from torchtitan_runai import logs, plots, upstream
+from torchtitan_runai import plots, upstream
+from torchtitan_runai.training import logs
 
 # What existing torchtitan log parsers and dashboards match.
 # torchtitan's metrics module: where the trainer's memory monitor is built (device.py swaps it).
@@ -81,7 +82,7 @@ class FakeCudaMonitor:
 
 
 def cpu_monitor():
-    from torchtitan_runai.device import CpuMemoryMonitor
+    from torchtitan_runai.training.device import CpuMemoryMonitor
 
     return CpuMemoryMonitor()
 

@@ -26,33 +26,13 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
-EXIT_PREEMPTED = 143
 EXIT_HUNG = 124
 STEP_TRACE_ENV = "TORCHTITAN_RUNAI_STEP_TRACE"
 # Set by the launcher: where a watchdog leaves its verdict. The ranks it SIGKILLs may be reported
 # to torchrun before the detecting rank's own exit, so the launcher reads the verdict from here.
 HANG_VERDICT_ENV = "TORCHTITAN_RUNAI_HANG_VERDICT"
-
-
-@dataclass
-class Resilience:
-    """Preemption, hang detection and checkpoint-folder ownership ([resilience] in the TOML)."""
-
-    hang_timeout_seconds: int = 300
-    """Seconds without a finished training step (or checkpoint save) before a rank declares the job
-    hung, names the stuck rank(s) and exits so that torchrun/Kubernetes restart it. Armed after the
-    first step (compilation and loading are not counted). Must exceed one step plus one
-    checkpoint save; 0 disables the watchdog."""
-
-    heartbeat_seconds: float = 2.0
-    """How often each rank publishes its heartbeat to the rendezvous store."""
-
-    take_over_folder: bool = False
-    """Use a checkpoint folder that another job (a different JOB_UUID/JOB_NAME) owns, and make this
-    job its owner. Only for deliberately continuing another job's run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,14 +268,3 @@ class StepTrace:
         value = float(loss)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "loss": value.hex(), "restart": self.restart}) + "\n")
-
-
-def read_trace(path) -> dict[int, str]:
-    """step -> loss (hex) from a trace file; a step repeated after a restart keeps its last value."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                out[rec["step"]] = rec["loss"]
-    return out

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from torchtitan_runai import loss as loss_mod
-from torchtitan_runai.fused_head import (
+from torchtitan_runai.config import Perf
+from torchtitan_runai.training import loss as loss_mod
+from torchtitan_runai.training.fused_head import (
     FusedHeadTransformer,
     FusedLMHead,
     HeadInput,
@@ -173,6 +174,6 @@ def _job(compile_enable=False, perf=None):
 
 def test_build_loss_fn_picks_variant_from_perf_section():
     assert loss_mod.build_loss_fn(_job()).variant == "plain"  # no [perf] section: stock loss
-    built = loss_mod.build_loss_fn(_job(perf=loss_mod.Perf(loss="fused", loss_chunk_tokens=123)))
+    built = loss_mod.build_loss_fn(_job(perf=Perf(loss="fused", loss_chunk_tokens=123)))
     assert (built.variant, built.chunk_tokens) == ("fused", 123)
-    assert loss_mod.Perf().loss == "plain"  # measured fastest on the H100 proxy
+    assert Perf().loss == "plain"  # measured fastest on the H100 proxy

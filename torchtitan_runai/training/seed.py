@@ -1,7 +1,7 @@
 """The 32-bit seed policy.
 
 Every run trains with a seed in ``[0, 2**32)``: stock torchtitan 0.2.2 broadcasts a 64-bit seed from
-rank 0's RNG state, which overflows ``manual_seed`` on some systems (the seed project's first patch)
+rank 0's RNG state, which overflows ``manual_seed`` on some systems (the original example project's first patch)
 and is only logged at DEBUG level, so an unseeded run could not be reproduced from its log.
 
 - ``debug.seed`` set: it must lie in the range (checked before any worker starts).

@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any, Mapping, TextIO
 
-from torchtitan_runai import upstream
+from torchtitan_runai import storage, upstream
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LINE_FORMAT = "[titan] %(asctime)s - {origin} - %(levelname)s - %(message)s"
@@ -246,7 +246,7 @@ def startup_summary(job_config: Any, *, world_size: int, nodes: int,
         start = f"fresh optimizer, initial weights from {initial_load}"
     else:
         start = "fresh start (no checkpoint)"
-    ckpt_folder = os.path.join(job_config.job.dump_folder, c.folder) if c.enable else "disabled"
+    ckpt_folder = str(storage.checkpoint_dir(job_config)) if c.enable else "disabled"
     lines = [
         f"run: world_size={world_size} nodes={nodes}{per_node}"
         + (f" device={device}" if device else ""),
@@ -260,8 +260,7 @@ def startup_summary(job_config: Any, *, world_size: int, nodes: int,
         f"checkpoint: {ckpt_folder}  {start}",
     ]
     if job_config.metrics.enable_tensorboard:
-        lines.append("tensorboard: "
-                     + os.path.join(job_config.job.dump_folder, job_config.metrics.save_tb_folder))
+        lines.append(f"tensorboard: {storage.tensorboard_dir(job_config)}")
     return lines
 
 

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers
 
 from fakehub import FakeHub  # noqa: E402
 from tokgen import write_tokenizer  # noqa: E402
 
-from torchtitan_runai import data as data_mod  # noqa: E402
-from torchtitan_runai.data import Data, load_local_dataset, validate_data_config  # noqa: E402
+from torchtitan_runai.training import data as data_mod  # noqa: E402
+from torchtitan_runai.config import Data  # noqa: E402
+from torchtitan_runai.training.data import load_local_dataset, validate_data_config  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
 
 TEXTS = [f"sample number {i}: the llama reads text {i * 7} times." for i in range(40)]

@@ -22,22 +22,23 @@ import pytest
 import torch
 
 from torchtitan_runai import upstream
+from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.export import (
-    Export,
+from torchtitan_runai.config import Export, validate
+from torchtitan_runai.export import main
+from torchtitan_runai.hf.export import (
     export_at_end,
     export_checkpoint,
-    load_job_config,
-    main,
     model_args_for,
     read_model_state_dict,
     resolve_step_dir,
-    validate_export_config,
 )
-from torchtitan_runai.hf_import import hf_compatibility_problems, validate_hf_import
+from torchtitan_runai.hf.initial_load import validate_hf_import
+from torchtitan_runai.hf.llama import hf_compatibility_problems
+from torchtitan_runai.job import load_job_config
 
 ATOL = RTOL = 1e-5
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FLAVOR = "debugmodel"
 
 
@@ -108,7 +109,10 @@ def tokens(vocab: int = 2048) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A full (resumable) torchtitan checkpoint at step 3 of the debug model, and its logits."""
+    """A full (resumable) torchtitan checkpoint at step 3 of the debug model, and its logits.
+
+    Saved by torchtitan's CheckpointManager and then marked complete, as our manager does after
+    every save (``checkpoint.manager``): the export only takes complete step folders."""
     tmp = tmp_path_factory.mktemp("export")
     assets = tmp / "assets"
     write_tokenizer(assets)
@@ -121,6 +125,7 @@ def trained(tmp_path_factory):
     with torch.no_grad():
         logits = model(tokens())
     step_dir = Path(job_config.job.dump_folder) / "checkpoint" / "step-3"
+    ckfolder.mark_complete(step_dir, ckfolder.marker_record(3, "full", step_dir, {}, 1, 1, "test"))
     return {"tmp": tmp, "assets": assets, "config": config, "job_config": job_config,
             "step_dir": step_dir, "logits": logits, "model": model}
 
@@ -148,7 +153,7 @@ def test_checkpoint_is_a_full_torchtitan_checkpoint(trained):
 def test_exported_logits_equal_torchtitan_forward(trained):
     from transformers import AutoTokenizer
 
-    out = export_checkpoint(trained["step_dir"], trained["tmp"] / "hf32", trained["config"],
+    out = export_checkpoint(trained["step_dir"], trained["tmp"] / "hf32", load_job_config(trained["config"]),
                             dtype="float32")
     names = sorted(p.name for p in out.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -219,7 +224,7 @@ def test_user_errors_are_one_line(trained, tmp_path):
 def test_export_at_end_keeps_checkpoint_resumable(trained):
     job_config = load_job_config(trained["config"])
     job_config.export = Export(at_end=True, folder="hf_end", dtype="float32")
-    validate_export_config(job_config)
+    validate(job_config)
     assert export_at_end(job_config, step=3, rank=1) is None
     before = sorted(p.name for p in trained["step_dir"].iterdir())
     out = export_at_end(job_config, step=3, rank=0)
@@ -227,8 +232,8 @@ def test_export_at_end_keeps_checkpoint_resumable(trained):
     torch.testing.assert_close(hf_logits(out, tokens()), trained["logits"], atol=ATOL, rtol=RTOL)
     assert sorted(p.name for p in trained["step_dir"].iterdir()) == before
     job_config.checkpoint.last_save_in_hf = True
-    with pytest.raises(UserError, match="unresumable"):
-        validate_export_config(job_config)
+    with pytest.raises(UserError, match="cannot be resumed"):
+        validate(job_config)
 
 
 # ------------------------------------------------------------------------------------ import
@@ -237,7 +242,7 @@ def test_export_at_end_keeps_checkpoint_resumable(trained):
 def test_import_round_trip_through_torchtitan_initial_load(trained):
     """export → torchtitan's initial_load_in_hf into a fresh model → same weights and logits."""
     hf_dir = trained["tmp"] / "hf_import_src"
-    export_checkpoint(trained["step_dir"], hf_dir, trained["config"], dtype="float32")
+    export_checkpoint(trained["step_dir"], hf_dir, load_job_config(trained["config"]), dtype="float32")
     tmp = trained["tmp"] / "continued"
     tmp.mkdir()
     config = write_config(tmp, trained["assets"], initial_load_path=str(hf_dir),
@@ -260,7 +265,7 @@ def test_import_round_trip_through_torchtitan_initial_load(trained):
 def test_validate_hf_import_catches_mismatch(trained, tmp_path):
     hf_dir = trained["tmp"] / "hf32"  # written by the logits test (module order) or below
     if not hf_dir.is_dir():
-        export_checkpoint(trained["step_dir"], hf_dir, trained["config"], dtype="float32")
+        export_checkpoint(trained["step_dir"], hf_dir, load_job_config(trained["config"]), dtype="float32")
     config = write_config(tmp_path, trained["assets"], initial_load_path=str(hf_dir),
                           initial_load_in_hf=True)
     # The whole-config validation (what the launcher runs before any worker) calls validate_hf_import.
@@ -279,3 +284,30 @@ def test_validate_hf_import_catches_mismatch(trained, tmp_path):
                                    "rope_type": "llama3"}}
     assert hf_compatibility_problems(llama31_8b, args) == []
     assert hf_compatibility_problems({**llama31_8b, "tie_word_embeddings": True}, args)
+
+
+# ------------------------------------------------------------------------------ step choice
+
+
+def test_a_checkpoint_folder_exports_its_newest_complete_step(tmp_path):
+    """A newer step-N whose save was cut off (no completion marker, or a truncated shard) has a
+    .metadata all the same; the export must take the newest *complete* one, by the checkpoint
+    package's rule, and a model-only final save counts (it holds the weights)."""
+    import torch.distributed.checkpoint as dcp
+
+    def save(step: int, kind: str | None) -> Path:
+        path = tmp_path / f"step-{step}"
+        dcp.save({"w": torch.arange(100, dtype=torch.float32) * step}, checkpoint_id=str(path))
+        if kind:
+            ckfolder.mark_complete(path, ckfolder.marker_record(step, kind, path, {}, 1, 1, "job"))
+        return path
+
+    save(2, "full")
+    assert resolve_step_dir(tmp_path) == tmp_path / "step-2"
+    save(4, "model-only")
+    assert resolve_step_dir(tmp_path) == tmp_path / "step-4"
+    save(6, None)  # cut off before the marker
+    truncated = save(8, "full")
+    shard = next(p for p in truncated.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:10])
+    assert resolve_step_dir(tmp_path) == tmp_path / "step-4"

@@ -13,18 +13,20 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers
 
 from fakehub import FakeHub  # noqa: E402
 from tokgen import TEST_TEXT, write_tokenizer  # noqa: E402
 
-from torchtitan_runai import assets  # noqa: E402
-from torchtitan_runai.assets import Hub, TiktokenTokenizer  # noqa: E402
+from torchtitan_runai import hub as hub_mod  # noqa: E402
+from torchtitan_runai.config import Hub  # noqa: E402
+from torchtitan_runai.training import tokenizer as tokenizer_mod  # noqa: E402
+from torchtitan_runai.training.tokenizer import TiktokenTokenizer  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
 
 REPO = "meta-llama/Llama-3.1-8B"
 TOKEN = "hf_CANARYcanary0123456789abcdefTOKEN"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +72,14 @@ def closed_port() -> int:
 def test_local_folder_is_used_without_network(env, tmp_path, tok_dir):
     env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     cfg = job(tmp_path, str(tok_dir), repo_id=REPO)
-    assert assets.ensure_tokenizer(cfg) == tok_dir
+    assert tokenizer_mod.ensure_tokenizer(cfg) == tok_dir
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_folder_without_repo_names_the_setting(env, tmp_path):
     cfg = job(tmp_path, str(tmp_path / "nope"))
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(cfg)
+        tokenizer_mod.ensure_tokenizer(cfg)
     assert err.value.setting == "model.hf_assets_path"
     assert str(tmp_path / "nope") in err.value.line()
 
@@ -85,16 +87,16 @@ def test_missing_folder_without_repo_names_the_setting(env, tmp_path):
 def test_folder_without_tokenizer_files_is_an_error(env, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no tokenizer.json"):
-        assets.ensure_tokenizer(job(tmp_path, str(tmp_path / "empty")))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, str(tmp_path / "empty")))
 
 
 def test_cache_dir_precedence(env, tmp_path):
-    assert assets.resolve_cache_dir(Hub(), "/pvc/run") == Path("/pvc/run/hf_cache")
+    assert hub_mod.resolve_cache_dir(Hub(), "/pvc/run") == Path("/pvc/run/hf_cache")
     env.setenv("HF_HOME", "/h")
-    assert assets.resolve_cache_dir(Hub(), "/pvc/run") == Path("/h/hub")
+    assert hub_mod.resolve_cache_dir(Hub(), "/pvc/run") == Path("/h/hub")
     env.setenv("HF_HUB_CACHE", "/c")
-    assert assets.resolve_cache_dir(Hub(), "/pvc/run") == Path("/c")
-    assert assets.resolve_cache_dir(Hub(cache_dir="/pvc/hf"), "/pvc/run") == Path("/pvc/hf")
+    assert hub_mod.resolve_cache_dir(Hub(), "/pvc/run") == Path("/c")
+    assert hub_mod.resolve_cache_dir(Hub(cache_dir="/pvc/hf"), "/pvc/run") == Path("/pvc/hf")
 
 
 def test_hub_section_has_no_secret_field():
@@ -105,46 +107,46 @@ def test_hub_section_has_no_secret_field():
 
 
 def test_download_fetches_tokenizer_files_only_with_bearer_token(hub, tmp_path):
-    folder = assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert (folder / "tokenizer.json").is_file()
     assert (folder / "original" / "tokenizer.model").is_file()
     assert str(folder).startswith(str(tmp_path / "out" / "hf_cache"))
     assert hub.requests and all(authorized for _, _, authorized in hub.requests)
     assert hub.gets("safetensors") == 0
     assert hub.gets("tokenizer.json") == 1
-    tok = assets.build_tokenizer(job(tmp_path, repo_id=REPO))
+    tok = tokenizer_mod.build_tokenizer(job(tmp_path, repo_id=REPO))
     assert tok.decode(tok.encode("hello world", add_bos=False, add_eos=False)) == "hello world"
 
 
 def test_cached_tokenizer_needs_no_network(hub, tmp_path):
-    first = assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    first = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     hub.stop()
-    assert assets.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == first
+    assert tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == first
 
 
 def test_offline_mode_uses_cache_or_fails_clearly(hub, env, tmp_path):
     env.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert err.value.setting == "HF_HUB_OFFLINE" and "not in the cache" in err.value.why
     assert hub.requests == []
     env.delenv("HF_HUB_OFFLINE")
-    folder = assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     env.setenv("HF_HUB_OFFLINE", "1")
     hub.requests.clear()
-    assert assets.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == folder
+    assert tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == folder
     assert hub.requests == []
 
 
 def test_allow_download_false_is_cache_only(hub, tmp_path):
     with pytest.raises(UserError, match="hub.allow_download"):
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO, allow_download=False))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, allow_download=False))
 
 
 def test_missing_token_is_401(hub, env, tmp_path):
     env.delenv("HF_TOKEN")
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert err.value.setting == "HF_TOKEN" and "401" in err.value.why
     assert "not set" in err.value.why
 
@@ -152,7 +154,7 @@ def test_missing_token_is_401(hub, env, tmp_path):
 def test_wrong_token_is_401_and_redacted(hub, env, tmp_path):
     env.setenv("HF_TOKEN", "hf_wrongWRONGwrong")
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert "401" in err.value.why and "hf_wrongWRONGwrong" not in err.value.line()
 
 
@@ -160,36 +162,36 @@ def test_licence_not_accepted_is_403(hub, env, tmp_path):
     hub.ungated_tokens.add("hf_noLicence")
     env.setenv("HF_TOKEN", "hf_noLicence")
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert "403" in err.value.why and "licence" in err.value.why
     assert f"https://huggingface.co/{REPO}" in err.value.fix
 
 
 def test_unknown_repo_and_revision_are_404(hub, tmp_path):
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id="meta-llama/Nope"))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id="meta-llama/Nope"))
     assert err.value.setting == "hub.repo_id" and "404" in err.value.why
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO, revision="v9"))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, revision="v9"))
     assert err.value.setting == "hub.revision"
 
 
 def test_repo_without_tokenizer_files(hub, tmp_path):
     hub.add_file("org/weights-only", "config.json", b"{}")
     with pytest.raises(UserError, match="none of the tokenizer files"):
-        assets.ensure_tokenizer(job(tmp_path, repo_id="org/weights-only"))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id="org/weights-only"))
 
 
 def test_no_network_fails_clearly(env, tmp_path):
     env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
     assert err.value.setting == "HF_ENDPOINT" and "cannot reach" in err.value.why
 
 
 def test_rate_limit_is_retried_with_backoff(hub, tmp_path):
     hub.fail(429, times=3)
-    folder = assets.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=4))
+    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=4))
     assert (folder / "tokenizer.json").is_file()
     assert sum(1 for m, p, _ in hub.requests if m == "HEAD" and p.endswith("/tokenizer.json")) == 5
 
@@ -197,7 +199,7 @@ def test_rate_limit_is_retried_with_backoff(hub, tmp_path):
 def test_persistent_rate_limit_fails_clearly(hub, tmp_path):
     hub.fail(429, times=100)
     with pytest.raises(UserError) as err:
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=2))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=2))
     assert "429" in err.value.why and "3 attempts" in err.value.why
     assert "stage" in err.value.fix
 
@@ -205,7 +207,7 @@ def test_persistent_rate_limit_fails_clearly(hub, tmp_path):
 def test_hub_outage_fails_clearly(hub, tmp_path):
     hub.fail(503, times=100)
     with pytest.raises(UserError, match="503"):
-        assets.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
+        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
 
 
 def test_backoff_doubles_and_is_capped():
@@ -218,7 +220,7 @@ def test_backoff_doubles_and_is_capped():
             raise error
         return "ok"
 
-    assert assets.with_backoff(flaky, retries=5, backoff_s=1, max_backoff_s=3, what="t",
+    assert hub_mod.with_backoff(flaky, retries=5, backoff_s=1, max_backoff_s=3, what="t",
                                sleep=waits.append) == "ok"
     assert waits == [1, 2, 3, 3]
 
@@ -226,7 +228,8 @@ def test_backoff_doubles_and_is_capped():
 def test_one_download_per_cache_across_processes(hub, tmp_path):
     script = textwrap.dedent(f"""
         import sys; from types import SimpleNamespace as N
-        from torchtitan_runai.assets import Hub, ensure_tokenizer
+        from torchtitan_runai.config import Hub
+        from torchtitan_runai.training.tokenizer import ensure_tokenizer
         cfg = N(model=N(hf_assets_path=""), job=N(dump_folder=sys.argv[1]),
                 hub=Hub(repo_id={REPO!r}, backoff_s=0.01))
         print(ensure_tokenizer(cfg))
@@ -247,7 +250,8 @@ def test_token_never_leaks_to_output_or_files(hub, tmp_path):
     script = textwrap.dedent(f"""
         import logging, os, sys; from types import SimpleNamespace as N
         logging.basicConfig(level=logging.DEBUG)
-        from torchtitan_runai.assets import Hub, ensure_tokenizer
+        from torchtitan_runai.config import Hub
+        from torchtitan_runai.training.tokenizer import ensure_tokenizer
         from torchtitan_runai.errors import UserError
         def run(repo, **kw):
             cfg = N(model=N(hf_assets_path=""), job=N(dump_folder=sys.argv[1]),
@@ -294,9 +298,9 @@ def test_build_tokenizer_picks_the_format(env, tok_dir, tmp_path):
     (only_tiktoken / "original").mkdir(parents=True)
     (only_tiktoken / "original" / "tokenizer.model").write_bytes(
         (tok_dir / "original" / "tokenizer.model").read_bytes())
-    assert isinstance(assets.build_tokenizer(job(tmp_path, str(only_tiktoken))), TiktokenTokenizer)
-    assert type(assets.build_tokenizer(job(tmp_path, str(tok_dir)))).__name__ == "HuggingFaceTokenizer"
-    forced = assets.build_tokenizer(job(tmp_path, str(tok_dir), tokenizer_format="tiktoken"))
+    assert isinstance(tokenizer_mod.build_tokenizer(job(tmp_path, str(only_tiktoken))), TiktokenTokenizer)
+    assert type(tokenizer_mod.build_tokenizer(job(tmp_path, str(tok_dir)))).__name__ == "HuggingFaceTokenizer"
+    forced = tokenizer_mod.build_tokenizer(job(tmp_path, str(tok_dir), tokenizer_format="tiktoken"))
     assert isinstance(forced, TiktokenTokenizer)
 
 

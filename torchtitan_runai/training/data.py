@@ -31,12 +31,13 @@ import functools
 import gzip
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from torchtitan_runai.assets import is_transient, redact, with_backoff
+from torchtitan_runai.config import Data
+from torchtitan_runai.hub import is_transient, redact, with_backoff
 from torchtitan_runai.errors import UserError
 
 LOCAL = "local"
@@ -46,39 +47,6 @@ _SUFFIXES = {
     ".parquet": "parquet", ".arrow": "arrow", ".txt": "text", ".txt.gz": "text",
 }
 _SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
-
-
-@dataclass
-class Data:
-    """How training text is read ([data] section)."""
-
-    text_column: str = "text"
-    """Column (JSON key) holding the text of a sample in local datasets."""
-
-    format: str = "auto"
-    """Local file format: "auto" (from the file suffix), "jsonl", "json", "parquet", "arrow", "text"."""
-
-    streaming: bool = False
-    """Stream local files instead of loading them map-style (for corpora too big to convert)."""
-
-    text_sample_by: str = "paragraph"
-    """Plain text only: one sample per "line", "paragraph" (blank-line separated) or "document"."""
-
-    cache_dir: str = ""
-    """Where `datasets` keeps its Arrow conversion of local files. Empty: its default
-    ($HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)."""
-
-    retries: int = 5
-    """Extra attempts when the Hub stream fails with 429 / 5xx / a dropped connection."""
-
-    backoff_s: float = 1.0
-    """First wait between attempts; doubled each time, capped at max_backoff_s."""
-
-    max_backoff_s: float = 16.0
-    """Longest single wait between attempts."""
-
-    stage_c4_shards: int = 8
-    """How many allenai/c4 "en" train shards (~320 MB each) the stage command copies to the PVC."""
 
 
 def _data_config(job_config: Any) -> Data:

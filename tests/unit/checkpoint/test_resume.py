@@ -1,0 +1,63 @@
+"""torchtitan_runai.checkpoint.resume: which checkpoint resumes, schedule/world-size policy, the launcher's prestart.
+
+Checkpoints here are real DCP checkpoints written by torch.distributed.checkpoint (one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from ckpt_util import config, write_ckpt
+from torchtitan_runai.checkpoint import folder as ckfolder
+from torchtitan_runai.checkpoint import resume
+from torchtitan_runai.errors import UserError
+
+
+def test_schedule_change_says_what_changes():
+    old = resume.schedule_of(config(steps=10))
+    assert resume.schedule_changes(old, resume.schedule_of(config(steps=10)), 5) == []
+    lines = resume.schedule_changes(old, resume.schedule_of(config(steps=20, warmup=4)), 5)
+    text = "\n".join(lines)
+    assert "training.steps 10 -> 20" in text and "lr_scheduler.warmup_steps 2 -> 4" in text
+    assert "--lr_scheduler.total_steps 10" in text and "warmup now ends at step 4" in text
+    # pinning total_steps keeps the schedule: only the stop step changes
+    lines = resume.schedule_changes(old, resume.schedule_of(config(steps=20, total=10)), 5)
+    assert not any("recomputed" in line for line in lines) and any("stops at step 20" in line for line in lines)
+
+
+def test_world_size_change_is_refused_with_a_way_forward(tmp_path):
+    found = ckfolder.examine(write_ckpt(tmp_path, 5, dp=2))
+    assert resume.world_size_error(found, 2, 2) is None
+    error = resume.world_size_error(found, 4, 4)
+    assert isinstance(error, UserError)
+    assert "2 -> 4" in error.line() and "initial_load_model_only" in error.line()
+
+
+def test_already_done():
+    found = ckfolder.StepFolder(10, Path("x/step-10"), True)
+    assert "at or past training.steps = 10" in resume.already_done(found, 10)
+    assert resume.already_done(found, 11) is None and resume.already_done(None, 1) is None
+
+
+def test_prestart_reports_completion_and_incomplete(tmp_path):
+    cfg = config(steps=10, dump=str(tmp_path))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_ckpt(folder, 10, steps=10)
+    write_ckpt(folder, 12, mark=False)
+    warnings = []
+    done = resume.prestart(cfg, {}, 2, 2, warn=warnings.append)
+    assert "nothing to train" in done and any("incomplete checkpoint" in w for w in warnings)
+    assert (folder / "step-12").exists()  # the launcher only reports; the trainer moves it
+    cfg.training.steps = 20
+    assert resume.prestart(cfg, {}, 2, 2, warn=warnings.append) is None
+    assert any("resuming from step 10" in w for w in warnings)
+    with pytest.raises(UserError, match="world size"):
+        resume.prestart(cfg, {}, 1, 1, warn=warnings.append)

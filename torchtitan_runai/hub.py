@@ -1,0 +1,283 @@
+"""The Hugging Face Hub: the token, retries with backoff, one-line errors, the locked cache download.
+
+Access uses ``HF_TOKEN`` from the environment (``hf_token``), passed to ``huggingface_hub`` as
+``token=``. The token is never a config field, never logged, and is redacted from every message we
+raise (``redact``). Hub failures become one-line ``UserError``s (``hub_error``): 401 (token missing
+or wrong), 403 (licence not accepted on the model page), 404 (repo, revision or file), no network,
+rate limited / Hub down (retried with exponential backoff first, ``with_backoff``: ``hub.retries``,
+``hub.backoff_s``). ``HF_ENDPOINT`` is honoured (read at call time), which is how the tests point the
+real client at a fake Hub on 127.0.0.1.
+
+The cache is ``hub.cache_dir``, else ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``<job.dump_folder>/hf_cache`` (``resolve_cache_dir``). ``locked_download`` makes one process per
+cache download while the others wait, then read the cache (``cached_snapshot``, no network).
+``offline()`` is ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``. What is downloaded (the tokenizer
+files) is the caller's business: ``torchtitan_runai.training.tokenizer`` and ``stage``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+
+from torchtitan_runai import storage
+from torchtitan_runai.config import Hub
+from torchtitan_runai.errors import UserError
+
+TOKEN_ENV = "HF_TOKEN"
+OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+T = TypeVar("T")
+# Plain logging (propagates to torchtitan's root handler).
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets
+
+def hf_token() -> str | None:
+    """The Hub token from the environment (HF_TOKEN), or None."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """``text`` with the Hub token (HF_TOKEN) replaced by ``***``."""
+    token = token if token is not None else hf_token()
+    return text.replace(token, "***") if token else text
+
+
+# ---------------------------------------------------------------------------------------------
+# where
+
+
+def offline(env: Mapping[str, str] | None = None) -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) asks for no network."""
+    env = os.environ if env is None else env
+    return any(env.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENVS)
+
+
+def resolve_cache_dir(hub: Hub, dump_folder: str = "./outputs") -> Path:
+    """The Hub download cache: hub.cache_dir, $HF_HUB_CACHE, $HF_HOME/hub, <dump_folder>/hf_cache."""
+    if hub.cache_dir:
+        return Path(hub.cache_dir).expanduser()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return storage.default_hub_cache(dump_folder)
+
+
+def _snapshot_folder(path: str | Path, name: str) -> Path:
+    """The snapshot folder of a cached file ``name`` (which may sit in a subfolder, original/...)."""
+    folder = Path(path).parent
+    for _ in Path(name).parts[:-1]:
+        folder = folder.parent
+    return folder
+
+
+def cached_snapshot(hub: Hub, cache_dir: Path, usable: Callable[[Path], bool] = lambda folder: True) -> Path | None:
+    """The cached snapshot folder of ``hub.repo_id``@``hub.revision`` holding any of ``hub.files``
+    that ``usable`` accepts; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in hub.files:
+        found = try_to_load_from_cache(hub.repo_id, name, cache_dir=str(cache_dir),
+                                       revision=hub.revision)
+        if isinstance(found, str):
+            folder = _snapshot_folder(found, name)
+            if usable(folder):
+                return folder
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# downloading
+
+
+def _lock_name(repo_id: str) -> str:
+    return "runai-tokenizer-" + repo_id.replace("/", "--") + ".lock"
+
+
+def locked_download(hub: Hub, cache_dir: Path, usable: Callable[[Path], bool], what: str) -> Path:
+    """The snapshot folder of ``hub.files`` in ``cache_dir``: from the cache when ``usable`` accepts
+    it, else downloaded (once per cache: a file lock). ``what`` names the files in messages."""
+    from filelock import FileLock, Timeout
+
+    cache_dir = Path(cache_dir)
+    try:
+        (cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError("hub.cache_dir", str(cache_dir), f"cannot create the cache folder ({error})",
+                        "set hub.cache_dir (or HF_HUB_CACHE) to a writable folder, e.g. on the PVC")
+    lock = FileLock(str(cache_dir / ".locks" / _lock_name(hub.repo_id)), timeout=hub.lock_timeout_s)
+    try:
+        with lock:
+            cached = cached_snapshot(hub, cache_dir, usable)
+            if cached is not None:
+                return cached
+            if offline() or not hub.allow_download:
+                setting = "HF_HUB_OFFLINE" if offline() else "hub.allow_download"
+                raise UserError(
+                    setting, os.environ.get("HF_HUB_OFFLINE") if offline() else False,
+                    f"downloads are off and the {what} of {hub.repo_id}@{hub.revision} is not in "
+                    f"the cache {cache_dir}",
+                    "stage it first (python -m torchtitan_runai.stage --config FILE) or point "
+                    "hub.cache_dir / HF_HUB_CACHE at the staged cache",
+                )
+            folder = None
+            for name in hub.files:
+                path = download_file(hub, name, cache_dir=cache_dir)
+                if path is not None:
+                    folder = _snapshot_folder(path, name)
+            if folder is None or not usable(folder):
+                raise UserError(
+                    "hub.repo_id", hub.repo_id,
+                    f"the repo has none of the tokenizer files {hub.files} at revision {hub.revision}",
+                    "name a repo with tokenizer.json or original/tokenizer.model, or fix hub.files",
+                )
+            return folder
+    except Timeout:
+        raise UserError("hub.lock_timeout_s", hub.lock_timeout_s,
+                        f"another process held the download lock in {cache_dir} too long",
+                        "check for a stuck process, or remove the stale lock file under .locks/")
+
+
+def download_file(hub: Hub, name: str, *, cache_dir: Path | None = None, local_dir: Path | None = None,
+                  repo_type: str | None = None, optional: bool = True) -> Path | None:
+    """One file of ``hub.repo_id`` through our backoff and errors; None when an optional file is
+    absent from the repo. Into the cache (``cache_dir``) or a plain folder (``local_dir``)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    token = hf_token()
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+    url = hf_hub_url(hub.repo_id, name, revision=hub.revision, endpoint=endpoint, repo_type=repo_type)
+    try:
+        # A HEAD without the client's own retries first, so that rate limits and outages go
+        # through our bounded backoff (and tests can keep it short).
+        with_backoff(
+            lambda: get_hf_file_metadata(url, token=token or False, endpoint=endpoint),
+            retries=hub.retries, backoff_s=hub.backoff_s, max_backoff_s=hub.max_backoff_s,
+            what=f"Hub download of {hub.repo_id}",
+        )
+        path = hf_hub_download(
+            hub.repo_id, name, revision=hub.revision, repo_type=repo_type,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            local_dir=str(local_dir) if local_dir is not None else None,
+            token=token or False, endpoint=endpoint,
+        )
+    except RemoteEntryNotFoundError as error:
+        if optional:
+            return None  # optional file absent from this repo
+        raise hub_error(error, hub, token) from None
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every Hub failure becomes one line
+        raise hub_error(error, hub, token) from None
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and retries
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: rate limit, Hub/server error, dropped or refused connection, timeout."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        return status in (408, 429) or (status is not None and status >= 500)
+    return isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError))
+
+
+def with_backoff(fn: Callable[[], T], *, retries: int, backoff_s: float, max_backoff_s: float,
+                 what: str, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, retried on transient errors with exponential backoff, at most ``retries`` times."""
+    wait = backoff_s
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001
+            if attempt >= retries or not is_transient(error):
+                raise
+            logger.warning(f"{what}: {redact(type(error).__name__ + ': ' + str(error)).splitlines()[0]}"
+                           f"; retry {attempt + 1}/{retries} in {wait:.1f}s")
+            sleep(wait)
+            wait = min(max_backoff_s, wait * 2)
+    raise AssertionError("unreachable")
+
+
+def hub_error(error: BaseException, hub: Hub, token: str | None) -> UserError:
+    """A Hub failure as one actionable line (token redacted)."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"https://huggingface.co/{hub.repo_id}"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    token_state = "HF_TOKEN is set" if token else "HF_TOKEN is not set"
+    if isinstance(error, GatedRepoError) and status == 403:
+        result = UserError(
+            "hub.repo_id", hub.repo_id,
+            "403 Forbidden: the licence of this gated model has not been accepted for the account "
+            "of HF_TOKEN",
+            f"sign in at {page}, accept the licence on the model page, wait for approval, then retry",
+        )
+    elif isinstance(error, RevisionNotFoundError):
+        result = UserError("hub.revision", hub.revision, f"404: no such revision in {hub.repo_id}",
+                           "use an existing branch, tag or commit")
+    elif status == 401 or (isinstance(error, GatedRepoError) and status != 403):
+        result = UserError(
+            TOKEN_ENV, "***" if token else None,
+            f"401 Unauthorized from the Hub for {hub.repo_id} ({token_state}; the token is missing, "
+            "wrong or expired)",
+            "create a read token at https://huggingface.co/settings/tokens and pass it as the "
+            "HF_TOKEN environment variable (e.g. runai -e HF_TOKEN=$HF_TOKEN)",
+        )
+    elif isinstance(error, RepositoryNotFoundError) or status == 404:
+        result = UserError("hub.repo_id", hub.repo_id,
+                           f"404: repository not found ({token_state}; private repos need a token "
+                           "with access)", "check the repo name on https://huggingface.co")
+    elif isinstance(error, OfflineModeIsEnabled):
+        result = UserError("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE"),
+                           "offline mode and the tokenizer is not cached",
+                           "stage it with python -m torchtitan_runai.stage, or unset HF_HUB_OFFLINE")
+    elif status == 429:
+        result = UserError(
+            "hub.repo_id", hub.repo_id,
+            f"429 rate limited by the Hub after {hub.retries + 1} attempts",
+            "stage the tokenizer onto the PVC once (python -m torchtitan_runai.stage) so pods do "
+            "not all call the Hub, or raise hub.retries / hub.backoff_s",
+        )
+    elif isinstance(error, HfHubHTTPError) and status is not None and status >= 500:
+        result = UserError("hub.repo_id", hub.repo_id,
+                           f"the Hub answered {status} after {hub.retries + 1} attempts",
+                           "retry later, or use a staged cache with HF_HUB_OFFLINE=1")
+    elif isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        result = UserError(
+            "HF_ENDPOINT", endpoint,
+            f"cannot reach the Hub (no network? {type(error).__name__}) after {hub.retries + 1} "
+            "attempts",
+            "check the pod's network/proxy, or stage the tokenizer and set HF_HUB_OFFLINE=1",
+        )
+    else:
+        result = UserError("hub.repo_id", hub.repo_id,
+                           f"download failed: {type(error).__name__}: {str(error).splitlines()[0]}",
+                           "check hub.* settings and HF_TOKEN")
+    if token:
+        result.why, result.fix = redact(result.why, token), redact(result.fix, token)
+        result.args = (result.line(),)
+    return result
+

@@ -1,0 +1,219 @@
+"""The tokenizer: where its files come from, and the object that reads them.
+
+Resolution (``ensure_tokenizer``), in order:
+
+1. ``model.hf_assets_path`` already holds a tokenizer (``tokenizer.json``, or Meta's tiktoken file
+   ``original/tokenizer.model`` / ``tokenizer.model``): use it, no network.
+2. Otherwise, with ``hub.repo_id`` set (the cluster recipes name ``meta-llama/Llama-3.1-8B``), the
+   tokenizer files only (``hub.files``) come from the Hub cache. The cache is ``hub.cache_dir``, else
+   ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``<job.dump_folder>/hf_cache`` (the dump folder is on
+   the PVC in cluster recipes, so the cache is shared by every pod and every later job). A file
+   lock in the cache makes one process per cache download while the others wait, then read the
+   cache: whoever comes first (any rank of a node) does the work.
+   ``HF_HUB_OFFLINE=1`` reads the cache only and fails clearly when the files are not there.
+3. Otherwise: a ``UserError`` naming ``model.hf_assets_path`` and its value.
+
+Hub access (the ``HF_TOKEN`` path, retries, one-line errors, the locked download) is
+``torchtitan_runai.hub``; this module only says which files make a tokenizer.
+
+The tokenizer (``build_tokenizer``): torchtitan's ``HuggingFaceTokenizer`` for ``tokenizer.json``;
+``TiktokenTokenizer`` for Meta's original file, which gives the same ids as Llama 3's
+``tokenizer.json`` (same regex, same ranks, the 256 special tokens after the base vocabulary,
+``<|begin_of_text|>`` added by default as the Hugging Face post-processor does).
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, Callable
+
+from torchtitan_runai import hub
+from torchtitan_runai.config import Hub
+from torchtitan_runai.errors import UserError
+from torchtitan_runai.upstream import BaseTokenizer, HuggingFaceTokenizer
+
+TOKENIZER_JSON = "tokenizer.json"
+TIKTOKEN_FILES = ("original/tokenizer.model", "tokenizer.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+
+
+def find_tokenizer_files(folder: Path, tokenizer_format: str = "auto") -> Path | None:
+    """The tokenizer file in ``folder`` that ``load_tokenizer`` would use, or None."""
+    hf = folder / TOKENIZER_JSON
+    tiktoken_files = [folder / name for name in TIKTOKEN_FILES]
+    candidates = {
+        "auto": [hf, *tiktoken_files],
+        "hf": [hf],
+        "tiktoken": tiktoken_files,
+    }.get(tokenizer_format)
+    if candidates is None:
+        raise UserError("hub.tokenizer_format", tokenizer_format, "unknown tokenizer format",
+                        'use "auto", "hf" or "tiktoken"')
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def ensure_tokenizer(job_config: Any) -> Path:
+    """The folder holding the job's tokenizer, downloading it first if needed (see module doc)."""
+    hub_section = getattr(job_config, "hub", None) or Hub()
+    return resolve_tokenizer(
+        assets_path=job_config.model.hf_assets_path,
+        hub=hub_section,
+        cache_dir=hub.resolve_cache_dir(hub_section, job_config.job.dump_folder),
+    )
+
+
+def resolve_tokenizer(assets_path: str | None, hub: Hub, cache_dir: Path) -> Path:
+    """``ensure_tokenizer`` with explicit arguments."""
+    if assets_path:
+        folder = Path(assets_path).expanduser()
+        if folder.is_dir() and find_tokenizer_files(folder, hub.tokenizer_format):
+            return folder
+    if not hub.repo_id:
+        if not assets_path or not Path(assets_path).expanduser().exists():
+            why = "the tokenizer folder does not exist and no hub.repo_id is set to download it from"
+        else:
+            why = "the folder has no tokenizer.json or original/tokenizer.model and no hub.repo_id is set"
+        raise UserError(
+            "model.hf_assets_path", assets_path, why,
+            "point it at a folder with the tokenizer files, or set hub.repo_id "
+            '(e.g. "meta-llama/Llama-3.1-8B") and export HF_TOKEN',
+        )
+    return download_tokenizer(hub, cache_dir)
+
+
+def _usable(hub_section: Hub) -> Callable[[Path], bool]:
+    return lambda folder: find_tokenizer_files(folder, hub_section.tokenizer_format) is not None
+
+
+def cached_tokenizer(hub_section: Hub, cache_dir: Path) -> Path | None:
+    """The cached snapshot folder holding a usable tokenizer of ``hub.repo_id``, or None; no network."""
+    return hub.cached_snapshot(hub_section, cache_dir, _usable(hub_section))
+
+
+def download_tokenizer(hub_section: Hub, cache_dir: Path) -> Path:
+    """Fetch ``hub.files`` of ``hub.repo_id`` into ``cache_dir`` (once: file lock), return their folder."""
+    return hub.locked_download(hub_section, cache_dir, _usable(hub_section), "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer objects
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL = 256
+# tiktoken's Rust core can overflow its stack on very long inputs (openai/tiktoken#195)
+_MAX_ENCODE_CHARS = 400_000
+
+
+def llama3_special_tokens() -> list[str]:
+    named = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    ]
+    rest = LLAMA3_NUM_SPECIAL - len(named)
+    return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(rest)]
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Meta's tokenizer.model (``base64 rank`` per line); a UserError for anything else."""
+    ranks: dict[bytes, int] = {}
+    try:
+        for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(
+            "model.hf_assets_path", str(path),
+            f"not a Llama 3 tiktoken file (line {number}: {type(error).__name__}); a SentencePiece "
+            "tokenizer.model (Llama 2) is not supported",
+            "use Llama 3's original/tokenizer.model or its tokenizer.json",
+        ) from None
+    if not ranks:
+        raise UserError("model.hf_assets_path", str(path), "the tiktoken file is empty",
+                        "download it again (delete it and rerun)")
+    return ranks
+
+
+class TiktokenTokenizer(BaseTokenizer):
+    """Llama 3's original ``tokenizer.model`` through tiktoken, with torchtitan's tokenizer API.
+
+    ``encode(text, add_bos=True, add_eos=False)`` mirrors torchtitan's HuggingFaceTokenizer on Llama
+    3's tokenizer.json (whose post-processor prepends ``<|begin_of_text|>``); special-token text in
+    the input is encoded as the special token, as the Hugging Face tokenizer does.
+    """
+
+    def __init__(self, model_path: str | Path):
+        super().__init__()
+        import tiktoken
+
+        self.model_path = str(model_path)
+        ranks = read_tiktoken_ranks(Path(model_path))
+        base = len(ranks)
+        self.special_tokens = {t: base + i for i, t in enumerate(llama3_special_tokens())}
+        self.model = tiktoken.Encoding(
+            name=Path(model_path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+        self.bos_id = self.special_tokens[self.bos_token]
+        self.eos_id = self.special_tokens[self.eos_token]
+        self.pad_id = -1
+
+    def encode(self, *args, **kwargs) -> list[int]:
+        text = args[0] if args else kwargs.get("text", "")
+        add_bos = kwargs.get("add_bos", kwargs.get("bos", True))
+        add_eos = kwargs.get("add_eos", kwargs.get("eos", False))
+        ids: list[int] = []
+        for chunk in _chunks(text):
+            ids.extend(self.model.encode(chunk, allowed_special="all", disallowed_special=()))
+        if add_bos:
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, *args, **kwargs) -> str:
+        ids = args[0] if args else kwargs.get("token_ids", [])
+        return self.model.decode(list(ids))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.n_vocab
+
+    def get_vocab_size(self) -> int:
+        return self.model.n_vocab
+
+
+def _chunks(text: str):
+    """Very long text in pieces cut at whitespace (tiktoken's core can overflow on huge inputs)."""
+    while len(text) > _MAX_ENCODE_CHARS:
+        cut = max(text.rfind(" ", 0, _MAX_ENCODE_CHARS), text.rfind("\n", 0, _MAX_ENCODE_CHARS))
+        cut = cut if cut > 0 else _MAX_ENCODE_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def load_tokenizer(folder: Path, tokenizer_format: str = "auto"):
+    """torchtitan's HuggingFaceTokenizer for tokenizer.json, else our TiktokenTokenizer."""
+    found = find_tokenizer_files(Path(folder), tokenizer_format)
+    if found is None:
+        raise UserError("model.hf_assets_path", str(folder), "no tokenizer.json or "
+                        "original/tokenizer.model in the folder", "see docs/data.md")
+    if found.name == TOKENIZER_JSON:
+        return HuggingFaceTokenizer(str(folder))
+    return TiktokenTokenizer(found)
+
+
+def build_tokenizer(job_config: Any):
+    """TrainSpec.build_tokenizer_fn: resolve (download if needed) and load the tokenizer."""
+    hub_section = getattr(job_config, "hub", None) or Hub()
+    return load_tokenizer(ensure_tokenizer(job_config), hub_section.tokenizer_format)
