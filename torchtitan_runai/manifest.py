@@ -44,7 +44,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torchtitan_runai import errors, storage
 from torchtitan_runai.errors import UserError

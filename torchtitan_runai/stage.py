@@ -29,7 +29,6 @@ from typing import Any
 
 from torchtitan_runai import errors, hub
 from torchtitan_runai.config import Data, Hub
-from torchtitan_runai.errors import UserError
 from torchtitan_runai.training import tokenizer
 from torchtitan_runai.training.data import LOCAL, check_dataset, find_data_files
 

@@ -42,7 +42,6 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from torchtitan_runai.config import CheckpointPerf
