@@ -1,10 +1,11 @@
 # torchtitan-runai training image: NGC PyTorch + torchtitan 0.2.2 + this package.
 #
 # Base image (a build argument). The default, NGC PyTorch 26.07, ships torch 2.13.0a0 (CUDA
-# 13.3.1, Python 3.12, Ubuntu 24.04): the torch line this project is tested on. Any NGC release
-# on torch >= 2.10 (25.12 or later) can be passed with --build-arg BASE_IMAGE=...;
-# docker/pin_to_image.py stops the build if the base's torch is older. docs/cluster.md ("The
-# image") lists the supported releases and how to move to another one.
+# 13.3.1, Python 3.12, Ubuntu 24.04): the torch line this project is tested on, and the first
+# release whose pinned packages fit huggingface_hub 2.x (click >= 8.4.2, idna >= 3.18). Another
+# can be passed with --build-arg BASE_IMAGE=...; the build stops if the base's torch is older than
+# 2.10 or its pins conflict with pyproject.toml's ranges. docs/cluster.md ("The image") lists the
+# supported releases and how to move to another one.
 #
 # torch is never reinstalled: every package the base image ships is pinned to its installed
 # version (as NGC's own /etc/pip/constraint.txt does), pyproject.toml's compatible ranges are
@@ -33,15 +34,21 @@ WORKDIR ${APP_DIR}
 COPY pyproject.toml docker/pin_to_image.py docker/
 RUN python docker/pin_to_image.py plan docker/pyproject.toml \
         --constraints /etc/torchtitan-runai-constraints.txt --requirements /tmp/requirements.txt \
-    && python -m pip install --no-cache-dir \
-        -c /etc/torchtitan-runai-constraints.txt -r /tmp/requirements.txt \
+    && { python -m pip install --no-cache-dir \
+            -c /etc/torchtitan-runai-constraints.txt -r /tmp/requirements.txt \
+        || { echo "pyproject.toml's ranges cannot be resolved against this base's pinned packages" \
+                  "(pip names the conflict above). Fix: a BASE_IMAGE that docs/cluster.md lists as" \
+                  "supported, or widen the range in pyproject.toml if the project works with the base's version" >&2; \
+             exit 1; }; } \
     && rm /tmp/requirements.txt docker/pyproject.toml \
     && python -m pip check
 
 # --no-deps: the layer above installed exactly these dependencies from the same pyproject.toml;
-# `pip check` proves the package's requirements are met.
+# `pip check` proves the package's requirements are met. --no-build-isolation: build with the
+# base's setuptools instead of fetching one, so a code change rebuilds without the network.
 COPY . .
-RUN python -m pip install --no-cache-dir --no-deps -c /etc/torchtitan-runai-constraints.txt . \
+RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation \
+        -c /etc/torchtitan-runai-constraints.txt . \
     && python -m pip check \
     && python docker/pin_to_image.py verify /etc/torchtitan-runai-constraints.txt \
     && python -c "import torch, torchtitan, torchtitan_runai; print('torch', torch.__version__)" \

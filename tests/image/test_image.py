@@ -176,7 +176,7 @@ def test_sigterm_checkpoints_exits_143_and_the_next_run_resumes(images, tmp_path
     sh([*run[:2], "-d", *run[2:]])
     try:
         log = wait_for_log(name, lambda text: max(steps(text), default=0) >= 13, timeout=600)
-        # tini is PID 1 (it forwards the signal and reaps); the launcher is its grandchild
+        # tini is PID 1 (it forwards the signal and reaps); the entrypoint scripts exec the launcher
         assert sh(["podman", "exec", name, "cat", "/proc/1/comm"]).stdout.strip() == "tini"
         sh(["podman", "stop", "--time", "120", name], timeout=300)  # SIGTERM, SIGKILL only after 120 s
         state = json.loads(sh(["podman", "inspect", name]).stdout)[0]["State"]
