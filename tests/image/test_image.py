@@ -148,6 +148,13 @@ def test_torch_and_triton_are_the_bases_byte_for_byte(images):
     assert all(l.endswith("modified: 0") for l in image if l), image  # every file matches its RECORD hash
 
 
+def test_the_build_time_ca_bundle_is_not_in_the_image(images):
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    digest = ["-c", f"import hashlib; print(hashlib.sha256(open({bundle!r}, 'rb').read()).hexdigest())"]
+    base_digest, image_digest = (in_image(images[k], *digest).stdout.strip() for k in ("base", "image"))
+    assert image_digest == base_digest  # the base's own bundle; the host's was only mounted during the build
+
+
 def test_dry_run_prints_the_torchrun_command(images):
     proc = sh([*PODMAN_RUN, "--rm", *REHEARSAL_ENV, images["image"], "--dry-run"], timeout=300)
     last = proc.stdout.rstrip("\n").splitlines()[-1]
