@@ -61,7 +61,7 @@ cp "${here}/Containerfile" "${here}/packages.txt" "${here}/nvidia_entrypoint.sh"
 ln "${rootfs}" "${context}/rootfs.tar" 2>/dev/null || cp "${rootfs}" "${context}/rootfs.tar"
 
 echo "building stand-in ${tag}" >&2
-buildah bud --isolation oci --runtime runc --format docker --layers \
+buildah bud --isolation oci --runtime runc --format docker --layers --force-rm \
     --volume "${wheels}:/standin-wheels:ro" \
     --volume "${ca_bundle}:/etc/ssl/certs/ca-certificates.crt:ro" \
     --build-arg "NGC_RELEASE=${NGC_RELEASE}" \
