@@ -1,23 +1,26 @@
 # torchtitan-runai training image: NGC PyTorch + torchtitan 0.2.2 + this package.
 #
-# Base image. torchtitan 0.2.2 is built and tested against torch 2.10 nightlies; NGC PyTorch 25.12
-# is the first NGC release on torch 2.10 (2.10.0a0+b4e4ee81d3, CUDA 13.1, Python 3.12,
-# Ubuntu 24.04; release notes of 25.12). The seed's 25.01 (torch 2.6) predates APIs torchtitan
-# 0.2.2 imports. A newer tag (torch >= 2.10) can be passed with --build-arg BASE_IMAGE=...;
-# docker/pin_to_image.py stops the build if the base's torch is older than 2.10.
+# Base image (a build argument). The default, NGC PyTorch 26.07, ships torch 2.13.0a0 (CUDA
+# 13.3.1, Python 3.12, Ubuntu 24.04): the torch line this project is tested on, and the first
+# release whose pinned packages fit huggingface_hub 2.x (click >= 8.4.2, idna >= 3.18). Another
+# can be passed with --build-arg BASE_IMAGE=...; the build stops if the base's torch is older than
+# 2.10 or its pins conflict with pyproject.toml's ranges. docs/cluster.md ("The image") lists the
+# supported releases and how to move to another one.
 #
 # torch is never reinstalled: every package the base image ships is pinned to its installed
-# version in a constraints file before anything is installed, and verified unchanged afterwards
-# (docker/pin_to_image.py). Our own dependencies come from docker/requirements.lock.
+# version (as NGC's own /etc/pip/constraint.txt does), pyproject.toml's compatible ranges are
+# resolved against those pins at build time, the result must pass `pip check`, and the base's
+# packages are verified unchanged afterwards (docker/pin_to_image.py).
 #
 # Runs as any non-root UID (Kubernetes runAsUser, OpenShift random UIDs): HOME, the caches and
 # /outputs are world-writable (sticky) and USER is numeric so runAsNonRoot can verify it.
 # PID 1 is tini: it forwards SIGTERM to the launcher (which owns the emergency checkpoint) and
 # reaps orphaned dataloader and async-checkpoint processes.
-ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.07-py3
 FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+USER 0
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends "tini=0.19.*" \
@@ -27,18 +30,26 @@ RUN apt-get update \
 ENV APP_DIR=/workspace/torchtitan-runai
 WORKDIR ${APP_DIR}
 
-# Dependencies first, so code edits do not rebuild this layer.
-COPY docker/requirements.lock docker/pin_to_image.py docker/
-RUN python docker/pin_to_image.py plan docker/requirements.lock \
+# Dependencies first (only pyproject.toml decides them), so code edits do not rebuild this layer.
+COPY pyproject.toml docker/pin_to_image.py docker/
+RUN python docker/pin_to_image.py plan docker/pyproject.toml \
         --constraints /etc/torchtitan-runai-constraints.txt --requirements /tmp/requirements.txt \
-    && python -m pip install --no-cache-dir \
-        -c /etc/torchtitan-runai-constraints.txt -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && { python -m pip install --no-cache-dir \
+            -c /etc/torchtitan-runai-constraints.txt -r /tmp/requirements.txt \
+        || { echo "pyproject.toml's ranges cannot be resolved against this base's pinned packages" \
+                  "(pip names the conflict above). Fix: a BASE_IMAGE that docs/cluster.md lists as" \
+                  "supported, or widen the range in pyproject.toml if the project works with the base's version" >&2; \
+             exit 1; }; } \
+    && rm /tmp/requirements.txt docker/pyproject.toml \
+    && python -m pip check
 
-# --no-deps: pyproject.toml pins exact versions for a bare venv; here the image's versions win
-# and the lock filled in the rest (tests/unit/test_dockerfile.py checks the lock covers pyproject).
+# --no-deps: the layer above installed exactly these dependencies from the same pyproject.toml;
+# `pip check` proves the package's requirements are met. --no-build-isolation: build with the
+# base's setuptools instead of fetching one, so a code change rebuilds without the network.
 COPY . .
-RUN python -m pip install --no-cache-dir --no-deps -c /etc/torchtitan-runai-constraints.txt . \
+RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation \
+        -c /etc/torchtitan-runai-constraints.txt . \
+    && python -m pip check \
     && python docker/pin_to_image.py verify /etc/torchtitan-runai-constraints.txt \
     && python -c "import torch, torchtitan, torchtitan_runai; print('torch', torch.__version__)" \
     && chmod 0755 run_llama_train.sh \
