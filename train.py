@@ -3,10 +3,11 @@
 Launch through run_llama_train.sh (pods) or `make train` (the CPU rehearsal), not directly.
 """
 
-import sys
-
 from torchtitan_runai.errors import cli
-from torchtitan_runai.trainer import run
 
 if __name__ == "__main__":
+    # Imported here, not at module level: DCP's checkpoint-writing process is a ``spawn`` child that
+    # re-imports this file, and needs torch, not torchtitan (13 s cold on a GPU host).
+    from torchtitan_runai.trainer import run
+
     cli(run, prog="train.py")

@@ -4,7 +4,7 @@ It registers what the benchmark needs and torchtitan has no command line for:
 
 * model flavors in llama3's flavor table (``llama3_args``, shared by the stock "llama3" spec):
   ``8B_proxy8`` = Llama 3.1 8B shape truncated to 8 layers (2.80 B parameters, FSDP-free on one
-  GPU) and ``toy`` (for the CPU smoke mode);
+  GPU), ``8B_proxy4`` (4 layers, 1.92 B: ``bench.preemption``) and ``toy`` (for the CPU smoke mode);
 * the train spec ``llama3_bench_ours``: stock llama3 with this fork's model class
   (``FusedHeadTransformer``) and loss builder; the loss variant comes from ``BENCH_LOSS``
   (plain | chunked | fused) and ``BENCH_LOSS_CHUNK``, so the harness can isolate each lever with
@@ -27,6 +27,7 @@ from torchtitan_runai.training import device
 from torchtitan_runai.upstream import get_train_spec, llama3, register_train_spec
 
 PROXY_FLAVOR = "8B_proxy8"
+PROXY4_FLAVOR = "8B_proxy4"  # bench.preemption: a 23 GB full checkpoint on one GPU
 TOY_FLAVOR = "toy"
 BENCH_SPEC = "llama3_bench_ours"
 
@@ -34,6 +35,11 @@ BENCH_SPEC = "llama3_bench_ours"
 def proxy_args():
     """Llama 3.1 8B with 8 of its 32 layers."""
     return dataclasses.replace(llama3.llama3_args["8B"], n_layers=8)
+
+
+def proxy4_args():
+    """Llama 3.1 8B with 4 of its 32 layers (1.92 B parameters)."""
+    return dataclasses.replace(llama3.llama3_args["8B"], n_layers=4)
 
 
 def toy_args():
@@ -45,6 +51,7 @@ def toy_args():
 def register() -> None:
     flavors = llama3.llama3_args
     flavors.setdefault(PROXY_FLAVOR, proxy_args())
+    flavors.setdefault(PROXY4_FLAVOR, proxy4_args())
     flavors.setdefault(TOY_FLAVOR, toy_args())
     try:
         get_train_spec(BENCH_SPEC)

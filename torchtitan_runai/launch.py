@@ -58,8 +58,12 @@ Variables (all optional except where a shape needs them):
                         every rank.
 ``LOCAL_ADDR``          address this node advertises at rendezvous (default ``POD_IP`` when set);
                         needed when the pod's hostname does not resolve from other pods.
-``SHUTDOWN_TIMEOUT``    seconds the workers get to checkpoint and exit after SIGTERM before they are
-                        killed (default 25; keep it below the pod's terminationGracePeriodSeconds).
+``SHUTDOWN_TIMEOUT``    seconds the workers get to checkpoint and exit after SIGTERM before torchrun
+                        kills them (default: the grace period below less 5 s, i.e. 25). Only torch
+                        >= 2.13's torchrun honours it; 2.10/2.11 always kill after 30 s.
+``TERMINATION_GRACE_PERIOD_SECONDS``  the pod's terminationGracePeriodSeconds (the manifest
+                        generator sets it; default 30, Kubernetes'). Preflight checks that a
+                        preemption checkpoint fits (``torchtitan_runai.preflight``).
 ``OUTPUT_DIR``          absolute path of the PVC mount: the dump folder (checkpoints, TensorBoard),
                         the Hugging Face cache (``HF_HOME``) and the Inductor cache go under it
                         (``torchtitan_runai.storage``). Unset: the config's ``job.dump_folder``.
@@ -240,7 +244,7 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
         rdzv_conf=_rdzv_conf(env, timeout),
         local_addr=(env.get("LOCAL_ADDR") or env.get("POD_IP") or None),
         log_ranks=log_ranks,
-        shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", minimum=1, default=25),
+        shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", minimum=1, default=storage.default_shutdown_timeout(env)),
         notes=(f"processes per node from {nproc_source}",),
     )
     if env.get("PET_RDZV_ENDPOINT"):
@@ -507,7 +511,8 @@ def main(argv: list[str]) -> int:
 
     gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
     preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env,
-                                              local_ranks=plan.nproc_per_node, tokenizer_check=False))
+                                              local_ranks=plan.nproc_per_node, tokenizer_check=False,
+                                              shutdown_timeout=plan.shutdown_timeout))
     shutdown_flag = torchrun_supports("--shutdown_timeout")
     if not shutdown_flag:
         os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(plan.shutdown_timeout)

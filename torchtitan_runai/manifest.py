@@ -167,7 +167,8 @@ def build_pod_template(spec: JobSpec, master: bool) -> dict[str, Any]:
         "name": "pytorch",  # the training operator injects its env only into this container
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
-        "env": _k8s_env(spec),
+        # the grace period this spec sets, so the launcher and preflight budget the SIGTERM checkpoint
+        "env": [*_k8s_env(spec), {"name": storage.GRACE_PERIOD_ENV, "value": str(spec.grace_seconds)}],
         "resources": {
             "limits": {"nvidia.com/gpu": spec.gpus_per_node},
             "requests": {"nvidia.com/gpu": spec.gpus_per_node},

@@ -35,6 +35,28 @@ What is checked
 ``tokenizer``    the tokenizer is in ``model.hf_assets_path`` or the Hub cache, or can be downloaded
                  (``hub.repo_id`` set, downloads allowed); nothing is downloaded here. A Hub
                  download without ``HF_TOKEN`` is a warning: Meta's repos are gated.
+``grace period``  will the preemption checkpoint fit in the time the workers get after SIGTERM?
+                 (``check_grace_budget``, below; a warning, never an error).
+
+The grace budget
+----------------
+
+When Kubernetes preempts a pod it sends SIGTERM and, ``terminationGracePeriodSeconds`` later,
+SIGKILL. torchrun forwards the SIGTERM at once and itself SIGKILLs the workers after its kill
+window: a fixed 30 s on torch <= 2.11 (NGC 25.12's 2.10, the GPU image's 2.11), whatever
+``SHUTDOWN_TIMEOUT`` says; ``SHUTDOWN_TIMEOUT`` (``--shutdown_timeout``) on torch >= 2.13. The
+workers' budget is the smaller of the two, less a few seconds for torchrun and the launcher to exit.
+
+The facts: the pod's grace period comes from ``TERMINATION_GRACE_PERIOD_SECONDS``
+(``storage.grace_period``: ``torchtitan_runai.manifest`` sets it to the spec's
+``terminationGracePeriodSeconds``), else Kubernetes' default 30 s; the kill window of the installed
+torchrun from ``torchrun_kill_window``. What a preemption costs in the worst case: the upload of
+the interval checkpoint that had just started, then the preemption checkpoint, each a node's share
+of the checkpoint (12 bytes per parameter / nodes) at the write speed of the checkpoint folder,
+measured here by a short probe (``probe_write_speed``: ``checkpoint_perf.writer_threads`` files of
+4 MiB written in parallel and fsynced, then removed), plus a few seconds for the step in flight.
+When that exceeds the budget the launcher prints one warning with the fixes. Every preemption also
+logs what it took: ``preemption: signal -> step N checkpoint marked in X s (...)``.
 
 The memory estimate (``estimate_memory``) is ``torchtitan_runai.memory_estimate``.
 """
@@ -47,6 +69,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -253,10 +277,112 @@ def checkpoint_folder_of(config: Any, env: Mapping[str, str]) -> str:
                                    config.metrics.save_tb_folder).checkpoint_folder
 
 
+# ---------------------------------------------------------------------------------------------
+# The grace budget (module docstring)
+
+TORCHRUN_FIXED_KILL_S = 30  # torch <= 2.11: LocalElasticAgent._shutdown -> pcontext.close(timeout=30)
+EXIT_MARGIN_S = 3  # torchrun and the launcher exiting after the workers
+STEP_MARGIN_S = 5  # the step in flight when the signal comes, and the ranks agreeing on the boundary
+PROBE_BYTES_PER_THREAD = 4 << 20
+
+
+def torchrun_kill_window(shutdown_timeout: int) -> tuple[int, str]:
+    """(seconds from SIGTERM to torchrun's SIGKILL of the workers, why) for the installed torch."""
+    from torch.distributed.run import get_args_parser
+
+    if "--shutdown_timeout" in get_args_parser()._option_string_actions:
+        return shutdown_timeout, f"SHUTDOWN_TIMEOUT={shutdown_timeout}"
+    return TORCHRUN_FIXED_KILL_S, f"this torchrun's fixed {TORCHRUN_FIXED_KILL_S} s (it has no --shutdown_timeout)"
+
+
+def probe_write_speed(folder: str | os.PathLike, threads: int, bytes_per_thread: int = PROBE_BYTES_PER_THREAD) -> float:
+    """Bytes/s of ``threads`` files written in parallel into ``folder`` and fsynced (then removed),
+    the way DCP's writer threads write a checkpoint."""
+    folder = _existing_ancestor(Path(folder))  # nothing is created
+    block = os.urandom(1 << 20)
+    paths = [folder / f".write-speed-probe-{os.getpid()}-{i}" for i in range(threads)]
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            for _ in range(max(1, bytes_per_thread >> 20)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+
+    began = time.perf_counter()
+    workers = [threading.Thread(target=write, args=(path,)) for path in paths]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        took = time.perf_counter() - began
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return threads * max(1, bytes_per_thread >> 20) * (1 << 20) / max(took, 1e-6)
+
+
+@dataclass(frozen=True)
+class GraceBudget:
+    """What a preemption needs against what the workers get (seconds)."""
+
+    grace_s: int
+    grace_source: str
+    kill_window_s: int
+    kill_source: str
+    node_bytes: float
+    write_bps: float
+
+    @property
+    def budget_s(self) -> float:
+        return min(self.grace_s - EXIT_MARGIN_S, self.kill_window_s)
+
+    @property
+    def save_s(self) -> float:
+        return self.node_bytes / self.write_bps
+
+    @property
+    def needed_s(self) -> float:
+        """Worst case: the upload that had just started, then the preemption save, then the step."""
+        return 2 * self.save_s + STEP_MARGIN_S
+
+
+def check_grace_budget(b: GraceBudget, folder: str) -> Finding:
+    what = (f"a preemption needs up to {b.needed_s:.0f} s (the upload in flight, then the preemption checkpoint: "
+            f"2 x {b.node_bytes / 1e9:.1f} GB per node at {b.write_bps / 1e9:.2f} GB/s measured in {folder}, "
+            f"+ {STEP_MARGIN_S} s for the step in flight); the workers get {b.budget_s:.0f} s (grace period "
+            f"{b.grace_s} s from {b.grace_source}; torchrun kills them after {b.kill_source})")
+    if b.needed_s <= b.budget_s:
+        return Finding("ok", "grace period", what)
+    fixes = [f"raise the pod's terminationGracePeriodSeconds to {int(b.needed_s + EXIT_MARGIN_S + 10)} "
+             f"(python -m torchtitan_runai.manifest --grace-period; it passes {storage.GRACE_PERIOD_ENV})"]
+    if b.kill_window_s < b.needed_s:
+        fixes.append("on torch >= 2.13 set SHUTDOWN_TIMEOUT below it (older torchrun always kills after 30 s)"
+                     if "fixed" in b.kill_source else "raise SHUTDOWN_TIMEOUT (keep it below the grace period)")
+    fixes.append("write checkpoints to faster storage or raise checkpoint_perf.writer_threads")
+    fixes.append("spread the job over more nodes (each writes a smaller share)")
+    return Finding("warning", "grace period", f"{what}, so a preemption checkpoint may be cut off (it is then "
+                                              "skipped at restart and the steps since the last complete checkpoint "
+                                              f"are lost). Fix: {'; '.join(fixes)}")
+
+
+def grace_budget(config: Any, params: int, world_size: int, local_ranks: int, env: Mapping[str, str],
+                 shutdown_timeout: int, folder: str) -> GraceBudget:
+    grace, source = storage.grace_period(env)
+    kill, kill_source = torchrun_kill_window(shutdown_timeout)
+    perf = getattr(config, "checkpoint_perf", None)
+    threads = perf.writer_threads if perf is not None else 1
+    nodes = max(1, world_size // max(local_ranks, 1))
+    return GraceBudget(grace, source, kill, kill_source, BYTES_PER_PARAM_FULL_CHECKPOINT * params / nodes,
+                       probe_write_speed(folder, threads))
+
+
 def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dry_run: bool = False,
                   env: Mapping[str, str] | None = None, shm_path: str = "/dev/shm",
                   local_ranks: int | None = None,
-                  host_limit: tuple[int | None, str] | None = None, tokenizer_check: bool = True) -> list[Finding]:
+                  host_limit: tuple[int | None, str] | None = None, tokenizer_check: bool = True,
+                  shutdown_timeout: int | None = None) -> list[Finding]:
     """Every check for a parsed config. Machine-dependent errors become warnings in a dry run.
     ``tokenizer_check=False``: the caller ran ``check_tokenizer`` already (the launcher does, first)."""
     env = os.environ if env is None else env
@@ -287,6 +413,12 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     if dry_run:
         machine = [dataclasses.replace(f, level="warning") if f.level == "error" else f for f in machine]
     findings.extend(machine)
+    folder = checkpoint_folder_of(config, env)
+    if config.checkpoint.enable and not dry_run and not any(f.level == "error" for f in machine):
+        budget = grace_budget(config, estimate.params, world_size, local_ranks or world_size, env,
+                              storage.default_shutdown_timeout(env) if shutdown_timeout is None else shutdown_timeout,
+                              folder)
+        findings.append(check_grace_budget(budget, folder))
     findings.append(check_dev_shm(shm_path))
     findings.append(Finding("info", "estimate", format_estimate(estimate, settings)))
     return findings

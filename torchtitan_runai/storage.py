@@ -250,6 +250,28 @@ def check_keep_latest_k(keep_latest_k: int, pvc_bytes: int, one_checkpoint_bytes
         )
 
 
+GRACE_PERIOD_ENV = "TERMINATION_GRACE_PERIOD_SECONDS"
+"""The pod's terminationGracePeriodSeconds, as the spec generator (``manifest``) passes it to the pod."""
+DEFAULT_GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
+SHUTDOWN_MARGIN_S = 5  # SHUTDOWN_TIMEOUT's default: the grace period less this (the launcher's own exit)
+
+
+def grace_period(env: Mapping[str, str]) -> tuple[int, str]:
+    """(seconds, where it came from): the pod's grace period from ``GRACE_PERIOD_ENV``, else 30 s."""
+    text = env.get(GRACE_PERIOD_ENV, "").strip()
+    if not text:
+        return DEFAULT_GRACE_S, "Kubernetes' default"
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(GRACE_PERIOD_ENV, text, "is not a whole number of seconds",
+                        "set it to the pod's terminationGracePeriodSeconds, e.g. 300 (the manifest generator does)")
+    return int(text), GRACE_PERIOD_ENV
+
+
+def default_shutdown_timeout(env: Mapping[str, str]) -> int:
+    """SHUTDOWN_TIMEOUT when unset: the grace period less a margin (25 s for Kubernetes' default)."""
+    return max(1, grace_period(env)[0] - SHUTDOWN_MARGIN_S)
+
+
 def recommended_grace_seconds(
     one_checkpoint_bytes: int, nodes: int, write_bytes_per_s_per_node: float = 5e8
 ) -> int:

@@ -29,8 +29,10 @@ pinned to the exact torchtitan version (``upstream``).
   on a multi-node job is a clear error, ``checkpoint.ownership.confirm_shared_folder``).
 - ``should_continue_training`` (torchtitan calls it at every step boundary): feeds the hang
   watchdog, marks finished async saves complete, and all-reduces the SIGTERM/SIGINT flag; when any
-  rank got one, every rank saves a full checkpoint of the step just finished and stops, and the
-  process exits 143 (130 for SIGINT).
+  rank got one, every rank waits for the upload in flight (and marks it), saves a full checkpoint
+  of the step just finished, logs ``preemption: signal -> step N checkpoint marked in X s (...)``
+  and stops, and the process exits 143 (130 for SIGINT) without the end-of-run teardown. A signal
+  before this process finished its first step leaves at once (``StopFlag.before_first_step``).
 
 A finished run tears down explicitly (close the checkpointer, barrier, destroy the process group)
 and leaves with ``os._exit``: stock torchtitan aborts in interpreter teardown in ~1 of 20 runs.
@@ -62,6 +64,7 @@ class RunaiTrainer(upstream.Trainer):
         logs.configure_logging_from_env()
         self.resumed_from: int | None = None
         self.stop_flag = resilience.StopFlag()
+        self.stop_flag.before_first_step = _leave_now
         self.stop_flag.install()
         res = getattr(job_config, "resilience", None) or Resilience()
         self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
@@ -126,6 +129,8 @@ class RunaiTrainer(upstream.Trainer):
     def train_step(self, data_iterator):
         self._step_loss = None
         super().train_step(data_iterator)
+        # From now on a signal is handled at the step boundary: there is a step to save.
+        self.stop_flag.before_first_step = None
         if self._step_loss is not None:
             self.step_trace.record(self.step, self._step_loss.item())
 
@@ -139,10 +144,35 @@ class RunaiTrainer(upstream.Trainer):
         self.checkpointer.finish_async(block=False)
         signum = resilience.agree(self.stop_flag.signum, self.device)
         if signum:
-            logger.warning(f"stopping at step {self.step} (signal {signum}): saving a full checkpoint")
-            self.checkpointer.save_now(self.step)
+            logger.warning(f"stopping at step {self.step} (signal {signum}): finishing the upload in flight, "
+                           "then saving a full checkpoint")
+            logger.warning(self.checkpointer.save_now(self.step, self.stop_flag.when or time.monotonic()))
             raise Preempted(signum)
         return super().should_continue_training()
+
+
+def _leave_now(signum: int) -> None:
+    """A signal before this process finished a training step: nothing new to save, so leave at once
+    (StopFlag). The checkpoint upload process may still be starting: it goes too."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _teardown_preempted(trainer) -> None:
+    """After the preemption checkpoint is marked: only what must not be lost. The pinned staging
+    memory, the process group and the plots go with the process (torchrun's kill window counts)."""
+    trainer.watchdog.stop()
+    upload = getattr(getattr(trainer, "checkpointer", None), "upload", None)
+    if upload is not None:
+        upload.kill()  # idle: every upload was waited for; a TERMINATE round trip costs seconds here
+    metrics = getattr(trainer, "metrics_processor", None)
+    if metrics is not None:
+        metrics.close()  # flushes TensorBoard
 
 
 def _teardown(trainer) -> None:
@@ -165,8 +195,13 @@ def run(argv: list[str]) -> int:
         trainer.train()
     except Preempted as stop:
         code = 128 + stop.signum
-        waited = time.monotonic() - trainer.stop_flag.when
-        logger.warning(f"checkpoint saved {waited:.2f}s after the signal; exiting {code}")
+        _teardown_preempted(trainer)
+        logger.warning(f"exiting {code} {time.monotonic() - (trainer.stop_flag.when or time.monotonic()):.2f}s "
+                       "after the signal")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     except BaseException:
         trainer.watchdog.stop()
         trainer.close()

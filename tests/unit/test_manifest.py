@@ -129,6 +129,8 @@ def test_pytorchjob_structure(nodes):
         assert "command" not in container and "args" not in container  # image entrypoint (tini) stays
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
         assert pod["terminationGracePeriodSeconds"] == 300
+        # the launcher and preflight budget the SIGTERM checkpoint with the grace period the pod has
+        assert {"name": "TERMINATION_GRACE_PERIOD_SECONDS", "value": "300"} in container["env"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert ("ports" in container) == (role == "Master")
     master_port = replicas["Master"]["template"]["spec"]["containers"][0]["ports"][0]

@@ -435,3 +435,50 @@ def test_run_preflight_reports_host_memory_and_dry_run_softens_it():
     assert level(preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny)) == "error"
     assert level(preflight.run_preflight(config, 16, 79.6, dry_run=True, env={}, local_ranks=8,
                                          host_limit=tiny)) == "warning"
+
+
+# --- the grace budget: will a preemption checkpoint fit? -----------------------------------------
+
+
+def test_grace_period_comes_from_the_spec_else_kubernetes_default():
+    from torchtitan_runai import storage
+
+    assert storage.grace_period({}) == (30, "Kubernetes' default")
+    assert storage.grace_period({storage.GRACE_PERIOD_ENV: "180"}) == (180, storage.GRACE_PERIOD_ENV)
+    assert storage.default_shutdown_timeout({storage.GRACE_PERIOD_ENV: "180"}) == 175
+    with pytest.raises(UserError, match="TERMINATION_GRACE_PERIOD_SECONDS"):
+        storage.grace_period({storage.GRACE_PERIOD_ENV: "3m"})
+
+
+def test_shutdown_timeout_defaults_to_the_grace_period_less_a_margin():
+    from torchtitan_runai.launch import plan_launch
+
+    assert plan_launch({}, 0).shutdown_timeout == 25
+    assert plan_launch({"TERMINATION_GRACE_PERIOD_SECONDS": "300"}, 0).shutdown_timeout == 295
+    assert plan_launch({"TERMINATION_GRACE_PERIOD_SECONDS": "300", "SHUTDOWN_TIMEOUT": "60"}, 0).shutdown_timeout == 60
+
+
+def test_kill_window_is_this_torchruns():
+    from torch.distributed.run import get_args_parser
+
+    has_flag = "--shutdown_timeout" in get_args_parser()._option_string_actions
+    seconds, why = preflight.torchrun_kill_window(55)
+    assert (seconds, "SHUTDOWN_TIMEOUT" in why) == ((55, True) if has_flag else (30, False))
+
+
+def test_probe_measures_a_write_speed_and_leaves_nothing(tmp_path):
+    speed = preflight.probe_write_speed(tmp_path / "not-yet" / "checkpoint", threads=2, bytes_per_thread=1 << 20)
+    assert speed > 0 and not list(tmp_path.iterdir())  # nothing created, probes removed
+
+
+def test_a_preemption_that_cannot_fit_is_one_warning_with_the_fixes():
+    fits = preflight.GraceBudget(300, "TERMINATION_GRACE_PERIOD_SECONDS", 295, "SHUTDOWN_TIMEOUT=295", 24e9, 2e9)
+    assert preflight.check_grace_budget(fits, "/outputs/checkpoint").level == "ok"  # 2 x 12 s + 5 s
+    tight = preflight.GraceBudget(30, "Kubernetes' default", 30, "this torchrun's fixed 30 s (it has no "
+                                  "--shutdown_timeout)", 48e9, 2e9)
+    assert tight.needed_s == 53 and tight.budget_s == 27
+    finding = preflight.check_grace_budget(tight, "/outputs/checkpoint")
+    assert finding.level == "warning" and finding.check == "grace period"
+    for fix in ("terminationGracePeriodSeconds to 66", "older torchrun always kills after 30 s",
+                "checkpoint_perf.writer_threads", "more nodes", "2 x 48.0 GB per node at 2.00 GB/s"):
+        assert fix in finding.message, fix

@@ -13,7 +13,13 @@ size of every file.
 
 When a checkpoint is complete (``examine``): its marker exists, ``.metadata`` is readable, and every
 shard file is at least as long as DCP's metadata says (a truncated shard is caught here, not by a
-bare ``EOFError`` mid-load). Only a complete ``full`` one can be resumed (``StepFolder.resumable``);
+bare ``EOFError`` mid-load). A folder without our marker (one written by stock torchtitan, e.g. the
+seed's image on a user's PVC) is *adopted* when the same checks pass: DCP writes ``.metadata`` last,
+by an atomic rename, after every rank's shards are written, so a readable ``.metadata`` with shards
+of the lengths it lists is a finished save. Its kind comes from the keys: model weights, optimizer
+state and train state make it ``full`` (resumable); weights alone ``model-only`` (complete, never
+moved; continue from it with ``checkpoint.initial_load_path``). Its record is synthesised
+(``adopted``, the data-parallel degree from its ``dataloader.dp_rank_*`` keys). Only a complete ``full`` one can be resumed (``StepFolder.resumable``);
 a complete ``model-only`` one still holds the weights (the export reads it). Incomplete ones (a save
 cut off by SIGKILL, a full disk, ...) are moved to ``.incomplete/`` (``quarantine``), never deleted.
 Complete checkpoints are never moved or deleted here (torchtitan's ``keep_latest_k`` retires old
@@ -100,6 +106,11 @@ class StepFolder:
     def resumable(self) -> bool:
         return self.complete and self.kind == "full"
 
+    @property
+    def adopted(self) -> bool:
+        """Complete, but written without our marker (stock torchtitan)."""
+        return bool((self.record or {}).get("adopted"))
+
 
 def step_folders(folder: Path) -> list[tuple[int, Path]]:
     """``step-N`` folders directly in ``folder``, newest first."""
@@ -114,8 +125,9 @@ def step_folders(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _needed_sizes(path: Path) -> dict[str, int]:
-    """File name -> bytes DCP's ``.metadata`` says it must hold (raises on unreadable metadata)."""
+def _read_metadata(path: Path) -> tuple[dict[str, int], set[str]]:
+    """(file name -> bytes DCP's ``.metadata`` says it must hold, the saved keys); raises on an
+    unreadable or empty ``.metadata``."""
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(path)).read_metadata()
@@ -125,7 +137,23 @@ def _needed_sizes(path: Path) -> dict[str, int]:
     for info in (metadata.storage_data or {}).values():
         end = info.offset + info.length
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    return needed
+    return needed, set(metadata.state_dict_metadata)
+
+
+# torchtitan's CheckpointManager state names; the model's weights are saved flattened, unprefixed
+NON_MODEL_PREFIXES = ("optimizer.", "lr_scheduler", "dataloader.", "train_state", "rng.")
+
+
+def adopted_record(keys: set[str]) -> dict[str, Any]:
+    """What a marker-less (stock) checkpoint holds, from its keys: ``full`` needs model weights,
+    optimizer state and train state."""
+    has_model = any(not k.startswith(NON_MODEL_PREFIXES) for k in keys)
+    has_optimizer = any(k.startswith("optimizer.") for k in keys)
+    has_train_state = any(k.startswith("train_state") for k in keys)
+    dp = len({k.split(".")[1] for k in keys if k.startswith("dataloader.dp_rank_")})
+    kind = "full" if has_model and has_optimizer and has_train_state else "model-only"
+    return {"kind": kind, "adopted": True, "dp_degree": dp or None, "world_size": None,
+            "has_model": has_model, "has_optimizer": has_optimizer, "has_train_state": has_train_state}
 
 
 def examine(path: Path, step: int | None = None) -> StepFolder:
@@ -135,17 +163,21 @@ def examine(path: Path, step: int | None = None) -> StepFolder:
         m = _STEP_RE.match(path.name)
         step = int(m.group(1)) if m else -1
     record = read_json(path / MARKER)
-    if record is None:
-        why = "no completion marker (the save was cut off)" if not (path / MARKER).exists() else "unreadable completion marker"
-        return StepFolder(step, path, False, why)
+    if record is None and (path / MARKER).exists():
+        return StepFolder(step, path, False, "unreadable completion marker")
     if not (path / ".metadata").is_file():
         if (path / "model.safetensors.index.json").is_file() or list(path.glob("*.safetensors")):
-            return StepFolder(step, path, True, record=record)  # an HF-format final save
+            # an HF-format final save: weights only
+            return StepFolder(step, path, True, record=record or {"kind": "model-only", "adopted": True})
+        if record is None:
+            return StepFolder(step, path, False, "no completion marker and no .metadata (the save was cut off)")
         return StepFolder(step, path, False, "no .metadata", record)
     try:
-        needed = _needed_sizes(path)
+        needed, keys = _read_metadata(path)
     except Exception as e:  # any unpickling error means the same thing: unusable
         return StepFolder(step, path, False, f".metadata unreadable ({type(e).__name__})", record)
+    if record is None:
+        record = adopted_record(keys)
     recorded = record.get("files", {})
     for name, size in {**recorded, **needed}.items():
         file = path / name

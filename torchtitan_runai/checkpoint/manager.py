@@ -9,33 +9,55 @@ resumed), and every rank's RNG state in the checkpoint.
 What a save costs the training loop: a synchronous save blocks for the whole write plus a barrier;
 an async one (``checkpoint.async_mode``) blocks only for the copy to host memory, and its marker is
 written at the next step boundary once the upload has finished (``finish_async``). Pinned staging
-(``checkpoint.staging``) makes the first pinned save cost what later ones do.
+(``checkpoint.staging``) makes the first pinned save cost what later ones do; the upload process is
+started at trainer start and survives the pod's signal (``checkpoint.upload``); every save writes
+with ``checkpoint_perf.writer_threads`` threads (``dcp_save``).
+
+The preemption save (``save_now``, after every rank agreed on the step): wait for the upload in
+flight and mark it, then save the step just finished synchronously from this process (staged
+through the reusable pinned buffers when there are any, then written by the writer threads), a
+barrier, the marker. It returns the one line that says how long signal -> marked checkpoint took.
 
 torchtitan's Trainer has no hook to choose the manager class, so ``adopt`` swaps the ``__class__``
 of the manager torchtitan built (its construction stays exactly torchtitan's), and the subclass
 overrides torchtitan's private ``_find_load_step`` (our resume choice for the folder's own
-checkpoints) and ``_save_last_step`` (a full final save instead of a model-only one), and calls its
-private ``_should_save`` and ``_create_checkpoint_id`` (when to mark, where the step folder is).
+checkpoints) and ``_save_last_step`` (a full final save instead of a model-only one), its public
+``dcp_save`` (the same three DCP calls with our writer; Hugging Face saves go to torchtitan's) and
+``close`` (the upload process first), and calls its private ``_should_save`` and
+``_create_checkpoint_id`` (when to mark, where the step folder is).
 These are pinned by the exact torchtitan version (``upstream.EXPECTED_TORCHTITAN``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from torchtitan_runai import upstream
+from torchtitan_runai.checkpoint import upload
 from torchtitan_runai.checkpoint.folder import (
     StepFolder,
+    folder_bytes,
     mark_complete,
     marker_record,
     newest_resumable,
     quarantine,
     scan,
 )
-from torchtitan_runai.checkpoint.resume import already_done, choose, schedule_changes, schedule_of, world_size_error
+from torchtitan_runai.checkpoint.resume import (
+    adoption_note,
+    already_done,
+    choose,
+    model_only_note,
+    schedule_changes,
+    schedule_of,
+    world_size_error,
+)
+from torchtitan_runai.checkpoint.staging import PINNED_MODE
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.upstream import logger
 
@@ -98,9 +120,16 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         manager.pending_marker = None  # (step, kind) of an async save not yet marked complete
         manager.last_complete_step = -1
         manager.busy = contextlib.nullcontext  # the trainer pauses its hang watchdog while saving
+        perf = getattr(job_config, "checkpoint_perf", None)
+        manager.writer_threads = perf.writer_threads if perf is not None else 1
+        manager.upload = None
+        manager.last_staging_s = None
         if manager.enable:
             manager.rng = RngState(cls._rank())
             manager.states["rng"] = manager.rng
+            pinned = _mode(manager.async_mode) == PINNED_MODE and not manager.load_only
+            if pinned and (perf is None or perf.early_upload_process) and upload.supported():
+                manager.upload = upload.UploadProcess().start(manager.pg)
         return manager
 
     # -- helpers ---------------------------------------------------------------------------
@@ -129,6 +158,41 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         self.last_complete_step = step
 
     # -- saving ----------------------------------------------------------------------------
+
+    def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection: bool = False,
+                 to_hf: bool = False):
+        """torchtitan's ``dcp_save`` (which lets DCP build a one-thread writer) with our writer:
+        ``writer_threads`` threads; the early upload process waited for before an async save; a
+        synchronous save staged through the reusable stager first when there is one."""
+        if to_hf:
+            return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        writer = upload.writer(checkpoint_id, self.writer_threads)
+        mode = _mode(async_mode)
+        if mode == PINNED_MODE:
+            if self.upload is not None:
+                self.upload.wait_ready()
+            result = dcp.async_save(state_dict, storage_writer=writer, process_group=self.pg,
+                                    async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                                    async_stager=self.stager)
+        elif mode == "async":
+            result = dcp.async_save(state_dict, storage_writer=writer, process_group=self.pg)
+        else:
+            if self.stager is not None:  # device -> the pinned buffers the interval saves use, then write
+                from torch.distributed.checkpoint.stateful import Stateful
+
+                # what DCP's async_save hands its stager: Stateful objects as their state dicts
+                plain = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+                began = time.monotonic()
+                staged = self.stager.stage(plain)
+                state_dict = staged.result() if hasattr(staged, "result") else staged
+                self.last_staging_s = time.monotonic() - began
+            result = dcp.save(state_dict, storage_writer=writer)
+        if enable_garbage_collection:
+            gc.collect(1)
+        return result
 
     def save(self, curr_step: int, last_step: bool = False) -> None:
         import torch.distributed as dist
@@ -170,12 +234,35 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             self.last_save_model_only = False
         super()._save_last_step(curr_step)
 
-    def save_now(self, step: int) -> None:
-        """A full checkpoint of ``step`` right now (preemption), unless one is already complete."""
+    def save_now(self, step: int, signal_at: float) -> str:
+        """A full checkpoint of ``step`` right now (preemption), unless one is already complete.
+
+        First the upload in flight finishes and is marked. Returns the line for the log:
+        signal (``signal_at``, ``time.monotonic``) -> marked checkpoint, and where the time went."""
+        began = time.monotonic()
+        waited_for = self.pending_marker[0] if self.pending_marker is not None else None
         self.finish_async(block=True)
+        uploaded = time.monotonic()
         if step <= 0 or self.last_complete_step == step or not self.enable or self.load_only:
-            return
+            what = "nothing new to save" if step <= 0 or not self.enable or self.load_only else "already complete"
+            return (f"preemption: signal -> exit path in {uploaded - signal_at:.2f}s; step {step}: {what}"
+                    + (f" (waited {uploaded - began:.2f}s for step {waited_for}'s upload, marked)" if waited_for else ""))
+        self.last_staging_s = None
         self.save(step, last_step=True)
+        done = time.monotonic()
+        staged = "" if self.last_staging_s is None else f"staged from the device in {self.last_staging_s:.2f}s, "
+        size = folder_bytes(Path(self._create_checkpoint_id(step)))  # every rank's part: the folder is shared
+        upload_part = (f"waited {uploaded - began:.2f}s for step {waited_for}'s upload and marked it, "
+                       if waited_for else "no upload in flight, ")
+        return (f"preemption: signal -> step {step} checkpoint marked in {done - signal_at:.2f}s ({upload_part}"
+                f"saved {size / 1e9:.2f} GB, all ranks, in {done - uploaded:.2f}s: {staged}{self.writer_threads} "
+                "writer thread(s) per rank)")
+
+    def close(self) -> None:
+        """torchtitan's close, after stopping the upload process (it ignores SIGTERM: see upload)."""
+        if getattr(self, "upload", None) is not None:
+            self.upload.shutdown()
+        super().close()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -194,7 +281,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             found = scan(Path(self.folder))
             chosen = None
             try:
-                chosen = choose(found, load_step, Path(self.folder))
+                chosen = choose(found, load_step, Path(self.folder), bool(self.initial_load_path))
             except UserError as e:
                 error = e
             if load_step < 0:
@@ -205,7 +292,9 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
                         moved = quarantine(f, Path(self.folder))
                         notes.append(f"skipping incomplete checkpoint {f.path}: {f.why}; moved to {moved}")
                     else:
-                        notes.append(f"skipping {f.path}: a {f.kind} checkpoint cannot be resumed")
+                        notes.append(model_only_note(f))
+            if chosen is not None and chosen.adopted:
+                notes.append(adoption_note(chosen))
             decision = (chosen, notes, error)
         chosen, notes, error = self._broadcast(decision)
         for note in notes:
@@ -241,12 +330,23 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         if done:
             logger.warning(done)
         excluded = list(self.exclude_from_loading)
-        if "rng" in self.states and not any(k.startswith(f"rng.{self.rng.key}.") for k in saved_keys(chosen.path)):
+        keys = saved_keys(chosen.path)
+        if "rng" in self.states and not any(k.startswith(f"rng.{self.rng.key}.") for k in keys):
             logger.warning(f"{chosen.path} has no RNG state for this rank: the RNG continues from the seed")
-            self.exclude_from_loading = [*excluded, "rng"]
+            self.exclude_from_loading = [*self.exclude_from_loading, "rng"]
+        for name in ("lr_scheduler", "dataloader"):  # a stock checkpoint may lack what we always save
+            if name in self.states and name not in self.exclude_from_loading and not any(
+                    k == name or k.startswith(f"{name}.") for k in keys):
+                logger.warning(f"{chosen.path} has no {name} state: it starts afresh")
+                self.exclude_from_loading = [*self.exclude_from_loading, name]
         try:
             loaded = super().load(chosen.step)
         finally:
             self.exclude_from_loading = excluded
         self.last_complete_step = chosen.step
         return loaded
+
+
+def _mode(async_mode: Any) -> str:
+    """torchtitan's AsyncMode (a str enum) or a config string, as the config spells it."""
+    return str(getattr(async_mode, "value", async_mode)).lower()

@@ -5,6 +5,9 @@ The policy, in one place:
 - which one: ``choose``: ``checkpoint.load_step`` when set (it must exist and be complete), else the
   newest *resumable* one (complete and ``full``: ``checkpoint.folder``); newer incomplete ones are
   skipped (the trainer moves them to ``.incomplete/``), newer model-only ones are skipped with a note;
+  a folder whose only complete checkpoints are model-only (stock's final save) stops with how to
+  continue from those weights (``checkpoint.initial_load_path``) instead of silently starting over;
+  a stock checkpoint without our marker is adopted (``checkpoint.folder``) and said so;
 - whether it may: a changed data-parallel degree cannot restore the per-rank data positions
   (``world_size_error``: stop, with how to proceed); changed schedule settings resume with loud,
   concrete warnings (``schedule_changes``); a checkpoint at or past ``training.steps`` means there is
@@ -34,19 +37,45 @@ SCHEDULE_KEYS = (
 )
 
 
-def choose(found: list[StepFolder], load_step: int, folder: Path) -> StepFolder | None:
+def choose(found: list[StepFolder], load_step: int, folder: Path, initial_load: bool = False) -> StepFolder | None:
     """The checkpoint to resume from among ``found`` (``scan``, newest first); None: start fresh.
 
     ``load_step >= 0`` names one, which must exist and be complete (UserError otherwise); else the
-    newest resumable one."""
+    newest resumable one. With none resumable but a complete model-only one (and no
+    ``initial_load``): UserError pointing to ``checkpoint.initial_load_path``."""
     if load_step < 0:
-        return newest_resumable(found)
+        chosen = newest_resumable(found)
+        weights = next((f for f in found if f.complete and not f.resumable), None)
+        if chosen is None and weights is not None and not initial_load:
+            raise model_only_error(weights)
+        return chosen
     chosen = next((f for f in found if f.step == load_step), None)
     if chosen is None or not chosen.complete:
         raise UserError("checkpoint.load_step", load_step,
                         f"{folder}/step-{load_step} " + ("does not exist" if chosen is None else f"is incomplete ({chosen.why})"),
                         "pick a complete step-N folder, or unset checkpoint.load_step to resume from the newest")
     return chosen
+
+
+def model_only_error(found: StepFolder) -> UserError:
+    return UserError(
+        "checkpoint.folder", str(found.path.parent),
+        f"its newest complete checkpoint {found.path.name} holds model weights only (no optimizer or train "
+        "state; stock torchtitan's final save), so it cannot be resumed",
+        f"continue from its weights in a new folder: --checkpoint.folder <new> --checkpoint.initial_load_path "
+        f"{found.path} --checkpoint.initial_load_model_only (optimizer state and data position start afresh), "
+        "or move it away to start over")
+
+
+def model_only_note(found: StepFolder) -> str:
+    return (f"skipping {found.path}: a model-only checkpoint cannot be resumed (to start a run from its weights: "
+            f"--checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only)")
+
+
+def adoption_note(found: StepFolder) -> str:
+    return (f"adopted {found.path}: a complete checkpoint without this fork's completion marker (stock "
+            "torchtitan's): .metadata readable, every shard as long as it says, model, optimizer and train "
+            "state present")
 
 
 def schedule_of(config: Any) -> dict[str, Any]:
@@ -88,7 +117,7 @@ def schedule_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], step
 def world_size_error(found: StepFolder, world_size: int, dp_degree: int) -> UserError | None:
     """A changed data-parallel degree cannot resume exactly: stop with how to proceed."""
     rec = found.record or {}
-    old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size")
+    old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size") or "unknown"
     if old_dp is None or old_dp == dp_degree:
         return None
     return UserError(
@@ -125,7 +154,7 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
     if write:
         check_writable(folder)
     found = scan(folder)
-    chosen = choose(found, config.checkpoint.load_step, folder)
+    chosen = choose(found, config.checkpoint.load_step, folder, bool(config.checkpoint.initial_load_path))
     if chosen is not None:
         error = world_size_error(chosen, world_size, dp_degree)
         if error is not None:
@@ -137,6 +166,10 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
         if not f.complete:
             warn(f"[launch] warning: incomplete checkpoint {f.path} ({f.why}) will be skipped and moved to "
                  f"{folder / QUARANTINE}")
+        elif not f.resumable:
+            warn(f"[launch] {model_only_note(f)}")
+    if chosen is not None and chosen.adopted:
+        warn(f"[launch] {adoption_note(chosen)}")
     if chosen is None:
         warn(f"[launch] no complete checkpoint in {folder}: starting fresh")
         return None

@@ -28,6 +28,11 @@ and makes only the next optimizer step wait for the copy. Two things cost traini
    then takes its buffers from the pool by size. The host memory held is what stock holds after
    its first checkpoint, only from the start.
 
+Without a GPU (the CPU rehearsal, a laptop) DCP refuses torchtitan's pinned options (``Non-blocking
+copy requires that the current accelerator is available``): ``staging_options`` then keeps the
+same path (shared-memory staging on a background thread, the checkpoint-writing process) without
+pinning and non-blocking copies, so the CPU tests run what a GPU pod runs.
+
 Nothing in torchtitan is changed or copied: the stager is handed to ``CheckpointManager.stager``,
 which torchtitan fills itself only while it is ``None``.
 """
@@ -64,12 +69,24 @@ def wants_pinned_staging(checkpoint_config: Any) -> bool:
     )
 
 
+def staging_options():
+    """torchtitan's pinned-mode staging options (pinned, shared, async, non-blocking) where an
+    accelerator is present; shared and async only (no pinning, blocking copies) where none is."""
+    import torch
+    from torch.distributed.checkpoint.staging import StagingOptions
+
+    has = getattr(torch, "accelerator", None)
+    gpu = has.is_available() if has is not None else torch.cuda.is_available()
+    return StagingOptions(use_pinned_memory=gpu, use_shared_memory=True, use_async_staging=True,
+                          use_non_blocking_copy=gpu)
+
+
 def build_stager(options=None, pool: "StagingPool | None" = None):
     """torchtitan's async_with_pinned_mem stager (pinned, shared, async, non-blocking copies) whose
     staged buffers and copy rules survive DCP's per-staging ``close()`` (torch 2.11), and whose
     first staging takes ready buffers from ``pool``."""
     from torch.distributed.checkpoint._state_dict_stager import StateDictStager
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.staging import DefaultStager
 
     class KeptStateDictStager(StateDictStager):
         def close(self) -> None:  # called by DefaultStager._stage after every staging (torch 2.11)
@@ -99,7 +116,7 @@ def build_stager(options=None, pool: "StagingPool | None" = None):
             if pool is not None:
                 pool.release()
 
-    return ReusableStager(options or StagingOptions(True, True, True, True))
+    return ReusableStager(options or staging_options())
 
 
 def pool_supported() -> bool:
@@ -237,10 +254,15 @@ def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" 
     """Trainer wiring (pinned mode only): the reusable stager and, unless switched off, the pool
     preparing its memory now. Returns the pool (or ``None``)."""
     perf = perf or CheckpointPerf()
-    if manager is None or not wants_pinned_staging(checkpoint_config) or not perf.reuse_staging:
+    if manager is None or not wants_pinned_staging(checkpoint_config):
         return None
     if getattr(manager, "stager", None) is not None:
         return None  # someone else's stager: leave it
+    if not perf.reuse_staging:
+        from torch.distributed.checkpoint.staging import DefaultStager
+
+        manager.stager = DefaultStager(staging_options())  # torchtitan's, minus what a CPU refuses
+        return None
     pool = None
     if perf.prepare_at_start and not pool_supported():
         logger.warning("checkpoint_perf.prepare_at_start: this torch's DCP stager has no per-storage hook; "

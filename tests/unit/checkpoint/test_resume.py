@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ckpt_util import config, write_ckpt
+from ckpt_util import config, stock_ckpt, write_ckpt
 from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai.checkpoint import resume
 from torchtitan_runai.errors import UserError
@@ -51,7 +51,7 @@ def test_prestart_reports_completion_and_incomplete(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     write_ckpt(folder, 10, steps=10)
-    write_ckpt(folder, 12, mark=False)
+    (write_ckpt(folder, 12, mark=False) / ".metadata").unlink()  # a save cut off before DCP's last write
     warnings = []
     done = resume.prestart(cfg, {}, 2, 2, warn=warnings.append)
     assert "nothing to train" in done and any("incomplete checkpoint" in w for w in warnings)
@@ -61,3 +61,16 @@ def test_prestart_reports_completion_and_incomplete(tmp_path):
     assert any("resuming from step 10" in w for w in warnings)
     with pytest.raises(UserError, match="world size"):
         resume.prestart(cfg, {}, 1, 1, warn=warnings.append)
+
+
+def test_only_a_model_only_checkpoint_points_to_initial_load_path(tmp_path):
+    stock_ckpt(tmp_path, 4, full=False)
+    found = ckfolder.scan(tmp_path)
+    with pytest.raises(UserError) as err:
+        resume.choose(found, -1, tmp_path)
+    line = err.value.line()
+    assert "model weights only" in line and f"--checkpoint.initial_load_path {tmp_path / 'step-4'}" in line
+    assert resume.choose(found, -1, tmp_path, initial_load=True) is None  # the user already does that
+    stock_ckpt(tmp_path, 2)
+    chosen = resume.choose(ckfolder.scan(tmp_path), -1, tmp_path)
+    assert chosen.step == 2 and chosen.adopted  # an older full one resumes; the model-only one stays

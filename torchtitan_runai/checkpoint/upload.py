@@ -1,0 +1,177 @@
+"""How a checkpoint reaches storage: DCP's saving process, started early and deaf to the pod's
+signal, and parallel writers.
+
+With ``checkpoint.async_mode = "async_with_pinned_mem"`` torchtitan hands each staged checkpoint to
+DCP's checkpoint process (``AsyncCheckpointerType.PROCESS``), which writes it while training goes
+on. Stock DCP (torch 2.10-2.13) spawns that process lazily, inside the first save, from an
+executor thread: the ``spawn`` child re-imports torch (and ``train.py``) and joins a gloo group,
+10-14 s on the GPU host, during which the first upload waits (and the second save waits for it).
+The child also keeps SIGTERM's default action, and torchrun forwards the pod's SIGTERM to the
+worker's whole process group (``os.killpg``): the saving process dies with the upload in flight,
+the worker's next ``finish_async`` raises, and no preemption checkpoint is written.
+
+``UploadProcess`` fixes both, without changing DCP:
+
+- it builds DCP's ``_ProcessGroupInitInfo`` on the main thread at trainer start (a broadcast on the
+  checkpoint's gloo group, every rank at the same point), then constructs DCP's own
+  ``_AsyncCheckpointProcess`` on a background thread and installs it as DCP's module-level saving
+  process, so DCP never spawns one inside a save. ``wait_ready`` (called by the first async save)
+  joins that thread, normally long finished;
+- the background thread blocks SIGTERM and SIGINT with ``pthread_sigmask`` before it spawns. A
+  thread's signal mask is copied by fork and kept across exec, so the child starts with both
+  blocked (and every thread it creates inherits that): the pod's SIGTERM and a terminal's Ctrl-C
+  stay pending there and never act, while the trainer's own handlers are untouched (the kernel
+  hands a process-directed signal to a thread that does not block it, the main thread). Setting
+  SIG_IGN around ``Process.start()`` instead would race with the trainer: a SIGTERM landing in that
+  window would be discarded. ``multiprocessing``'s resource tracker unblocks both signals in the
+  calling thread the first time it starts, so it is started before the mask is set;
+- the child now ends only by our ``shutdown`` (a TERMINATE request, then SIGKILL after 5 s; at the
+  end of a run), our ``kill`` (after a preemption checkpoint, when it is idle: the round trip costs
+  seconds of the grace period), EOF on its pipe once the trainer is gone, or SIGKILL (torchrun's
+  kill window, kill -9).
+  ``multiprocessing``'s exit hook would ``terminate()`` and ``join()`` it (a hang with SIGTERM
+  blocked), so every exit path of the trainer calls ``shutdown`` and leaves with ``os._exit``.
+
+``writer(checkpoint_id, threads)`` is the ``FileSystemWriter`` every save of ours uses:
+``thread_count`` writer threads (torchtitan passes none, i.e. one thread). DCP write speed on the
+GPU host (bench/results/writer-threads-*): 1.05 GiB/s with 1 thread, 3.9 with 4, 7.1 with 8, 13.0
+with 16, 14.0 with 32 (tmpfs, fsync on); a local disk 0.81 -> 1.88 GiB/s (1 -> 16). Hence the
+default ``checkpoint_perf.writer_threads = 16``.
+
+Touchpoints in torch (private, checked by ``supported``): ``_async_process_executor.
+_ProcessGroupInitInfo``, ``_AsyncCheckpointProcess`` and the module global ``_CHECKPOINT_PROCESS``;
+the same in torch 2.11 and 2.13.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BLOCKED = (signal.SIGTERM, signal.SIGINT)
+SHUTDOWN_WAIT_S = 5.0
+INIT_TIMEOUT_S = 1800  # DCP's own wait for the saving process (the gloo default)
+
+
+def supported() -> bool:
+    """Does this torch's DCP have the process-based saver pieces this module relies on?"""
+    try:
+        from torch.distributed.checkpoint import _async_process_executor as ape
+    except ImportError:
+        return False
+    return all(hasattr(ape, name) for name in ("_ProcessGroupInitInfo", "_AsyncCheckpointProcess",
+                                               "_CHECKPOINT_PROCESS"))
+
+
+def spawn_shielded(target, *args, **kwargs):
+    """Call ``target`` (which starts child processes) with SIGTERM/SIGINT blocked in this thread
+    only, so the children start with them blocked. Run on a thread of its own (the mask stays)."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # its first start unblocks both signals in this thread
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
+    try:
+        return target(*args, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class UploadProcess:
+    """DCP's checkpoint saving process, spawned at trainer start on a background thread."""
+
+    def __init__(self):
+        self.process = None  # DCP's _AsyncCheckpointProcess once constructed
+        self.error: BaseException | None = None
+        self.seconds: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, process_group) -> "UploadProcess":
+        """Every rank, main thread, same point (the info is a collective on ``process_group``)."""
+        from torch.distributed.checkpoint import _async_process_executor as ape
+
+        info = ape._ProcessGroupInitInfo(process_group)
+        # multiprocessing's own exit hook would terminate() and join() the child, which ignores
+        # SIGTERM: on any normal interpreter exit stop it first (atexit runs hooks last-in first).
+        atexit.register(self.shutdown)
+        self._thread = threading.Thread(target=self._spawn, args=(info,), name="checkpoint-upload-process",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _spawn(self, info) -> None:
+        from torch.distributed.checkpoint import _async_process_executor as ape
+
+        began = time.monotonic()
+        try:
+            self.process = spawn_shielded(ape._AsyncCheckpointProcess, info)
+        except BaseException as exc:  # the first save then reports it (and DCP would retry)
+            self.error = exc
+        self.seconds = time.monotonic() - began
+        if self.error is None:
+            ape._CHECKPOINT_PROCESS = self.process
+            logger.info(f"checkpoint upload process ready in {self.seconds:.1f}s (background, pid "
+                        f"{self.pid}; SIGTERM/SIGINT blocked there)")
+        else:
+            logger.warning(f"checkpoint upload process could not start ({self.error!r})")
+
+    @property
+    def pid(self) -> int | None:
+        proc = getattr(self.process, "_save_process", None)
+        return proc.pid if proc is not None else None
+
+    def wait_ready(self) -> None:
+        """Before an async save: the process is installed in DCP (or its start failed: raise)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"the checkpoint upload process could not start: {self.error!r}") from self.error
+
+    @property
+    def ready(self) -> bool:
+        return self.process is not None and self._thread is not None and not self._thread.is_alive()
+
+    def alive(self) -> bool:
+        proc = getattr(self.process, "_save_process", None)
+        return proc is not None and proc.is_alive()
+
+    def shutdown(self, wait_s: float = SHUTDOWN_WAIT_S) -> None:
+        """Stop the saving process (idle by now: callers finish uploads first). Never blocks long."""
+        from torch.distributed.checkpoint import _async_process_executor as ape
+
+        proc = getattr(self.process, "_save_process", None)
+        if proc is None:
+            return
+        if proc.is_alive():
+            try:
+                self.process._send(ape._CheckpointSaveProcessControlOpts.TERMINATE)
+                proc.join(wait_s)
+            except (OSError, ValueError):
+                pass
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        if getattr(ape, "_CHECKPOINT_PROCESS", None) is self.process:
+            ape._CHECKPOINT_PROCESS = None
+
+    def kill(self) -> None:
+        """SIGKILL, no request: for an idle process when the trainer is about to exit."""
+        pid = self.pid
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def writer(checkpoint_id: str, threads: int) -> Any:
+    """DCP's file-system writer with ``threads`` writer threads (fsync on, as DCP's default)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(str(checkpoint_id), thread_count=max(1, int(threads)))
