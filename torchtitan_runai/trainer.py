@@ -63,6 +63,9 @@ class RunaiTrainer(upstream.Trainer):
         self.resumed_from: int | None = None
         self.stop_flag = resilience.StopFlag()
         self.stop_flag.install()
+        self.log_filter = logs.install_person_filter(
+            cpu=not device.has_accelerator(), step=lambda: getattr(self, "step", None),
+            stopping=lambda: bool(self.stop_flag.signum))
         res = getattr(job_config, "resilience", None) or Resilience()
         self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
         self.step_trace = resilience.StepTrace()
@@ -156,6 +159,7 @@ def _teardown(trainer) -> None:
 
 
 def run(argv: list[str]) -> int:
+    logs.quiet_expected_noise()
     upstream.init_logger()
     device.select_device()
     job_config = parse_job_config(argv)  # also registers llama3_runai (training.spec)
