@@ -20,7 +20,9 @@ pinned to the exact torchtitan version (``upstream``).
   (``torchtitan_runai.checkpoint.manager``): newest *complete* checkpoint, completion markers, full
   final saves, world-size and schedule checks.
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
-  parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
+  parallelism, seed, config, tokenizer, resumed-from step) before the first step; what this path
+  always prints and a reader does not need at debug level (``logs.PersonFilter``, ``LOG_LEVEL``,
+  ``logs.quiet_expected_noise``); at the end the
   optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
   and the loss/throughput PNG (``plots``);
 - checkpoint staging: ``checkpoint.staging.install`` keeps pinned staging buffers across async saves and

@@ -21,7 +21,14 @@ every line carries its origin, and colour codes are only emitted to a terminal::
   MFU print ``n/a`` instead of numbers that mean nothing, and are not sent to TensorBoard.
   TensorBoard and W&B receive exactly torchtitan's metrics otherwise.
 - ``startup_summary(...)`` returns the lines a job prints once at start: world size, nodes,
-  parallelism, seed, config file, tokenizer, checkpoint folder and resumed-from step.
+  parallelism, seed, config file, tokenizer, checkpoint folder and resumed-from step, with resolved
+  values (the global batch as trained, not the config's -1).
+- a person's log: ``PersonFilter`` (on torchtitan's console handler, ``install_person_filter``)
+  moves the set-up lines a reader does not need (``QUIET``: device mesh, model-args JSON, GC
+  timings, "Trainer is initialized ...", the per-save chatter) to DEBUG, shows a repeated lookup
+  warning once, and writes one line per checkpoint (``checkpoint at step N saved in S s``);
+  ``quiet_expected_noise`` silences the Python warnings this path always raises
+  (``EXPECTED_WARNINGS``) and the datasets progress bars. ``LOG_LEVEL=debug`` keeps all of it.
 
 NCCL's own logging is left alone: NCCL_DEBUG is passed through when the user sets it and never
 forced (INFO prints several lines per communicator per rank).
