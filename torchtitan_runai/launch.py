@@ -572,6 +572,10 @@ def main(argv: list[str]) -> int:
     if done:
         print(f"[launch] {done}", flush=True)
         if not dry_run:
+            if plan.node_rank in (None, 0):  # every check passed: the owner is recorded (a take-over too)
+                from torchtitan_runai.checkpoint.ownership import claim_folder
+
+                claim_folder(storage.checkpoint_dir(config), env, take_over=config.resilience.take_over_folder)
             return 0
     ngpu = env.get("NGPU")
     if gpus and ngpu and int(ngpu) > gpus:
