@@ -53,9 +53,10 @@ def losses(output: str) -> dict[int, float]:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One real 2-rank CPU run of the debug model (12 steps, checkpoints at 6 and 12), shared read-only."""
+    """One real 2-rank CPU run of the debug model (12 steps, checkpoints at 6 and 12), shared read-only;
+    every rank's output at LOG_LEVEL=debug (each rank logs its seed there)."""
     dump = tmp_path_factory.mktemp("trained") / "dump"
     proc = run_launcher(["--job.dump_folder", str(dump), "--training.steps", "12", "--checkpoint.interval", "6"],
-                        pod_env(NGPU="2", LOG_RANK="all"))
+                        pod_env(NGPU="2", LOG_RANK="all", LOG_LEVEL="debug"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"dump": dump, "checkpoint": dump / "checkpoint", "stdout": proc.stdout, "stderr": proc.stderr}

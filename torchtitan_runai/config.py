@@ -22,9 +22,11 @@ ranks train with. Every mistake is one ``UserError`` naming the setting, its val
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import io
+import tempfile
 import types
 import typing
 from contextlib import redirect_stderr
@@ -279,7 +281,8 @@ def read_toml(path: str, setting: str = "CONFIG_FILE") -> dict[str, Any]:
     except OSError as e:
         raise UserError(setting, path, f"cannot be read ({e.strerror})", "make the file readable by the container's user")
     try:
-        return tomllib.loads(text.decode("utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors add one) is not TOML, but it is no mistake either.
+        return tomllib.loads(text.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise UserError(setting, path, "is not UTF-8 text", "save the config as UTF-8 TOML")
     except tomllib.TOMLDecodeError as e:
@@ -388,6 +391,23 @@ def torchtitan_args(args: list[str]) -> list[str]:
     return [*args, f"--job.custom_config_module={CUSTOM_CONFIG_MODULE}"]
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+@contextlib.contextmanager
+def _without_bom(args: list[str]):
+    """``args``, with a config file that starts with a UTF-8 byte-order mark swapped for a copy
+    without it while torchtitan reads it (its own TOML read rejects the mark)."""
+    path = config_file_from_args(args)
+    if path is None or not Path(path).is_file() or not Path(path).read_bytes().startswith(BOM):
+        yield args
+        return
+    with tempfile.TemporaryDirectory(prefix="runai-config-") as scratch:
+        copy = Path(scratch) / Path(path).name
+        copy.write_bytes(Path(path).read_bytes()[len(BOM):])
+        yield [str(copy) if a == path else a.replace(f"={path}", f"={copy}") for a in args]
+
+
 def parse_config(args: list[str], world_size: int | None = None):
     """Parse TOML + command line exactly as the ranks will, then validate the values (not the model:
     ``job.parse_job_config`` does both). Raises UserError."""
@@ -404,8 +424,10 @@ def parse_config(args: list[str], world_size: int | None = None):
     check_cli_flags(args, schema)
     stderr = io.StringIO()
     try:
-        with redirect_stderr(stderr):
-            config = upstream.ConfigManager().parse_args(torchtitan_args(args))
+        with redirect_stderr(stderr), _without_bom(args) as upstream_args:
+            config = upstream.ConfigManager().parse_args(torchtitan_args(upstream_args))
+        if toml_path is not None:
+            config.job.config_file = toml_path
     except SystemExit as e:
         message = " ".join(stderr.getvalue().split())
         if e.code in (0, None):  # --help

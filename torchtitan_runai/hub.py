@@ -1,8 +1,11 @@
 """The Hugging Face Hub: the token, retries with backoff, one-line errors, the locked cache download.
 
-Access uses ``HF_TOKEN`` from the environment (``hf_token``), passed to ``huggingface_hub`` as
-``token=``. The token is never a config field, never logged, and is redacted from every message we
-raise (``redact``). Hub failures become one-line ``UserError``s (``hub_error``): 401 (token missing
+Access uses ``HF_TOKEN`` from the environment, else the file ``HF_TOKEN_PATH`` names (a mounted
+Secret; ``hf_token``), stripped of surrounding whitespace (a Secret made from a file ends in a
+newline, an invalid header value), passed to ``huggingface_hub`` as ``token=``. The token is never a
+config field, never logged, and is redacted, in every spelling (as is, stripped, ``repr``), from
+every message we build (``redact``, ``describe``: exception text and chained causes); the HTTP
+client's DEBUG trace, which quotes request headers, is never switched on (``quiet_http_trace``). Hub failures become one-line ``UserError``s (``hub_error``): 401 (token missing
 or wrong), 403 (licence not accepted on the model page), 404 (repo, revision or file), no network,
 rate limited / Hub down (retried with exponential backoff first, ``with_backoff``: ``hub.retries``,
 ``hub.backoff_s``). ``HF_ENDPOINT`` is honoured (read at call time), which is how the tests point the
@@ -28,6 +31,7 @@ from torchtitan_runai.config import Hub
 from torchtitan_runai.errors import UserError
 
 TOKEN_ENV = "HF_TOKEN"
+TOKEN_PATH_ENV = "HF_TOKEN_PATH"
 OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 T = TypeVar("T")
@@ -38,15 +42,68 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # secrets
 
+def _raw_token(strict: bool = True) -> str | None:
+    raw = os.environ.get(TOKEN_ENV)
+    if raw is None and os.environ.get(TOKEN_PATH_ENV):
+        try:
+            raw = Path(os.environ[TOKEN_PATH_ENV]).read_text()
+        except OSError as error:
+            if not strict:
+                return None
+            raise UserError(TOKEN_PATH_ENV, os.environ[TOKEN_PATH_ENV], f"cannot read the token file ({error.strerror})",
+                            "mount the Secret there (runai --secret-volume) or unset HF_TOKEN_PATH") from None
+    return raw
+
+
 def hf_token() -> str | None:
-    """The Hub token from the environment (HF_TOKEN), or None."""
-    return os.environ.get(TOKEN_ENV) or None
+    """The Hub token: HF_TOKEN, else the file HF_TOKEN_PATH names (a mounted Secret), or None.
+
+    Surrounding whitespace is dropped: a Secret made from a file usually ends in a newline, which
+    is not a valid HTTP header value.
+    """
+    return (_raw_token() or "").strip() or None
+
+
+def _spellings(token: str) -> list[str]:
+    """The ways a token can appear in a message: as is, stripped, and as the Python repr of a str or
+    of bytes (where a newline is the two characters ``\\n``), longest first."""
+    forms = set()
+    for t in {token, token.strip()}:
+        forms |= {t, repr(t)[1:-1], repr(t.encode())[2:-1]}
+    return sorted((f for f in forms if len(f.strip()) >= 4), key=len, reverse=True)
 
 
 def redact(text: str, token: str | None = None) -> str:
-    """``text`` with the Hub token (HF_TOKEN) replaced by ``***``."""
-    token = token if token is not None else hf_token()
-    return text.replace(token, "***") if token else text
+    """``text`` with the Hub token (HF_TOKEN or HF_TOKEN_PATH's, in any spelling) replaced by ``***``."""
+    raw = _raw_token(strict=False)
+    for t in [token] if token is not None else [raw]:
+        for form in _spellings(t) if t else ():
+            text = text.replace(form, "***")
+    return text
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line`` of an exception and of its causes, token redacted: what every Hub failure
+    message is built from (never the bare exception: the HTTP client quotes a refused header)."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen and len(parts) < 3:
+        seen.add(id(error))
+        first = (str(error).strip().splitlines() or [""])[0]
+        parts.append(f"{type(error).__name__}: {first}" if first else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    return redact(" <- ".join(parts))
+
+
+HTTP_TRACE_LOGGERS = ("httpcore2", "httpcore", "httpx2", "httpx")
+
+
+def quiet_http_trace() -> None:
+    """The HTTP client's DEBUG trace quotes a refused request header, token included, in its
+    exception text: it is never switched on here (its INFO line, method and URL, stays)."""
+    for name in HTTP_TRACE_LOGGERS:
+        log = logging.getLogger(name)
+        if log.getEffectiveLevel() < logging.INFO:
+            log.setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +209,7 @@ def download_file(hub: Hub, name: str, *, cache_dir: Path | None = None, local_d
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
+    quiet_http_trace()
     token = hf_token()
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
     url = hf_hub_url(hub.repo_id, name, revision=hub.revision, endpoint=endpoint, repo_type=repo_type)
@@ -206,8 +264,7 @@ def with_backoff(fn: Callable[[], T], *, retries: int, backoff_s: float, max_bac
         except Exception as error:  # noqa: BLE001
             if attempt >= retries or not is_transient(error):
                 raise
-            logger.warning(f"{what}: {redact(type(error).__name__ + ': ' + str(error)).splitlines()[0]}"
-                           f"; retry {attempt + 1}/{retries} in {wait:.1f}s")
+            logger.warning(f"{what}: {describe(error)}; retry {attempt + 1}/{retries} in {wait:.1f}s")
             sleep(wait)
             wait = min(max_backoff_s, wait * 2)
     raise AssertionError("unreachable")
@@ -273,11 +330,11 @@ def hub_error(error: BaseException, hub: Hub, token: str | None) -> UserError:
             "check the pod's network/proxy, or stage the tokenizer and set HF_HUB_OFFLINE=1",
         )
     else:
-        result = UserError("hub.repo_id", hub.repo_id,
-                           f"download failed: {type(error).__name__}: {str(error).splitlines()[0]}",
+        result = UserError("hub.repo_id", hub.repo_id, f"download failed: {describe(error)}",
                            "check hub.* settings and HF_TOKEN")
+    result.why, result.fix = redact(result.why), redact(result.fix)
     if token:
         result.why, result.fix = redact(result.why, token), redact(result.fix, token)
-        result.args = (result.line(),)
+    result.args = (result.line(),)
     return result
 

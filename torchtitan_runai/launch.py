@@ -6,11 +6,15 @@ Once per pod it:
 1. recognises the environment shape the cluster gave the pod (below) and turns it into torchrun
    arguments (``plan_launch``, a pure function);
 2. validates the environment and the whole config (``torchtitan_runai.config``), then the inputs
-   and the machine (dataset, tokenizer, checkpoint folder and its owner, memory fit, /dev/shm:
-   ``torchtitan_runai.preflight``) before any worker starts: a mistake is one line on stderr and
-   exit code 2, never a traceback; a run that is already complete says so and exits 0;
-3. runs torchrun's elastic agent in this process (rendezvous, restarts, signals to the workers) and
-   turns its outcome into an exit code.
+   and the machine (dataset; the tokenizer, downloaded here once per node when the Hub is its
+   source, and read to check it is not damaged; checkpoint folder and its owner; memory fit,
+   /dev/shm: ``torchtitan_runai.preflight``) before any worker starts: a mistake is one line on
+   stderr and exit code 2, never a traceback, and nothing is written; a run that is already
+   complete says so and exits 0;
+3. claims the checkpoint folder (node 0; its owner record and a lock that a second live run is
+   refused by, with a heartbeat while the run lasts), runs torchrun's elastic agent in this process
+   (rendezvous, restarts, signals to the workers) and turns its outcome into an exit code; a
+   finished run ends with one line: the steps, the time and the newest checkpoint.
 
 Usage::
 
@@ -56,6 +60,9 @@ Variables (all optional except where a shape needs them):
                         else ``torchtitan-runai``).
 ``LOG_RANK``            comma-separated local ranks whose output is shown (default 0). ``all`` shows
                         every rank.
+``LOG_LEVEL``           ``info`` (default): the lines a person reads; ``debug``: also every line torchrun,
+                        torchtitan and this fork print at start and at each checkpoint, and the
+                        warnings that are expected on this path (silenced otherwise).
 ``LOCAL_ADDR``          address this node advertises at rendezvous (default ``POD_IP`` when set);
                         needed when the pod's hostname does not resolve from other pods.
 ``SHUTDOWN_TIMEOUT``    seconds the workers get to checkpoint and exit after SIGTERM before torchrun
@@ -67,12 +74,15 @@ Variables (all optional except where a shape needs them):
 ``OUTPUT_DIR``          absolute path of the PVC mount: the dump folder (checkpoints, TensorBoard),
                         the Hugging Face cache (``HF_HOME``) and the Inductor cache go under it
                         (``torchtitan_runai.storage``). Unset: the config's ``job.dump_folder``.
-``HF_TOKEN``            read by the workers from the environment; never printed, never in argv.
+``HF_TOKEN``            the Hub token, read from the environment by this launcher (the tokenizer
+                        download) and the workers; never printed, never in argv. Or ``HF_TOKEN_PATH``:
+                        a file that holds it (a mounted Secret). Surrounding whitespace is dropped.
 
 The workers also get, unless already set: ``PYTORCH_ALLOC_CONF=expandable_segments:True`` and the
 Inductor/FX-graph cache on the output volume (``worker_env``).
 
-Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file);
+Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file,
+a rendezvous that timed out: the line names the nodes that joined and RDZV_TIMEOUT);
 128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
 retries it; the workers first save a full checkpoint at the next step boundary); 142 a rank's
 watchdog found the job hung (the line names the hung rank; retryable); 1 a worker failed with an
@@ -82,7 +92,6 @@ also retryable.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import signal
@@ -237,6 +246,9 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
     log_ranks = env.get("LOG_RANK", "0").strip() or "0"
     if log_ranks != "all" and not all(p.strip().isdigit() for p in log_ranks.split(",")):
         raise UserError("LOG_RANK", log_ranks, "must be local rank numbers like 0 or 0,1, or 'all'", "set LOG_RANK=0")
+    log_level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
+    if log_level not in ("info", "debug"):
+        raise UserError("LOG_LEVEL", env.get("LOG_LEVEL"), "must be info or debug", "unset it, or set LOG_LEVEL=debug")
     common = dict(
         nproc_per_node=nproc,
         max_restarts=max_restarts,
@@ -280,14 +292,25 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
                           rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
                           node_rank=_int(env, "RANK"), **common)
     else:
-        nnodes = _nnodes(env, "OVERRIDE_PET_NNODES") if env.get("OVERRIDE_PET_NNODES") else "1"
-        if nnodes != "1":
-            raise UserError("OVERRIDE_PET_NNODES", nnodes, "a multi-node run needs a rendezvous address",
-                            "set MASTER_ADDR and MASTER_PORT (or PET_RDZV_ENDPOINT), or use 1 node")
+        # A node count with no address to meet at would silently train alone on this node.
+        count_var = "OVERRIDE_PET_NNODES" if env.get("OVERRIDE_PET_NNODES") else "PET_NNODES"
+        nnodes = _nnodes(env, count_var) if env.get(count_var) else "1"
+        if nnodes.split(":")[-1] != "1":
+            raise UserError("MASTER_ADDR", None,
+                            f"{count_var}={env[count_var]} asks for {nnodes} nodes but no rendezvous address is set, "
+                            "so this node would train alone",
+                            "set MASTER_ADDR and MASTER_PORT to the master pod (the operator sets them; "
+                            "PET_RDZV_ENDPOINT for an elastic job), or set the node count to 1")
         return LaunchPlan(shape="single node", nnodes="1", standalone=True, **common)
     if plan.nnodes == "1":
         return LaunchPlan(**{**plan.__dict__, "standalone": True, "rdzv_endpoint": "", "node_rank": None,
                              "shape": plan.shape + " (1 node: standalone)"})
+    if plan.node_rank is not None and plan.node_rank >= plan.max_nodes:
+        source = next(name for name in ("PET_NODE_RANK", "RANK") if env.get(name, "").strip())
+        raise UserError(source, env[source],
+                        f"is this pod's node rank but the job has {plan.max_nodes} node(s) (ranks 0..{plan.max_nodes - 1}); "
+                        "torchrun would wait for the whole rendezvous timeout and fail",
+                        f"set {source} to a rank below {plan.max_nodes}, or the node count to the number of pods")
     return plan
 
 
@@ -329,6 +352,12 @@ def trainer_args(env: Mapping[str, str], user_args: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Side effects: DNS, GPUs, running the agent
+
+
+def debug(line: str) -> None:
+    """A launcher line shown only with LOG_LEVEL=debug (the ranks' debug lines follow the same switch)."""
+    if os.environ.get("LOG_LEVEL", "").strip().lower() == "debug":
+        print(line, flush=True)
 
 
 def visible_gpus() -> int:
@@ -390,27 +419,66 @@ def torchrun_supports(flag: str) -> bool:
     return flag in get_args_parser()._option_string_actions
 
 
-def run_agent(torchrun_argv: list[str]) -> int:
+def rendezvous_timeout_error(error: BaseException, plan: LaunchPlan) -> UserError:
+    """A rendezvous that timed out as one line: who joined, who is missing, and RDZV_TIMEOUT.
+
+    The other nodes that joined are read from the rendezvous handler's state in the traceback
+    (torchrun keeps no other record of them; this node has already left it when the error is
+    raised); without it, the line still names the counts and the fix.
+    """
+    others: list[str] | None = None
+    tb = error.__traceback__
+    while tb is not None:
+        handler = tb.tb_frame.f_locals.get("self")
+        state = getattr(getattr(handler, "_state_holder", None), "state", None)
+        if state is not None and hasattr(state, "participants"):
+            me = getattr(handler, "_this_node", None)
+            others = sorted(node.addr for node in {*state.participants, *state.wait_list} if node != me)
+        tb = tb.tb_next
+    timeout = dict(plan.rdzv_conf).get("join_timeout", "600")
+    expected = plan.nnodes.split(":")[0]
+    here = "this node" if plan.node_rank is None else f"this node (node rank {plan.node_rank})"
+    if others is None:
+        who = f"not all {expected} nodes joined"
+    elif not others:
+        who = f"only 1 of {expected} node(s) joined: {here}"
+        if plan.node_rank is not None:
+            missing = [str(r) for r in range(plan.max_nodes) if r != plan.node_rank]
+            who += f"; missing: node rank(s) {', '.join(missing)}"
+    else:
+        who = f"only {len(others) + 1} of {expected} node(s) joined: {here} and {', '.join(others)}"
+    return UserError("RDZV_TIMEOUT", timeout,
+                     f"the rendezvous at {plan.rdzv_endpoint} timed out: {who}",
+                     "check that every pod of the job is running (kubectl get pods) and reaches the rendezvous "
+                     "address, that the node count matches the number of pods, or raise RDZV_TIMEOUT if pods "
+                     "start slowly")
+
+
+def run_agent(torchrun_argv: list[str], plan: LaunchPlan | None = None) -> int:
     """Run torchrun's elastic agent in this process and translate its outcome to an exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(torchrun_argv[1:])
-    verdict = Path(tempfile.mkdtemp(prefix="runai-launch-")) / "hang-verdict"
-    os.environ[HANG_VERDICT_ENV] = str(verdict)
-    try:
-        run(args)
-    except SignalException as e:
-        sig = signal.Signals(e.sigval)
-        print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
-              file=sys.stderr, flush=True)
-        return 128 + sig
-    except ChildFailedError as e:
-        found = (verdict.read_text(), verdict.stat().st_mtime) if verdict.is_file() else None
-        line, code = describe_failure(e.failures, found)
-        print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
-        return code
+    with tempfile.TemporaryDirectory(prefix="runai-launch-") as scratch:
+        verdict = Path(scratch) / "hang-verdict"
+        os.environ[HANG_VERDICT_ENV] = str(verdict)
+        try:
+            run(args)
+        except SignalException as e:
+            sig = signal.Signals(e.sigval)
+            print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
+                  file=sys.stderr, flush=True)
+            return 128 + sig
+        except RendezvousTimeoutError as e:
+            raise rendezvous_timeout_error(e, plan or plan_launch({}, 0)) from None
+        except ChildFailedError as e:
+            found = (verdict.read_text(), verdict.stat().st_mtime) if verdict.is_file() else None
+            line, code = describe_failure(e.failures, found)
+            print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
+            return code
     return 0
 
 
@@ -419,11 +487,14 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
     (``checkpoint.resume.prestart``), before any worker starts; the inputs first, so that a missing
     one is the only line printed.
 
+    Writes nothing into the checkpoint folder (it is claimed only once every check has passed).
     Returns a message when the run is already complete (exit 0, nothing started).
     """
     from torchtitan_runai import preflight
     from torchtitan_runai.checkpoint.resume import prestart
     from torchtitan_runai.config import data_parallel_degree
+    from torchtitan_runai.hub import Hub
+    from torchtitan_runai.training import tokenizer
     from torchtitan_runai.training.data import validate_data_config
 
     def warn(line: str) -> None:
@@ -431,17 +502,20 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
 
     try:
         validate_data_config(config)
+        if not dry_run:
+            # Here, once per node, rather than in every rank: a Hub or file problem is the launcher's
+            # one line (LOG_RANK hides most ranks' output) and costs no torchrun restart; the ranks
+            # then read the folder or the cache, with no network. A dry run downloads nothing (the
+            # check below reports what a real run would do).
+            hub_section = getattr(config, "hub", None) or Hub()
+            tokenizer.verify_tokenizer(tokenizer.ensure_tokenizer(config), hub_section.tokenizer_format)
     except UserError as error:
         if not dry_run:
             raise
         warn(f"[launch] warning: {error.line()}")
-    tokenizer = preflight.check_tokenizer(config, env)
-    if dry_run and tokenizer.level == "error":  # the machine that trains may have it
-        tokenizer = dataclasses.replace(tokenizer, level="warning")
-    preflight.enforce([tokenizer], warn=warn)
-    write = not dry_run and plan.node_rank in (None, 0)
-    return prestart(config, env, plan.world_size, data_parallel_degree(config, plan.world_size),
-                    write=write, warn=warn)
+    if dry_run:  # the machine that trains may have it: a note about this one
+        preflight.enforce([preflight.elsewhere(preflight.check_tokenizer(config, env))], warn=warn)
+    return prestart(config, env, plan.world_size, data_parallel_degree(config, plan.world_size))
 
 
 def worker_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -493,13 +567,19 @@ def main(argv: list[str]) -> int:
     train_args = trainer_args(env, user_args)
 
     from torchtitan_runai.job import parse_job_config
+    from torchtitan_runai.training.spec import check_trainable_spec
 
     config = parse_job_config(train_args, world_size=plan.world_size)
+    check_trainable_spec(config)
     config, train_args = apply_storage(config, train_args, env, plan.world_size)
     done = preflight_inputs(config, env, plan, dry_run)
     if done:
         print(f"[launch] {done}", flush=True)
         if not dry_run:
+            if plan.node_rank in (None, 0):  # every check passed: the owner is recorded (a take-over too)
+                from torchtitan_runai.checkpoint.ownership import claim_folder
+
+                claim_folder(storage.checkpoint_dir(config), env, take_over=config.resilience.take_over_folder)
             return 0
     ngpu = env.get("NGPU")
     if gpus and ngpu and int(ngpu) > gpus:
@@ -519,15 +599,45 @@ def main(argv: list[str]) -> int:
         print(f"[launch] note: this torchrun has no --shutdown_timeout; workers get its built-in 30 s after a "
               f"SIGTERM, not SHUTDOWN_TIMEOUT={plan.shutdown_timeout}", file=sys.stderr, flush=True)
     command = torchrun_args(plan, train_args, shutdown_flag=shutdown_flag)
-    print(f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es); {'; '.join(plan.notes)}",
-          flush=True)
+    where = "" if plan.standalone else f"; rendezvous {plan.rdzv_endpoint}"
+    print(f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es){where}; "
+          f"{'; '.join(plan.notes)}", flush=True)
     if dry_run:
         print(shlex.join(command), flush=True)
         return 0
-    print(f"[launch] {shlex.join(command)}", flush=True)
+    debug(f"[launch] {shlex.join(command)}")
+    if plan.nproc_per_node > 1:
+        # The value torchrun would set, set here so that it does not print its four-line banner about it.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if plan.endpoint_host:
         wait_for_host(plan.endpoint_host, float(dict(plan.rdzv_conf).get("join_timeout", 600)))
-    return run_agent(command)
+    from torchtitan_runai.checkpoint.ownership import hold_folder
+
+    started = time.monotonic()
+    # Only now, with every check passed, is the folder claimed (job.json, lock.json), by node 0.
+    hold = hold_folder(config, env) if plan.node_rank in (None, 0) else None
+    try:
+        code = run_agent(command, plan)
+    finally:
+        if hold is not None:
+            hold.release()
+    if code == 0:
+        print(f"[launch] {finished_line(config, time.monotonic() - started)}", flush=True)
+    return code
+
+
+def finished_line(config, seconds: float) -> str:
+    """The run's last line: what finished, the steps, the time, the newest checkpoint."""
+    from torchtitan_runai.checkpoint.folder import newest_resumable, scan
+
+    took = f"{int(seconds) // 3600}:{int(seconds) % 3600 // 60:02d}:{int(seconds) % 60:02d}"
+    steps = config.training.steps
+    if not config.checkpoint.enable:
+        return f"training finished: {steps} steps in {took}; no checkpoints (checkpoint.enable = false)"
+    newest = newest_resumable(scan(storage.checkpoint_dir(config)))
+    where = f"newest checkpoint {newest.path}" if newest else "no complete checkpoint"
+    reached = newest.step if newest else steps
+    return f"training finished: step {reached} of {steps} in {took}; {where}"
 
 
 if __name__ == "__main__":

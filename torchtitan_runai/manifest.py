@@ -5,10 +5,12 @@ Usage (from the repository root, where the image's ``./train_configs`` paths res
     python -m torchtitan_runai.manifest --config train_configs/llama3_8b.toml \\
         --nodes 2 --gpus-per-node 8 --image nvcr.io/<org>/torchtitan-runai:<tag> \\
         --pvc <claim>[:/outputs] --secret hf-token --name llama3-8b \\
-        [--pvc-size 10Ti] [--format runai|pytorchjob|trainjob|all] [--output-dir deploy/llama3-8b]
+        [--pvc-size 10Ti] [--format runai|runai-v2|pytorchjob|trainjob|all] [--output-dir deploy/llama3-8b]
 
-With ``--output-dir`` it writes ``runai.sh``, ``pytorchjob.yaml`` and ``trainjob.yaml`` there;
-without, it prints the chosen format(s) to stdout.
+``<claim>`` is the PVC's name as ``kubectl get pvc`` shows it (a lowercase DNS name). With
+``--output-dir`` it writes ``runai.sh`` (Run:ai CLI v1), ``runai-v2.sh`` (Run:ai CLI v2:
+``runai training pytorch submit``), ``pytorchjob.yaml`` and ``trainjob.yaml`` there; without, it
+prints the chosen format(s) to stdout.
 
 What every spec gets, and why:
 
@@ -17,6 +19,7 @@ What every spec gets, and why:
   Hugging Face cache all move with it, see ``torchtitan_runai.storage``).
 - ``HF_TOKEN`` from the Kubernetes Secret ``--secret`` (key ``HF_TOKEN``), never inline: create it
   with ``kubectl create secret generic hf-token --from-file=HF_TOKEN=/dev/stdin`` (token on stdin).
+  The v2 CLI mounts the Secret (``--secret-volume``) and sets ``HF_TOKEN_PATH`` to the file.
 - ``/dev/shm`` as a memory-backed emptyDir (Run:ai: ``--large-shm``); containerd's default is
   64 MiB, too small for dataloader workers and NCCL.
 - The PVC mounted at ``OUTPUT_DIR``.
@@ -71,6 +74,9 @@ CONTAINER_UID = 1000
 
 HF_TOKEN_KEY = "HF_TOKEN"
 FORMATS = ("runai", "pytorchjob", "trainjob")
+"""What operator_env knows: the pods' environment as each operator creates it."""
+OUTPUTS = ("runai", "runai-v2", "pytorchjob", "trainjob")
+"""What the CLI emits (runai-v2: the same Run:ai job through the v2 CLI)."""
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME = 40
 """Pod names are ``<name>-worker-<i>`` / ``<name>-node-0-<i>`` and must stay within 63 chars."""
@@ -267,10 +273,39 @@ def build_runai_command(spec: JobSpec) -> list[str]:
     return argv
 
 
-def render_runai(spec: JobSpec) -> str:
+SECRET_MOUNT = "/var/run/secrets/hf-token"
+"""Where the v2 command mounts the token's Secret; the job reads HF_TOKEN_PATH=<this>/HF_TOKEN."""
+
+
+def build_runai_v2_command(spec: JobSpec) -> list[str]:
+    """argv of the Run:ai v2 CLI: ``runai training pytorch submit NAME`` (a master pod plus
+    ``--workers`` = nodes-1, each with the GPUs) for several nodes, ``runai training standard submit``
+    for one. Flags as documented for that CLI (docs/cluster.md cites the reference): the grace period
+    (``--termination-grace-period``) and retries (``--backoff-limit``) are set here. The v2 CLI
+    documents no way to fill one environment variable from a Secret, so the Secret is mounted
+    (``--secret-volume``) and ``HF_TOKEN_PATH`` names the file (read by the job, whitespace stripped)."""
+    argv = ["runai", "training"]
+    if spec.nodes > 1:
+        argv += ["pytorch", "submit", spec.name, "--workers", str(spec.nodes - 1),
+                 "--master-gpu-devices-request", str(spec.gpus_per_node)]
+    else:
+        argv += ["standard", "submit", spec.name]
+    if spec.project:
+        argv += ["-p", spec.project]
+    argv += ["-g", str(spec.gpus_per_node), "-i", spec.image, "--large-shm"]
+    argv += ["--existing-pvc", f"claimname={spec.pvc_claim},path={spec.mount_path}"]
+    argv += ["--secret-volume", f"path={SECRET_MOUNT},name={spec.secret}"]
+    for key, value in spec.env():
+        argv += ["-e", f"{key}={value}"]
+    argv += ["-e", f"HF_TOKEN_PATH={SECRET_MOUNT}/{HF_TOKEN_KEY}"]
+    argv += ["--termination-grace-period", f"{spec.grace_seconds}s", "--backoff-limit", str(spec.backoff_limit)]
+    return argv
+
+
+def render_runai(spec: JobSpec, argv: list[str] | None = None) -> str:
     """The Run:ai command as a copy-pastable multi-line shell command."""
     lines: list[list[str]] = [[]]
-    for token in build_runai_command(spec):
+    for token in argv or build_runai_command(spec):
         if token.startswith("-"):
             lines.append([])  # one option (and its value) per line
         lines[-1].append(token)
@@ -306,11 +341,18 @@ def config_in_image(path: Path, repo_root: Path) -> str:
     return "./" + rel.as_posix()
 
 
+_CLAIM_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+"""A PersistentVolumeClaim name: a lowercase DNS subdomain name (RFC 1123), at most 253 characters."""
+
+
 def parse_pvc(text: str) -> tuple[str, str]:
     claim, _, mount = text.partition(":")
     mount = mount or storage.IMAGE_OUTPUT_DIR
-    if not claim or not _NAME_RE.match(claim.replace(".", "-")):
-        raise UserError("--pvc", text, "needs an existing PVC name", "pass --pvc CLAIM or --pvc CLAIM:/mount/path")
+    if not claim or not _CLAIM_RE.match(claim) or len(claim) > 253:
+        raise UserError("--pvc", text,
+                        f"{claim!r} is not a claim name: claim names are lowercase DNS names (a-z, 0-9, '-' "
+                        "and '.', starting and ending with a letter or digit)",
+                        f"pass the name `kubectl get pvc` shows, e.g. --pvc llama3-outputs:{mount}")
     if not os.path.isabs(mount) or mount.rstrip("/") in ("", "/dev", "/proc", "/sys") or mount.startswith("/dev/"):
         raise UserError("--pvc", text, "mount path must be an absolute, ordinary folder", "e.g. --pvc CLAIM:/outputs")
     return claim, os.path.normpath(mount)
@@ -395,6 +437,9 @@ def render(spec: JobSpec, fmt: str, command_line: str) -> str:
     header = f"# Generated by: {command_line}\n# Do not put secrets here: HF_TOKEN comes from Secret '{spec.secret}'.\n"
     if fmt == "runai":
         return "#!/usr/bin/env bash\n" + header + "set -euo pipefail\n" + render_runai(spec)
+    if fmt == "runai-v2":
+        return ("#!/usr/bin/env bash\n" + header + "# Run:ai v2 CLI (runai training ... submit); runai.sh is the v1 form.\n"
+                + "set -euo pipefail\n" + render_runai(spec, build_runai_v2_command(spec)))
     if fmt == "pytorchjob":
         return _yaml(build_pytorchjob(spec), header)
     notes = (
@@ -404,7 +449,8 @@ def render(spec: JobSpec, fmt: str, command_line: str) -> str:
     return _yaml(build_trainjob(spec), header + notes)
 
 
-FILENAMES = {"runai": "runai.sh", "pytorchjob": "pytorchjob.yaml", "trainjob": "trainjob.yaml"}
+FILENAMES = {"runai": "runai.sh", "runai-v2": "runai-v2.sh", "pytorchjob": "pytorchjob.yaml",
+             "trainjob": "trainjob.yaml"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,11 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, required=True, help="number of nodes (pods)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--image", required=True, help="training image built from this repo's Dockerfile")
-    p.add_argument("--pvc", required=True, metavar="CLAIM[:MOUNT]", help="existing PVC and its mount path = OUTPUT_DIR (default /outputs)")
+    p.add_argument("--pvc", required=True, metavar="CLAIM[:MOUNT]",
+                   help="existing PVC (its lowercase name, as kubectl get pvc shows it) and its mount path = "
+                        "OUTPUT_DIR (default /outputs), e.g. llama3-outputs:/outputs")
     p.add_argument("--name", default="torchtitan", help="job name (default torchtitan)")
     p.add_argument("--secret", default="hf-token", help="Kubernetes Secret holding HF_TOKEN under key HF_TOKEN")
-    p.add_argument("--format", choices=(*FORMATS, "all"), default="all")
-    p.add_argument("--output-dir", help="write runai.sh / pytorchjob.yaml / trainjob.yaml here instead of stdout")
+    p.add_argument("--format", choices=(*OUTPUTS, "all"), default="all")
+    p.add_argument("--output-dir", help="write runai.sh / runai-v2.sh / pytorchjob.yaml / trainjob.yaml here "
+                                        "instead of stdout")
     p.add_argument("--pvc-size", help="PVC capacity (e.g. 10Ti): checks checkpoint.keep_latest_k fits")
     p.add_argument("--grace-period", type=int, help="terminationGracePeriodSeconds (default: from the checkpoint size)")
     p.add_argument("--backoff-limit", type=int, default=5, help="PyTorchJob retries on retryable exits (default 5)")
@@ -433,14 +482,14 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     spec = load_job_spec(args)
     command_line = "python -m torchtitan_runai.manifest " + shlex.join(argv)
-    formats = FORMATS if args.format == "all" else (args.format,)
+    formats = OUTPUTS if args.format == "all" else (args.format,)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         for fmt in formats:
             path = out / FILENAMES[fmt]
             path.write_text(render(spec, fmt, command_line))
-            if fmt == "runai":
+            if fmt.startswith("runai"):
                 path.chmod(0o755)
             print(path)
         return 0

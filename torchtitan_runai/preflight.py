@@ -3,13 +3,15 @@
 Usage::
 
     python -m torchtitan_runai.preflight --config FILE [--nodes N] [--gpus-per-node G]
-        [--gpu-memory-gib 79.6] [--dry-run] [torchtitan overrides, e.g. --training.local_batch_size 2]
+        [--gpu-memory-gib 79.6] [--here | --dry-run] [torchtitan overrides, e.g. --training.local_batch_size 2]
 
 The launcher runs the same checks (``run_preflight``) once per pod, after parsing the config and
 before torchrun. Each check gives a ``Finding`` (``ok``, ``warning`` or ``error``); the command
-prints a short report and exits 2 when there is an error. Checks that depend on the machine (free
-disk, writable folder, tokenizer files) are errors in a real launch and warnings in a dry run
-(``--dry-run``), where the machine is usually not the one that will train.
+prints a short report and exits 2 when there is an error. Checks of the machine itself (free disk,
+writable folder, host memory, /dev/shm, tokenizer cache and HF_TOKEN) judge it only when it is one
+of the job's nodes: in the launcher inside a pod, or with ``--here`` (the CLI's default when this
+machine has the job's GPUs per node). Elsewhere (a laptop, a dry run) they are notes that say what
+was measured here and why that does not apply: the launcher checks every node again.
 
 What is checked
 ---------------
@@ -108,7 +110,7 @@ class Finding:
     """One check's outcome."""
 
     level: str
-    """"ok", "warning" or "error"."""
+    """"ok", "warning", "error", "note" (a measurement of a machine that is not the job's) or "info"."""
     check: str
     message: str
 
@@ -377,14 +379,29 @@ def grace_budget(config: Any, params: int, world_size: int, local_ranks: int, en
     return GraceBudget(grace, source, kill, kill_source, BYTES_PER_PARAM_FULL_CHECKPOINT * params / nodes,
                        probe_write_speed(folder, threads))
 
+NOT_HERE = "this machine, not a node of the job (the launcher checks each pod itself): "
+
+
+def elsewhere(finding: Finding) -> Finding:
+    """A check of this machine, made where the job does not run: a note of what was measured."""
+    return dataclasses.replace(finding, level="note", message=NOT_HERE + finding.message.split(" Fix: ")[0])
+
 
 def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dry_run: bool = False,
                   env: Mapping[str, str] | None = None, shm_path: str = "/dev/shm",
                   local_ranks: int | None = None,
                   host_limit: tuple[int | None, str] | None = None, tokenizer_check: bool = True,
-                  shutdown_timeout: int | None = None) -> list[Finding]:
-    """Every check for a parsed config. Machine-dependent errors become warnings in a dry run.
-    ``tokenizer_check=False``: the caller ran ``check_tokenizer`` already (the launcher does, first)."""
+                  shutdown_timeout: int | None = None, here: bool | None = None) -> list[Finding]:
+    """Every check for a parsed config.
+    ``tokenizer_check=False``: the caller ran ``check_tokenizer`` already (the launcher does, first).
+
+    ``here``: this machine is one of the job's nodes (default: not in a dry run). When it is not,
+    the checks of this machine (checkpoint folder and disk, host memory, /dev/shm, tokenizer cache
+    and HF_TOKEN) are notes of what was measured (``elsewhere``), never errors or warnings: a
+    laptop's disk is not the PVC. The memory fit is judged against the job's GPU either way (a
+    warning in a dry run, whose GPU is often assumed).
+    """
+    here = not dry_run if here is None else here
     env = os.environ if env is None else env
     findings: list[Finding] = []
     try:
@@ -401,7 +418,10 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     if not gpu_memory_gib and fit.level != "ok":
         fit = dataclasses.replace(fit, message=fit.message + " (no GPU visible: assumed an H100 80GB; "
                                                              "pass --gpu-memory-gib)")
-    machine: list[Finding] = [fit]  # the fit depends on the GPU: a dry run may be elsewhere
+    if dry_run and fit.level == "error":  # the GPU of a dry run is often assumed, not the job's
+        fit = dataclasses.replace(fit, level="warning")
+    findings.append(fit)
+    machine: list[Finding] = []
     if config.checkpoint.enable:
         machine.append(check_checkpoint_folder(checkpoint_folder_of(config, env),
                                                BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params))
@@ -410,16 +430,15 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
         machine.append(host)
     if tokenizer_check:
         machine.append(check_tokenizer(config, env))
-    if dry_run:
-        machine = [dataclasses.replace(f, level="warning") if f.level == "error" else f for f in machine]
-    findings.extend(machine)
-    folder = checkpoint_folder_of(config, env)
-    if config.checkpoint.enable and not dry_run and not any(f.level == "error" for f in machine):
+    machine.append(check_dev_shm(shm_path))
+    machine_ok = not any(f.level == "error" for f in machine)
+    findings.extend(machine if here else [elsewhere(f) for f in machine])
+    if config.checkpoint.enable and here and machine_ok:  # the probe writes into the job's own folder
+        folder = checkpoint_folder_of(config, env)
         budget = grace_budget(config, estimate.params, world_size, local_ranks or world_size, env,
                               storage.default_shutdown_timeout(env) if shutdown_timeout is None else shutdown_timeout,
                               folder)
         findings.append(check_grace_budget(budget, folder))
-    findings.append(check_dev_shm(shm_path))
     findings.append(Finding("info", "estimate", format_estimate(estimate, settings)))
     return findings
 
@@ -429,7 +448,7 @@ def enforce(findings: list[Finding], warn: Callable[[str], None] | None = None) 
     line a user error gets (printed once, at the CLI edge)."""
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     for f in findings:
-        if f.level == "warning":
+        if f.level in ("warning", "note"):
             warn(f"[preflight] {f.level}: {f.check}: {f.message}")
     error = next((f for f in findings if f.level == "error"), None)
     if error is not None:
@@ -469,7 +488,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=None, help="default: visible GPUs, else 8")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="default: the visible GPU's, else 79.6 (H100 80GB)")
-    parser.add_argument("--dry-run", action="store_true", help="machine-dependent problems are warnings")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--here", action="store_true", default=None,
+                       help="this machine is one of the job's nodes: judge its disk, memory, /dev/shm and "
+                            "tokenizer (default: only when it has the GPUs per node the job asks for)")
+    where.add_argument("--dry-run", action="store_true",
+                       help="this machine is not one of the job's nodes: its measurements are notes")
     args, overrides = parser.parse_known_args(argv)
     for name in ("nodes", "gpus_per_node"):
         value = getattr(args, name)
@@ -481,8 +505,11 @@ def main(argv: list[str]) -> int:
         gpus = _visible_gpus() or 8
     world_size = args.nodes * gpus
     config = parse_job_config(["--job.config_file", args.config, *overrides])
-    findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run, local_ranks=gpus)
-    print(f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)")
+    visible = _visible_gpus()
+    here = args.here if args.here else (not args.dry_run and visible > 0 and visible >= gpus)
+    findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run, local_ranks=gpus, here=here)
+    print(f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)"
+          + ("" if here else f"; this machine ({visible} GPU(s)) is not one of the job's nodes (--here if it is)"))
     print(report(findings))
     return 2 if any(f.level == "error" for f in findings) else 0
 

@@ -20,7 +20,9 @@ pinned to the exact torchtitan version (``upstream``).
   (``torchtitan_runai.checkpoint.manager``): newest *complete* checkpoint, completion markers, full
   final saves, world-size and schedule checks.
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
-  parallelism, seed, config, tokenizer, resumed-from step) before the first step; at the end the
+  parallelism, seed, config, tokenizer, resumed-from step) before the first step; what this path
+  always prints and a reader does not need at debug level (``logs.PersonFilter``, ``LOG_LEVEL``,
+  ``logs.quiet_expected_noise``); at the end the
   optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
   and the loss/throughput PNG (``plots``);
 - checkpoint staging: ``checkpoint.staging.install`` keeps pinned staging buffers across async saves and
@@ -66,6 +68,9 @@ class RunaiTrainer(upstream.Trainer):
         self.stop_flag = resilience.StopFlag()
         self.stop_flag.before_first_step = _leave_now
         self.stop_flag.install()
+        self.log_filter = logs.install_person_filter(
+            cpu=not device.has_accelerator(), step=lambda: getattr(self, "step", None),
+            stopping=lambda: bool(self.stop_flag.signum))
         res = getattr(job_config, "resilience", None) or Resilience()
         self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
         self.step_trace = resilience.StepTrace()
@@ -186,6 +191,7 @@ def _teardown(trainer) -> None:
 
 
 def run(argv: list[str]) -> int:
+    logs.quiet_expected_noise()
     upstream.init_logger()
     device.select_device()
     job_config = parse_job_config(argv)  # also registers llama3_runai (training.spec)

@@ -36,6 +36,15 @@ def appended(section: str, line: str):
     return replace(f"[{section}]\n", f"[{section}]\n{line}\n")
 
 
+def corrupt_tokenizer(tmp: Path) -> Path:
+    """The rehearsal tokenizer cut off mid-file (an interrupted copy)."""
+    folder = tmp / "tok"
+    shutil.copytree(REPO / "assets/rehearsal/tokenizer", folder)
+    data = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    return folder
+
+
 # (id, config file builder or None for the stock debug config, extra args, env, setting named)
 CASES = [
     ("missing-config", lambda tmp: str(tmp / "nope.toml"), [], {}, "CONFIG_FILE"),
@@ -74,6 +83,19 @@ CASES = [
     ("ngpu-not-a-number", None, [], {"NGPU": "two"}, "NGPU"),
     ("max-restarts-negative", None, [], {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
     ("master-port-missing", None, [], {"MASTER_ADDR": "127.0.0.1", "PET_NNODES": "2"}, "MASTER_PORT"),
+    # issue 16: found by a new user
+    ("nodes-without-master-addr", None, [], {"PET_NNODES": "2"}, "MASTER_ADDR"),
+    ("node-rank-past-node-count", None, [],
+     {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "PET_NNODES": "2", "RANK": "5"}, "RANK"),
+    ("stock-llama3-spec", None, ["--model.name", "llama3"], {}, "llama3_runai"),
+    ("config-with-bom-and-bad-key", lambda tmp: (tmp / "bom.toml").write_bytes(
+        b"\xef\xbb\xbf" + BASE.replace("steps = 30", "stepz = 30").encode()) and str(tmp / "bom.toml"), [], {},
+     "training.stepz"),
+    ("corrupt-tokenizer-json", lambda tmp: corrupt_tokenizer(tmp) and None, ["--model.hf_assets_path", "{tmp}/tok"],
+     {}, "tokenizer.json"),
+    ("hub-offline-empty-cache", None, ["--hub.repo_id", "meta-llama/Llama-3.1-8B", "--model.hf_assets_path",
+                                       "{tmp}/no-tokenizer", "--hub.cache_dir", "{tmp}/hub-cache"],
+     {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
 ]
 
 

@@ -157,3 +157,12 @@ def test_nested_section_flags_such_as_float8_are_known(monkeypatch):
     with pytest.raises(UserError) as e:
         parse_job_config(base + ["--quantize.linear.float8.filter_fqn", "output"], world_size=16)
     assert "did you mean --quantize.linear.float8.filter_fqns" in e.value.line()
+
+
+def test_config_with_a_byte_order_mark_is_accepted(tmp_path):
+    # Windows editors save UTF-8 with a BOM; main said "Invalid statement (line 1, column 1)"
+    text = (REPO / "train_configs" / "debug_model.toml").read_bytes()
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.replace(b"\n", b"\r\n"))
+    config = parse_job_config(["--job.config_file", str(bom)])
+    assert config.training.steps == 30 and config.model.name == "llama3_runai"

@@ -128,7 +128,7 @@ def test_defaults_max_restarts_1_and_job_uuid_as_id():
     ({"PET_RDZV_ENDPOINT": "host-without-port", "PET_NNODES": "2"}, "PET_RDZV_ENDPOINT"),
     ({"PET_RDZV_ENDPOINT": "h:1"}, "PET_NNODES"),
     ({"LOG_RANK": "first"}, "LOG_RANK"),
-    ({"OVERRIDE_PET_NNODES": "2"}, "OVERRIDE_PET_NNODES"),
+    ({"OVERRIDE_PET_NNODES": "2"}, "MASTER_ADDR"),  # a node count with nowhere to meet
     ({"MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "WORLD_SIZE"),
 ])
 def test_bad_environment_names_the_variable(env, setting):
@@ -217,3 +217,37 @@ def test_worker_env_puts_the_compile_cache_on_the_output_volume():
 def test_worker_env_never_overrides_the_user():
     env = worker_env("/out", {"TORCHINDUCTOR_CACHE_DIR": "/mine", "PYTORCH_CUDA_ALLOC_CONF": "x"})
     assert "TORCHINDUCTOR_CACHE_DIR" not in env and "PYTORCH_ALLOC_CONF" not in env
+
+
+# --- issue 16: a node count needs an address; a node rank must be inside the node count --------
+
+
+@pytest.mark.parametrize("count", [{"PET_NNODES": "2"}, {"PET_NNODES": "1:4"}, {"OVERRIDE_PET_NNODES": "3"}])
+def test_node_count_without_rendezvous_address_names_master_addr(count):
+    # main trained alone on this node and logged "single node: 1 node(s)"
+    with pytest.raises(UserError) as err:
+        plan_launch({**count, "PET_NPROC_PER_NODE": "8"}, gpu_count=8)
+    assert err.value.setting == "MASTER_ADDR" and "MASTER_PORT" in err.value.fix
+
+
+def test_one_node_count_without_address_is_still_single_node():
+    assert plan_launch({"PET_NNODES": "1"}, gpu_count=8).standalone
+
+
+@pytest.mark.parametrize("env, setting", [
+    ({**kubeflow_pod(0), "RANK": "5", "PET_NODE_RANK": "5"}, "PET_NODE_RANK"),
+    ({"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "5"}, "RANK"),
+    ({"PET_NNODES": "2", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "tj-node-0-0.tj", "PET_MASTER_PORT": "29500"},
+     "PET_NODE_RANK"),
+])
+def test_node_rank_outside_the_node_count_is_refused(env, setting):
+    # main accepted RANK=5 of 2 nodes; torchrun then waited the whole rendezvous timeout
+    with pytest.raises(UserError) as err:
+        plan_launch(env, gpu_count=8)
+    assert err.value.setting == setting and "0..1" in err.value.why
+
+
+def test_log_level_is_validated():
+    assert plan_launch({"LOG_LEVEL": "debug"}, gpu_count=0).standalone
+    with pytest.raises(UserError, match="LOG_LEVEL"):
+        plan_launch({"LOG_LEVEL": "verbose"}, gpu_count=0)

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from torchtitan_runai import manifest, storage
+from torchtitan_runai.errors import UserError
 from torchtitan_runai.manifest import JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,17 +211,18 @@ def test_cli_writes_parseable_specs_and_never_the_token(repo):
     out = repo / "out"
     res = run_cli([*CLI, "--pvc-size", "10Ti", "--output-dir", str(out)], repo, {"HF_TOKEN": FAKE_TOKEN})
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["pytorchjob.yaml", "runai.sh", "trainjob.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["pytorchjob.yaml", "runai-v2.sh", "runai.sh", "trainjob.yaml"]
     pj = yaml.safe_load((out / "pytorchjob.yaml").read_text())
     tj = yaml.safe_load((out / "trainjob.yaml").read_text())
     assert pj == manifest.build_pytorchjob(spec(grace_seconds=pj["spec"]["pytorchReplicaSpecs"]["Master"]
                                                 ["template"]["spec"]["terminationGracePeriodSeconds"]))
     assert tj["spec"]["trainer"]["numNodes"] == 2
     script = (out / "runai.sh").read_text()
-    assert subprocess.run(["bash", "-n", str(out / "runai.sh")]).returncode == 0
-    assert os.access(out / "runai.sh", os.X_OK)
-    for text in (script, (out / "pytorchjob.yaml").read_text(), (out / "trainjob.yaml").read_text(),
-                 res.stdout, res.stderr):
+    for name in ("runai.sh", "runai-v2.sh"):
+        assert subprocess.run(["bash", "-n", str(out / name)]).returncode == 0
+        assert os.access(out / name, os.X_OK)
+    for text in (script, (out / "runai-v2.sh").read_text(), (out / "pytorchjob.yaml").read_text(),
+                 (out / "trainjob.yaml").read_text(), res.stdout, res.stderr):
         assert FAKE_TOKEN not in text
 
 
@@ -420,6 +422,42 @@ def test_deploy_examples_are_current(tmp_path):
     argv[argv.index("--output-dir") + 1] = str(out)
     res = run_cli(argv, REPO)
     assert res.returncode == 0, res.stderr
-    for name in ("runai.sh", "pytorchjob.yaml", "trainjob.yaml"):
+    for name in ("runai.sh", "runai-v2.sh", "pytorchjob.yaml", "trainjob.yaml"):
         regen = (out / name).read_text().replace(str(out), "deploy/llama3-8b-2x8")
         assert regen == (example / name).read_text(), f"deploy/llama3-8b-2x8/{name} is stale"
+
+
+# --- issue 16: the v2 CLI, and a usable fix for a bad claim name -------------------------------
+
+
+def test_runai_v2_command_sets_grace_period_backoff_and_mounts_the_secret():
+    argv = manifest.build_runai_v2_command(spec(3, project="team-a", grace_seconds=420, backoff_limit=4))
+    assert argv[:5] == ["runai", "training", "pytorch", "submit", "llama3-8b"]
+    pairs = list(zip(argv, argv[1:]))
+    assert ("--workers", "2") in pairs and ("-g", "8") in pairs and ("--master-gpu-devices-request", "8") in pairs
+    assert ("-p", "team-a") in pairs and "--large-shm" in argv
+    assert ("--existing-pvc", "claimname=my-pvc,path=/outputs") in pairs
+    assert ("--termination-grace-period", "420s") in pairs and ("--backoff-limit", "4") in pairs
+    assert ("--secret-volume", f"path={manifest.SECRET_MOUNT},name=hf-token") in pairs
+    assert ("-e", f"HF_TOKEN_PATH={manifest.SECRET_MOUNT}/HF_TOKEN") in pairs
+    assert not any(a.startswith("HF_TOKEN=") for a in argv)  # never the value, never a v1 SECRET: form
+    single = manifest.build_runai_v2_command(spec(1))
+    assert single[:5] == ["runai", "training", "standard", "submit", "llama3-8b"] and "--workers" not in single
+    script = manifest.render(spec(3), "runai-v2", "python -m torchtitan_runai.manifest ...")
+    assert shlex.split(script.split("set -euo pipefail\n", 1)[1].replace("\\\n", " ")) == \
+        manifest.build_runai_v2_command(spec(3))
+
+
+@pytest.mark.parametrize("claim", ["CLAIM", "My_Claim", "-x", "claim-"])
+def test_bad_claim_name_says_what_a_claim_name_is_and_suggests_a_valid_one(claim):
+    # main answered --pvc CLAIM:/outputs (the README's placeholder) with "pass --pvc CLAIM ..."
+    with pytest.raises(UserError) as err:
+        manifest.parse_pvc(f"{claim}:/outputs")
+    line = err.value.line()
+    assert "lowercase DNS names" in line
+    suggested = line.split("e.g. --pvc ", 1)[1].split()[0]
+    assert manifest.parse_pvc(suggested) == ("llama3-outputs", "/outputs")
+
+
+def test_claim_names_may_start_with_a_digit_and_hold_dots():
+    assert manifest.parse_pvc("0-outputs.fast") == ("0-outputs.fast", "/outputs")

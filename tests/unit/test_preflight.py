@@ -244,7 +244,7 @@ def test_tokenizer_download_needs_a_token_for_gated_repos(tmp_path):
 # run_preflight and the CLI
 
 
-def test_run_preflight_dry_run_turns_machine_errors_into_warnings(tmp_path):
+def test_run_preflight_dry_run_turns_machine_errors_into_notes(tmp_path):
     from torchtitan_runai.job import parse_job_config
 
     config = parse_job_config(["--job.config_file", "train_configs/debug_model.toml",
@@ -252,7 +252,7 @@ def test_run_preflight_dry_run_turns_machine_errors_into_warnings(tmp_path):
     real = preflight.run_preflight(config, 2, 79.6, dry_run=False, env={})
     dry = preflight.run_preflight(config, 2, 79.6, dry_run=True, env={})
     level = lambda fs, check: next(f.level for f in fs if f.check == check)  # noqa: E731
-    assert level(real, "tokenizer") == "error" and level(dry, "tokenizer") == "warning"
+    assert level(real, "tokenizer") == "error" and level(dry, "tokenizer") == "note"
     assert level(real, "memory") == "ok" and level(real, "parallelism") == "ok"
     tiny = preflight.run_preflight(config, 2, 0.5, dry_run=False, env={})
     assert level(tiny, "memory") == "error"
@@ -426,7 +426,7 @@ def test_pinned_staging_that_cannot_fit_the_pod_is_an_error_naming_the_fix():
     assert preflight.check_host_memory(config, params, 16, 8, limit=(1, "x")) is None  # nothing pinned
 
 
-def test_run_preflight_reports_host_memory_and_dry_run_softens_it():
+def test_run_preflight_reports_host_memory_and_a_dry_run_notes_it():
     from torchtitan_runai.job import parse_job_config
 
     config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml"], world_size=16)
@@ -434,7 +434,38 @@ def test_run_preflight_reports_host_memory_and_dry_run_softens_it():
     level = lambda fs: next(f.level for f in fs if f.check == "host memory")  # noqa: E731
     assert level(preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny)) == "error"
     assert level(preflight.run_preflight(config, 16, 79.6, dry_run=True, env={}, local_ranks=8,
-                                         host_limit=tiny)) == "warning"
+                                         host_limit=tiny)) == "note"
+
+
+# --- issue 16: a cluster job is not judged by the laptop that checks it ------------------------
+
+
+def test_machine_checks_of_another_machine_are_notes_not_errors(tmp_path):
+    from torchtitan_runai.job import parse_job_config
+
+    config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml",
+                               "--job.dump_folder", str(tmp_path)], world_size=16)
+    tiny = (10**9, "the node's RAM")
+    here = preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny, here=True)
+    there = preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny, here=False)
+    by = lambda fs: {f.check: f for f in fs}  # noqa: E731
+    assert by(here)["host memory"].level == "error"
+    for check in ("host memory", "checkpoint", "tokenizer", "/dev/shm"):
+        note = by(there)[check]
+        assert note.level == "note" and note.message.startswith(preflight.NOT_HERE), note
+        assert "Fix:" not in note.message
+    assert by(there)["memory"].level == "ok"  # the fit is about the job's GPU, judged anyway
+    assert not any(f.level == "error" for f in there)
+
+
+def test_readme_preflight_example_passes_on_a_machine_without_the_gpus():
+    # the README's command, as written: main exited 2 on a laptop (its disk and RAM as errors)
+    if preflight._visible_gpus() >= 8:
+        pytest.skip("this machine has the job's 8 GPUs: it is judged as one of its nodes")
+    proc = _cli("--config", "train_configs/llama3_8b.toml", "--nodes", "2", "--gpus-per-node", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "not one of the job's nodes" in proc.stdout and "[  error]" not in proc.stdout
+    assert "[   note] host memory: this machine" in proc.stdout
 
 
 # --- the grace budget: will a preemption checkpoint fit? -----------------------------------------

@@ -262,13 +262,21 @@ def lacks_room(folder: Path, needed_bytes: int) -> int | None:
     return free if free < needed_bytes else None
 
 
-def check_writable(folder: Path, probe_bytes: int = 1 << 20) -> None:
-    """Create the folder and write (then remove) a probe file; UserError if that fails."""
+def check_writable(folder: Path, probe_bytes: int = 1 << 20, create: bool = True) -> None:
+    """Create the folder and write (then remove) a probe file; UserError if that fails.
+
+    ``create=False`` (the launcher's checks, before the folder is claimed): a missing folder stays
+    missing and the nearest existing folder above it is probed instead.
+    """
     folder = Path(folder)
     setting = "checkpoint.folder"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe_writable(folder, probe_bytes)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        where = folder
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        probe_writable(where, probe_bytes)
     except OSError as e:
         reason = WRITE_ERRORS.get(e.errno, e.strerror or str(e))
         raise UserError(setting, str(folder), f"cannot write a checkpoint there ({reason})",

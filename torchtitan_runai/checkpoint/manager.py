@@ -324,7 +324,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         if error is not None:
             raise error
         for line in schedule_changes((chosen.record or {}).get("schedule"), schedule_of(self.job_config), chosen.step):
-            logger.warning(f"WARNING: {line}")
+            logger.warning(line)
         logger.info(f"resuming from step {chosen.step} ({chosen.path})")
         done = already_done(chosen, self.job_config.training.steps)
         if done:

@@ -2,8 +2,16 @@
 
 ``job.json`` records the job that owns the folder: ``JOB_UUID`` (Run:ai), else ``JOB_NAME``, else an
 id chosen at first start (``claim_folder``). A different job gets a clear error (exit 2) and the
-override, ``--resilience.take_over_folder``. ``lock.json`` records who runs in the folder now (host,
-pid, time); a restart of the same job, including after ``kill -9``, simply takes it over.
+override, ``--resilience.take_over_folder``.
+
+``lock.json`` records the run in the folder now (host, kernel boot id, pid namespace, pid and its
+start time, and a heartbeat the launcher refreshes every ``LOCK_HEARTBEAT_S``). The launcher takes
+it with ``hold_folder`` once every check has passed (``acquire_lock``: created with a hard link, so
+of two runs starting together exactly one gets it) and removes it at the end. A second run is
+refused (exit 2, naming the folder and the holder) while the holder lives: on this machine, its pid
+exists with the same start time; elsewhere, its heartbeat is newer than ``LOCK_STALE_S``. A lock
+whose holder is gone (``kill -9``, a crashed node, an earlier container of the same pod) is taken
+over, even by the same job without ``JOB_UUID``/``JOB_NAME``.
 
 ``confirm_shared_folder(folder, rank, world_size, job_key)`` runs on every rank at start: rank 0
 writes a marker with a random nonce into the checkpoint folder, the nonce is broadcast, and every
@@ -20,9 +28,10 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-from torchtitan_runai.checkpoint.folder import read_json, write_json_atomic
+from torchtitan_runai import storage
+from torchtitan_runai.checkpoint.folder import check_writable, read_json, write_json_atomic
 from torchtitan_runai.errors import UserError
 
 OWNER = "job.json"
@@ -73,9 +82,178 @@ def claim_folder(folder: Path, env: Mapping[str, str], take_over: bool = False, 
             job_id, source = f"chosen-{uuid.uuid4().hex[:12]}", "chosen"
         write_json_atomic(folder / OWNER, {"job": job_id, "source": source, "created": time.time(),
                                            "host": socket.gethostname(), "previous": owner})
-    write_json_atomic(folder / LOCK, {"job": job_id, "host": socket.gethostname(), "pid": os.getpid(),
-                                      "time": time.time()})
     return job_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock: one live launcher per folder
+
+LOCK_HEARTBEAT_S = 10.0
+"""How often the launcher that holds the folder refreshes the heartbeat in lock.json."""
+
+LOCK_STALE_S = 60.0
+"""A lock whose heartbeat is older than this (and whose holder is not a live process on this
+machine) belongs to a run that is gone: it is taken over."""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), to tell it from a later one with the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def lock_record(job_id: str | None) -> dict:
+    pid = os.getpid()
+    now = time.time()
+    return {"job": job_id, "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
+            "pid": pid, "pid_start": _start_ticks(pid), "time": now, "heartbeat": now}
+
+
+def holder_alive(lock: Mapping, now: float | None = None) -> tuple[bool, str]:
+    """Is the run that wrote ``lock`` still running? (alive, how we know).
+
+    - Same kernel and pid namespace (two launches on one machine or in one container): its pid
+      exists with the same start time.
+    - Same host name, other pid namespace: an earlier container of this same pod (a pod's name
+      is its host name, and a pod runs one container of it at a time): gone.
+    - Elsewhere (another pod, another ``docker run``): its heartbeat is newer than LOCK_STALE_S.
+    """
+    now = time.time() if now is None else now
+    pid = lock.get("pid")
+    local = lock.get("boot_id") == _boot_id() and lock.get("pid_ns") == _pid_namespace() and _boot_id()
+    if local and isinstance(pid, int):
+        if pid == os.getpid():
+            return False, "this process"
+        start = _start_ticks(pid)
+        alive = start is not None and lock.get("pid_start") in (None, start)
+        return alive, f"pid {pid} on this machine is {'running' if alive else 'gone'}"
+    if lock.get("host") == socket.gethostname():
+        return False, "an earlier container of this pod"
+    age = now - float(lock.get("heartbeat") or lock.get("time") or 0)
+    return age < LOCK_STALE_S, f"its heartbeat is {age:.0f}s old"
+
+
+def _refuse(folder: Path, lock: Mapping, how: str) -> UserError:
+    return UserError(
+        "checkpoint.folder", str(folder),
+        f"another run is training in this folder now (host {lock.get('host')}, pid {lock.get('pid')}; {how}), "
+        "and two runs would overwrite each other's checkpoints",
+        "wait for it to finish or stop it, or give this run its own job.dump_folder (or OUTPUT_DIR); a lock "
+        f"left by a run on another machine that is gone is taken over {LOCK_STALE_S:.0f}s after its last "
+        "heartbeat, or at once with --resilience.take_over_folder")
+
+
+def acquire_lock(folder: Path, job_id: str | None, take_over: bool = False) -> dict:
+    """Write lock.json for this process, unless a live run holds it (UserError naming it).
+
+    The lock file is created with a hard link, which fails when the file exists, so of two runs
+    starting together exactly one wins; the other then finds a live holder.
+    """
+    folder = Path(folder)
+    path = folder / LOCK
+    record = lock_record(job_id)
+    for _ in range(10):
+        current = read_json(path)
+        if current is not None:
+            alive, how = holder_alive(current)
+            # take_over cannot beat a live process on this machine, only a heartbeat elsewhere
+            if alive and not (take_over and how.startswith("its heartbeat")):
+                raise _refuse(folder, current, how)
+            stale = path.with_name(f".{LOCK}.stale-{os.getpid()}")
+            try:
+                os.replace(path, stale)
+            except FileNotFoundError:
+                continue  # another run just took it over: look again
+            if read_json(stale) != current:  # we moved a newer lock than the one we judged
+                try:
+                    os.link(stale, path)
+                except FileExistsError:
+                    pass
+                stale.unlink(missing_ok=True)
+                continue
+            stale.unlink(missing_ok=True)
+        elif path.exists():  # present but unreadable (half-written by a run that died): stale
+            path.unlink(missing_ok=True)
+            continue
+        tmp = path.with_name(f".{LOCK}.new-{os.getpid()}")
+        write_json_atomic(tmp, record)
+        try:
+            os.link(tmp, path)
+            return record
+        except FileExistsError:
+            continue
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise UserError("checkpoint.folder", str(folder), "could not take the folder's lock (it kept changing)",
+                    "check that no other run uses this folder, then retry")
+
+
+class FolderLock:
+    """The launcher's hold on a checkpoint folder for the whole run: heartbeat, then release."""
+
+    def __init__(self, folder: Path, record: dict, interval: float = LOCK_HEARTBEAT_S):
+        import threading
+
+        self.path = Path(folder) / LOCK
+        self.record = dict(record)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="folder-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _mine(self) -> bool:
+        current = read_json(self.path) or {}
+        return current.get("pid") == self.record["pid"] and current.get("boot_id") == self.record["boot_id"]
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self._mine():
+                return  # taken over on purpose (--resilience.take_over_folder): stop writing
+            self.record["heartbeat"] = time.time()
+            try:
+                write_json_atomic(self.path, self.record)
+            except OSError:
+                pass  # a full or flaky volume: the next beat tries again
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._mine():
+            self.path.unlink(missing_ok=True)
+
+
+def hold_folder(config: Any, env: Mapping[str, str]) -> FolderLock | None:
+    """The launcher's claim, once every check has passed: a writable folder, its lock (refused
+    while another run is live in it), and its owner record (job.json at first start)."""
+    if not config.checkpoint.enable:
+        return None
+    folder = storage.checkpoint_dir(config)
+    take_over = config.resilience.take_over_folder
+    check_writable(folder)
+    record = acquire_lock(folder, job_identity(env)[0], take_over=take_over)
+    hold = FolderLock(folder, record)
+    try:
+        hold.record["job"] = claim_folder(folder, env, take_over=take_over, write=True)
+    except BaseException:
+        hold.release()
+        raise
+    return hold
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint.folder import QUARANTINE, StepFolder, check_writable, newest_resumable, scan
+from torchtitan_runai.checkpoint.folder import StepFolder, check_writable, newest_resumable, scan
 from torchtitan_runai.checkpoint.ownership import claim_folder
 from torchtitan_runai.errors import UserError
 
@@ -141,42 +141,22 @@ def already_done(found: StepFolder | None, steps: int) -> str | None:
 # The launcher's checks, once per pod before any worker starts
 
 
-def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: int, write: bool = True,
-             warn=print) -> str | None:
-    """Check the checkpoint folder before workers start. Returns a message when there is nothing to
+def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: int) -> str | None:
+    """Check the checkpoint folder before workers start, writing nothing (the launcher claims it with
+    ``ownership.hold_folder`` once every check has passed). Returns a message when there is nothing to
     do (the run is complete); raises UserError for a foreign owner, an unwritable or full folder, or
-    a changed data-parallel degree; warns about incomplete checkpoints and schedule changes."""
+    a changed data-parallel degree. What the trainer will do with the folder (skip an incomplete
+    checkpoint, resume, warn about a changed schedule) rank 0 logs once, as it does it."""
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
     take_over = config.resilience.take_over_folder
     claim_folder(folder, env, take_over=take_over, write=False)  # a foreign owner is refused first
-    if write:
-        check_writable(folder)
+    check_writable(folder, create=False)
     found = scan(folder)
     chosen = choose(found, config.checkpoint.load_step, folder, bool(config.checkpoint.initial_load_path))
     if chosen is not None:
         error = world_size_error(chosen, world_size, dp_degree)
         if error is not None:
             raise error
-    claim_folder(folder, env, take_over=take_over, write=write)
-    for f in found:
-        if chosen is not None and f.step <= chosen.step:
-            break
-        if not f.complete:
-            warn(f"[launch] warning: incomplete checkpoint {f.path} ({f.why}) will be skipped and moved to "
-                 f"{folder / QUARANTINE}")
-        elif not f.resumable:
-            warn(f"[launch] {model_only_note(f)}")
-    if chosen is not None and chosen.adopted:
-        warn(f"[launch] {adoption_note(chosen)}")
-    if chosen is None:
-        warn(f"[launch] no complete checkpoint in {folder}: starting fresh")
-        return None
-    done = already_done(chosen, config.training.steps)
-    if done:
-        return done
-    for line in schedule_changes((chosen.record or {}).get("schedule"), schedule_of(config), chosen.step):
-        warn(f"[launch] WARNING: {line}")
-    warn(f"[launch] resuming from step {chosen.step} ({chosen.path})")
-    return None
+    return already_done(chosen, config.training.steps)

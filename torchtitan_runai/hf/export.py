@@ -22,7 +22,8 @@ Only model weights are read (optimizer state is never loaded), on the CPU, in on
 process group, directly in the export dtype: peak memory is about the model size in that dtype
 (16 GB for 8B in bfloat16). Full checkpoints and model-only ones (``last_save_model_only``) both
 work. The output is written to a temporary sibling folder and renamed at the end, so a folder
-named ``OUTPUT_DIR`` is always complete.
+named ``OUTPUT_DIR`` is always complete; its files get the permissions the umask gives any new file
+(``follow_umask``), so other users of a shared volume can read them.
 
 Weight names and the q/k head permutation come from torchtitan's ``Llama3StateDictAdapter.to_hf``
 (the same adapter the train spec uses), not from a copy. The exported logits equal torchtitan's
@@ -221,6 +222,28 @@ def copy_tokenizer(assets: Path, out: Path) -> list[str]:
     return copied
 
 
+def current_umask() -> int:
+    try:  # read, not set: setting it (os.umask) races with other threads creating files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give the export the permissions any new file gets (0666 / 0777 less the umask): the staging
+    folder comes from mkdtemp (0700) and safetensors writes 0600, which another pod's user or a
+    notebook on the shared volume could not read."""
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def export_checkpoint(step_dir: str | os.PathLike, output_dir: str | os.PathLike,
                       job_config: Any, dtype: str = "bfloat16", *,
                       max_shard_gb: float = 5.0, tokenizer: bool = True,
@@ -279,6 +302,7 @@ def export_checkpoint(step_dir: str | os.PathLike, output_dir: str | os.PathLike
             "model": job_config.model.name, "flavor": job_config.model.flavor,
             "dtype": dtype, "torch": torch.__version__,
         }, indent=2) + "\n")
+        follow_umask(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -39,7 +39,7 @@ class CpuMemoryMonitor:
 
 
 def build_cpu_memory_monitor() -> CpuMemoryMonitor:
-    upstream.logger.info("CPU run: device memory metrics are unavailable (reported as 0)")
+    upstream.logger.debug("CPU run: device memory metrics are unavailable (reported as 0)")
     return CpuMemoryMonitor()
 
 

@@ -119,8 +119,8 @@ def build_loss(variant: str, chunk_tokens: int, job_config: JobConfig) -> LossFn
     compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
     ce_fn, plain_fn = ce_sum_and_grad, reshaped_cross_entropy
     if compile_loss:
-        logger.info(f"Compiling the loss function ({variant}) with torch.compile")
+        logger.debug(f"Compiling the loss function ({variant}) with torch.compile")
         compile_ = partial(torch.compile, backend=job_config.compile.backend)
         ce_fn, plain_fn = compile_(ce_sum_and_grad), compile_(reshaped_cross_entropy)
-    logger.info(f"Loss: {variant} cross-entropy (chunk {chunk_tokens} tokens)")
+    logger.debug(f"Loss: {variant} cross-entropy (chunk {chunk_tokens} tokens)")
     return LossFn(variant, chunk_tokens, ce_fn=ce_fn, plain_fn=plain_fn)

@@ -104,6 +104,21 @@ def model_args(config: Any) -> Any:
     return lookup(config)[1]
 
 
+STOCK_SPECS = ("llama3",)
+"""torchtitan's registered Llama 3 spec, which ours wraps (``build_train_spec``)."""
+
+
+def check_trainable_spec(config: Any) -> None:
+    """The launcher's check that this fork can train ``model.name``. Stock torchtitan's own spec
+    lacks the fork's seams (gloo's SUM reduction on CPU, local data, the tokenizer download, the log
+    line) and fails in the ranks; a stock checkpoint still exports, so ``check_model`` allows it."""
+    name = config.model.name
+    if name in STOCK_SPECS:
+        raise UserError("model.name", name, "is stock torchtitan's train spec, which this fork does not train",
+                        f'use model.name = "{TRAIN_SPEC_NAME}" (the same Llama 3.1 model and flavors, with this '
+                        "fork's data, tokenizer, CPU and log support)")
+
+
 def check_model(config: Any) -> Any:
     """The config's model exists and its head counts divide the tensor-parallel degree; returns its args."""
     args = model_args(config)

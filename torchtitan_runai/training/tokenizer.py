@@ -9,9 +9,12 @@ Resolution (``ensure_tokenizer``), in order:
    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``<job.dump_folder>/hf_cache`` (the dump folder is on
    the PVC in cluster recipes, so the cache is shared by every pod and every later job). A file
    lock in the cache makes one process per cache download while the others wait, then read the
-   cache: whoever comes first (any rank of a node) does the work.
+   cache: the launcher, once per node before any worker starts, so the ranks find it cached.
    ``HF_HUB_OFFLINE=1`` reads the cache only and fails clearly when the files are not there.
 3. Otherwise: a ``UserError`` naming ``model.hf_assets_path`` and its value.
+
+``verify_tokenizer`` reads the file (the launcher's check: a truncated ``tokenizer.json`` is one line
+naming it, not a parser traceback in every rank).
 
 Hub access (the ``HF_TOKEN`` path, retries, one-line errors, the locked download) is
 ``torchtitan_runai.hub``; this module only says which files make a tokenizer.
@@ -200,6 +203,28 @@ def _chunks(text: str):
         yield text[:cut]
         text = text[cut:]
     yield text
+
+
+def verify_tokenizer(folder: Path, tokenizer_format: str = "auto") -> Path:
+    """Read the tokenizer file ``load_tokenizer`` would use; a damaged or truncated file is a
+    UserError naming it (the launcher calls this before any worker starts)."""
+    found = find_tokenizer_files(Path(folder), tokenizer_format)
+    if found is None:
+        raise UserError("model.hf_assets_path", str(folder), "no tokenizer.json or "
+                        "original/tokenizer.model in the folder", "see docs/data.md")
+    if found.name != TOKENIZER_JSON:
+        read_tiktoken_ranks(found)
+        return found
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(found))
+    except Exception as error:  # noqa: BLE001 - the Rust parser raises a bare Exception
+        raise UserError("model.hf_assets_path", str(found),
+                        f"tokenizer.json cannot be read as a tokenizer ({hub.describe(error)})",
+                        "replace it with the model's tokenizer.json (a file in the Hub cache: delete it and "
+                        "the next run downloads it again)") from None
+    return found
 
 
 def load_tokenizer(folder: Path, tokenizer_format: str = "auto"):

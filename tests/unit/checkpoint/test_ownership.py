@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +20,10 @@ import torch.distributed.checkpoint as dcp
 
 from ckpt_util import config, write_ckpt
 from torchtitan_runai.checkpoint import ownership
+from torchtitan_runai.checkpoint.folder import read_json, write_json_atomic
 from torchtitan_runai.errors import UserError
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_job_identity_and_folder_ownership(tmp_path):
@@ -37,3 +44,72 @@ def test_job_without_identity_chooses_one_and_keeps_it(tmp_path):
     assert ownership.claim_folder(tmp_path, {}) == first
     with pytest.raises(UserError):
         ownership.claim_folder(tmp_path, {"JOB_NAME": "named"})
+
+
+# --- issue 16: a live holder keeps the folder; a dead one does not ------------------------------
+
+
+def _sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_lock_of_a_live_process_on_this_machine_refuses_a_second_run(tmp_path):
+    # main let a second run without JOB_UUID/JOB_NAME take the lock over while the first trained
+    holder = _sleeper()
+    try:
+        record = {**ownership.lock_record(None), "pid": holder.pid, "pid_start": ownership._start_ticks(holder.pid),
+                  "heartbeat": time.time() - 3600}  # no heartbeat needed: the pid answers
+        write_json_atomic(tmp_path / ownership.LOCK, record)
+        with pytest.raises(UserError) as err:
+            ownership.acquire_lock(tmp_path, None)
+        assert str(tmp_path) in err.value.line() and f"pid {holder.pid}" in err.value.why
+        assert "job.dump_folder" in err.value.fix
+    finally:
+        holder.kill()
+        holder.wait()
+    # the same lock once its process is gone (a restart after kill -9): taken over
+    assert ownership.acquire_lock(tmp_path, None)["pid"] == os.getpid()
+
+
+def test_a_reused_pid_is_not_the_holder(tmp_path):
+    record = {**ownership.lock_record(None), "pid": os.getppid(), "pid_start": "1"}  # alive, but started later
+    assert ownership.holder_alive(record) == (False, f"pid {os.getppid()} on this machine is gone")
+
+
+def test_lock_elsewhere_lives_while_its_heartbeat_is_fresh(tmp_path):
+    elsewhere = {**ownership.lock_record("job"), "host": "other-pod", "boot_id": "another-kernel", "pid": 7}
+    now = time.time()
+    assert ownership.holder_alive({**elsewhere, "heartbeat": now - 5}, now)[0]
+    assert not ownership.holder_alive({**elsewhere, "heartbeat": now - ownership.LOCK_STALE_S - 1}, now)[0]
+    write_json_atomic(tmp_path / ownership.LOCK, {**elsewhere, "heartbeat": now})
+    with pytest.raises(UserError, match="heartbeat is 0s old"):
+        ownership.acquire_lock(tmp_path, "job")
+    assert ownership.acquire_lock(tmp_path, "job", take_over=True)["host"] == socket.gethostname()
+
+
+def test_an_earlier_container_of_this_pod_is_gone():
+    # same host name (the pod), another pid namespace: the container that ran before this one
+    earlier = {**ownership.lock_record("job"), "pid_ns": "pid:[1]", "pid": 1, "heartbeat": time.time()}
+    assert ownership.holder_alive(earlier) == (False, "an earlier container of this pod")
+
+
+def test_two_runs_starting_together_get_one_lock(tmp_path):
+    # the lock file is created with a hard link: of two racing acquirers exactly one wins
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from torchtitan_runai.checkpoint import ownership\n"
+              f"import time; time.sleep(max(0, {time.time() + 2} - time.time()))\n"
+              f"try:\n    ownership.acquire_lock({str(tmp_path)!r}, None); print('won'); time.sleep(3)\n"
+              "except Exception as e:\n    print('refused', type(e).__name__)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outcomes == ["refused UserError"] * 3 + ["won"], outcomes
+
+
+def test_folder_lock_beats_and_releases(tmp_path):
+    record = ownership.acquire_lock(tmp_path, None)
+    hold = ownership.FolderLock(tmp_path, record, interval=0.05)
+    first = record["heartbeat"]
+    time.sleep(0.3)
+    assert read_json(tmp_path / ownership.LOCK)["heartbeat"] > first
+    hold.release()
+    assert not (tmp_path / ownership.LOCK).exists()

@@ -46,21 +46,27 @@ def test_already_done():
     assert resume.already_done(found, 11) is None and resume.already_done(None, 1) is None
 
 
-def test_prestart_reports_completion_and_incomplete(tmp_path):
+def test_prestart_reports_completion_and_writes_nothing(tmp_path):
     cfg = config(steps=10, dump=str(tmp_path))
     folder = tmp_path / "ckpt"
     folder.mkdir()
     write_ckpt(folder, 10, steps=10)
     (write_ckpt(folder, 12, mark=False) / ".metadata").unlink()  # a save cut off before DCP's last write
-    warnings = []
-    done = resume.prestart(cfg, {}, 2, 2, warn=warnings.append)
-    assert "nothing to train" in done and any("incomplete checkpoint" in w for w in warnings)
-    assert (folder / "step-12").exists()  # the launcher only reports; the trainer moves it
+    done = resume.prestart(cfg, {}, 2, 2)
+    assert "nothing to train" in done
+    assert (folder / "step-12").exists()  # the launcher only checks; the trainer moves it
     cfg.training.steps = 20
-    assert resume.prestart(cfg, {}, 2, 2, warn=warnings.append) is None
-    assert any("resuming from step 10" in w for w in warnings)
+    assert resume.prestart(cfg, {}, 2, 2) is None
+    # claimed only after every check has passed (ownership.hold_folder), not here
+    assert not (folder / "job.json").exists() and not (folder / "lock.json").exists()
     with pytest.raises(UserError, match="world size"):
-        resume.prestart(cfg, {}, 1, 1, warn=warnings.append)
+        resume.prestart(cfg, {}, 1, 1)
+
+
+def test_prestart_leaves_a_missing_folder_missing(tmp_path):
+    cfg = config(steps=10, dump=str(tmp_path / "new-run"))
+    assert resume.prestart(cfg, {}, 2, 2) is None
+    assert not (tmp_path / "new-run").exists()
 
 
 def test_only_a_model_only_checkpoint_points_to_initial_load_path(tmp_path):

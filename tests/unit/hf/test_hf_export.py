@@ -311,3 +311,19 @@ def test_a_checkpoint_folder_exports_its_newest_complete_step(tmp_path):
     shard = next(p for p in truncated.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:10])
     assert resolve_step_dir(tmp_path) == tmp_path / "step-4"
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664)])
+def test_exported_files_follow_the_umask(trained, umask, folder_mode, file_mode):
+    # main left model.safetensors 0600 (safetensors) and the folder 0700 (mkdtemp) whatever the
+    # umask: another pod's user or a notebook on the shared volume could not read the model
+    out = trained["tmp"] / f"hf_umask_{umask:o}"
+    run = subprocess.run(
+        ["sh", "-c", f'umask {umask:03o} && exec "$0" "$@"', sys.executable, "-m", "torchtitan_runai.export",
+         str(trained["step_dir"]), str(out), "--config", str(trained["config"]), "--dtype", "float32"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_mode & 0o777 == folder_mode
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: file_mode for p in files}
