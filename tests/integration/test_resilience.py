@@ -114,11 +114,13 @@ def test_finished_run_is_reported_complete_without_starting_workers(baseline, tm
     assert not (tmp_path / "trace.jsonl").exists()
 
 
-def test_changed_data_parallel_degree_stops_with_a_clear_message(baseline, tmp_path):
+def test_changed_data_parallel_degree_that_cannot_keep_the_global_batch_stops(baseline, tmp_path):
+    """Other node counts resume (tests/integration/test_resize.py); one that does not divide the
+    global batch (2 ranks x local batch 4 = 8) stops before any worker starts."""
     copy_run(baseline[0], tmp_path)
-    rc, log = run(tmp_path, train_args(tmp_path, 12, INTERVAL), NGPU=1)
+    rc, log = run(tmp_path, train_args(tmp_path, 12, INTERVAL), NGPU=3)
     assert rc == 2, log[-2000:]
-    assert "world size = '2 -> 1'" in log and "initial_load_model_only" in log
+    assert "world size = '2 -> 3'" in log and "global batch of 8 sequences" in log
     assert "Traceback" not in log
 
 

@@ -5,8 +5,11 @@ The policy, in one place:
 - which one: ``choose``: ``checkpoint.load_step`` when set (it must exist and be complete), else the
   newest *resumable* one (complete and ``full``: ``checkpoint.folder``); newer incomplete ones are
   skipped (the trainer moves them to ``.incomplete/``), newer model-only ones are skipped with a note;
-- whether it may: a changed data-parallel degree cannot restore the per-rank data positions
-  (``world_size_error``: stop, with how to proceed); changed schedule settings resume with loud,
+- whether it may, and with which batch: a changed data-parallel degree keeps the global batch, the
+  schedule and the data position (``plan_resume``: local batch x accumulation adapt; a size that
+  cannot keep the global batch, changed tensor/pipeline/context parallel degrees, or per-rank data
+  positions at another size stop, with how to proceed; ``adapt_to_checkpoint`` applies the plan to
+  the config before it is validated); changed schedule settings resume with loud,
   concrete warnings (``schedule_changes``); a checkpoint at or past ``training.steps`` means there is
   nothing to train (``already_done``: the launcher exits 0).
 
@@ -16,6 +19,7 @@ The policy, in one place:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -85,19 +89,144 @@ def schedule_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], step
     return lines
 
 
-def world_size_error(found: StepFolder, world_size: int, dp_degree: int) -> UserError | None:
-    """A changed data-parallel degree cannot resume exactly: stop with how to proceed."""
+def per_rank_error(found: StepFolder, world_size: int, dp_degree: int) -> UserError:
     rec = found.record or {}
     old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size")
-    if old_dp is None or old_dp == dp_degree:
-        return None
     return UserError(
         "world size", f"{old_ws} -> {world_size}",
-        f"{found.path} was written by {old_dp} data-parallel rank(s) (world size {old_ws}); this run has "
-        f"{dp_degree} (world size {world_size}), so the per-rank data positions cannot be restored",
+        f"{found.path} was written by {old_dp} data-parallel rank(s) (world size {old_ws}) with per-rank data "
+        f"positions (data.order = \"per-rank\", or a checkpoint from before global data positions); this run has "
+        f"{dp_degree} (world size {world_size}), so they cannot be restored",
         f"run with the original node/GPU count (world size {old_ws}), or continue from its weights in a new folder: "
         f"--checkpoint.folder <new> --checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only "
         "(optimizer state and data position start afresh)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume policy: a changed data-parallel size keeps the global batch, the schedule and the data
+# position (torchtitan_runai.data_position); tensor/pipeline/context parallel degrees stay as saved.
+
+_MODEL_PARALLEL = (("tp", "tensor_parallel_degree"), ("pp", "pipeline_parallel_degree"),
+                   ("cp", "context_parallel_degree"))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a resumed run keeps its checkpoint's global batch at this run's data-parallel size."""
+
+    saved_dp: int
+    dp: int
+    global_batch: int
+    local_batch: int
+    accumulation: int
+    step: int
+    seq_len: int
+
+    @property
+    def changed(self) -> bool:
+        return self.saved_dp != self.dp
+
+    @property
+    def position(self) -> int:
+        """Sequences the whole job has consumed at the checkpoint."""
+        return self.step * self.global_batch
+
+    def line(self) -> str:
+        return (f"resuming at data-parallel {self.dp} (checkpoint written at {self.saved_dp}): global batch "
+                f"{self.global_batch} kept, local batch {self.local_batch} × accumulation {self.accumulation}, "
+                f"data position {self.position} sequences ({self.position * self.seq_len:,} tokens)")
+
+
+def data_record(config: Any, dp_degree: int, data_format: str) -> dict[str, Any]:
+    """The marker's "data" entry: what a resume at another size needs to keep."""
+    from torchtitan_runai.training.data_position import global_batch_of
+
+    t, p = config.training, config.parallelism
+    global_batch = global_batch_of(t, dp_degree)
+    return {"format": data_format, "global_batch": global_batch, "local_batch": t.local_batch_size,
+            "accumulation": global_batch // (t.local_batch_size * dp_degree), "seq_len": t.seq_len,
+            **{key: getattr(p, name) for key, name in _MODEL_PARALLEL}}
+
+
+def split_batch(global_batch: int, dp_degree: int, local_batch: int) -> tuple[int, int] | None:
+    """(local batch, accumulation) for ``global_batch`` over ``dp_degree`` ranks: the configured local
+    batch when it fits, else the largest that does below it (memory never grows); None if impossible."""
+    if dp_degree <= 0 or global_batch % dp_degree:
+        return None
+    per_rank = global_batch // dp_degree
+    local = max(d for d in range(1, min(local_batch, per_rank) + 1) if per_rank % d == 0)
+    return local, per_rank // local
+
+
+def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int) -> BatchPlan | None:
+    """The batch a resume from ``found`` runs with at ``dp_degree``; None: as configured.
+
+    Raises UserError when the checkpoint cannot continue at this size: changed tensor/pipeline/context
+    parallel degrees, per-rank data positions, another explicit global batch, or a data-parallel size
+    that does not divide the global batch."""
+    rec = found.record or {}
+    old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size")
+    if old_dp is None:
+        return None
+    data = rec.get("data") or {}
+    for key, name in _MODEL_PARALLEL:
+        if key in data and data[key] != getattr(config.parallelism, name):
+            raise UserError(f"parallelism.{name}", getattr(config.parallelism, name),
+                            f"{found.path} was written with {name} = {data[key]}; only the data-parallel size "
+                            "(the node or GPU count) may change on resume",
+                            f"set parallelism.{name} = {data[key]}")
+    if not data and old_ws and world_size // dp_degree != old_ws // old_dp:
+        raise UserError("parallelism", f"{old_ws // old_dp} -> {world_size // dp_degree} GPU(s) per data-parallel rank",
+                        f"{found.path} was written with tensor x pipeline x context parallel = {old_ws // old_dp}; "
+                        "only the data-parallel size may change on resume",
+                        "use the checkpoint's tensor/pipeline/context parallel degrees")
+    from torchtitan_runai.training.data_position import FORMAT
+
+    if data.get("format") != FORMAT:
+        if old_dp != dp_degree:
+            raise per_rank_error(found, world_size, dp_degree)
+        return None
+    global_batch = data["global_batch"]
+    t = config.training
+    if t.global_batch_size > 0 and t.global_batch_size != global_batch:
+        raise UserError("training.global_batch_size", t.global_batch_size,
+                        f"{found.path} continues a run with a global batch of {global_batch} sequences (its data "
+                        "position is defined over that many sequences per step)",
+                        f"remove the setting (a resume keeps {global_batch}), or continue from its weights in a new "
+                        f"folder: --checkpoint.folder <new> --checkpoint.initial_load_path {found.path} "
+                        "--checkpoint.initial_load_model_only")
+    split = split_batch(global_batch, dp_degree, t.local_batch_size)
+    if split is None:
+        other = world_size // dp_degree
+        sizes = [d for d in range(1, global_batch + 1) if global_batch % d == 0]
+        shown = ", ".join(f"{d} (world size {d * other})" for d in sizes[:12])
+        raise UserError("world size", f"{old_ws} -> {world_size}",
+                        f"the run's global batch of {global_batch} sequences (from {found.path}) cannot be split "
+                        f"over {dp_degree} data-parallel ranks",
+                        f"use a data-parallel size that divides {global_batch}: {shown}")
+    local, accumulation = split
+    return BatchPlan(old_dp, dp_degree, global_batch, local, accumulation, found.step, t.seq_len)
+
+
+def apply_plan(plan: BatchPlan, config: Any) -> None:
+    config.training.global_batch_size = plan.global_batch
+    config.training.local_batch_size = plan.local_batch
+
+
+def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
+    """Set the global and local batch a resume from this folder runs with (before validation)."""
+    from torchtitan_runai.config import data_parallel_degree
+
+    if not config.checkpoint.enable:
+        return None
+    folder = storage.checkpoint_dir(config)
+    chosen = choose(scan(folder), config.checkpoint.load_step, folder)
+    if chosen is None:
+        return None
+    plan = plan_resume(chosen, config, world_size, data_parallel_degree(config, world_size))
+    if plan is not None:
+        apply_plan(plan, config)
+    return plan
 
 
 def already_done(found: StepFolder | None, steps: int) -> str | None:
@@ -126,10 +255,7 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
         check_writable(folder)
     found = scan(folder)
     chosen = choose(found, config.checkpoint.load_step, folder)
-    if chosen is not None:
-        error = world_size_error(chosen, world_size, dp_degree)
-        if error is not None:
-            raise error
+    plan = plan_resume(chosen, config, world_size, dp_degree) if chosen is not None else None
     claim_folder(folder, env, take_over=take_over, write=write)
     for f in found:
         if chosen is not None and f.step <= chosen.step:
@@ -146,4 +272,6 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
     for line in schedule_changes((chosen.record or {}).get("schedule"), schedule_of(config), chosen.step):
         warn(f"[launch] WARNING: {line}")
     warn(f"[launch] resuming from step {chosen.step} ({chosen.path})")
+    if plan is not None and plan.changed:
+        warn(f"[launch] {plan.line()}")
     return None
