@@ -1,7 +1,7 @@
 """``RunaiCheckpointManager``: torchtitan's ``CheckpointManager`` with this fork's checkpoint policy.
 
 It plugs ``checkpoint.folder`` (completion markers, what is complete) and ``checkpoint.resume``
-(which checkpoint resumes, world-size and schedule checks) into torchtitan's manager: resume choice
+(which checkpoint resumes, node-count and schedule checks) into torchtitan's manager: resume choice
 and logging (``resuming from step N (path)``), the completion marker after every save, always-full
 final and preemption checkpoints (stock's ``last_save_model_only`` final checkpoint cannot be
 resumed), and every rank's RNG state in the checkpoint.

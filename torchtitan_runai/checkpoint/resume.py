@@ -245,7 +245,8 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
              warn=print) -> str | None:
     """Check the checkpoint folder before workers start. Returns a message when there is nothing to
     do (the run is complete); raises UserError for a foreign owner, an unwritable or full folder, or
-    a changed data-parallel degree; warns about incomplete checkpoints and schedule changes."""
+    a resume that cannot continue at this size (``plan_resume``); warns about incomplete checkpoints
+    and schedule changes; logs the kept global batch when the data-parallel size changed."""
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
