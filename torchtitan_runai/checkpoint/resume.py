@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint.folder import QUARANTINE, StepFolder, check_writable, newest_resumable, scan
+from torchtitan_runai.checkpoint.folder import (QUARANTINE, StepFolder, check_writable, examine, newest_resumable,
+                                                scan, step_folders)
 from torchtitan_runai.checkpoint.ownership import claim_folder
 from torchtitan_runai.errors import UserError
 
@@ -220,7 +221,11 @@ def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
-    chosen = choose(scan(folder), config.checkpoint.load_step, folder)
+    if config.checkpoint.load_step >= 0:
+        chosen = choose(scan(folder), config.checkpoint.load_step, folder)
+    else:  # every rank runs this at start: examine newest first, stop at the first resumable one
+        chosen = next((f for f in (examine(path, step) for step, path in step_folders(folder)) if f.resumable),
+                      None)
     if chosen is None:
         return None
     plan = plan_resume(chosen, config, world_size, data_parallel_degree(config, world_size))
