@@ -77,8 +77,11 @@ class LaneState:
     """Where a lane stands: its next token is token ``offset`` of global document ``doc``."""
 
     doc: int
+    """Global index of the document holding the lane's next token."""
     offset: int = 0
+    """Tokens of that document (BOS included) already in earlier windows."""
     windows: int = 0
+    """Windows the lane has produced: the steps trained."""
     snap_doc: int = 0
     """Streams: the stream state ``snap`` is the one from which the next example read is document
     ``snap_doc`` (at or before ``doc``); ``snap`` None: the start of the stream."""
