@@ -56,7 +56,9 @@ def test_sigterm_saves_full_checkpoint_exits_143_and_resumes_exactly(baseline, t
     marker = json.loads((tmp_path / f"out/checkpoint/step-{stopped}/.complete.json").read_text())
     assert marker["kind"] == "full" and marker["dp_degree"] == 2
     keys = saved_keys(tmp_path / f"out/checkpoint/step-{stopped}")
-    assert {"rng.rank0.cpu", "rng.rank1.cpu", "dataloader.dp_rank_0", "dataloader.dp_rank_1", "lr_scheduler"} <= {
+    # the global data position: once, plus 2 ranks x local batch 4 = 8 lanes (training/data_position)
+    assert {"rng.rank0.cpu", "rng.rank1.cpu", "dataloader.position", "dataloader.lane_000000",
+            "dataloader.lane_000007", "lr_scheduler"} <= {
         k.split(".")[0] if k.startswith("lr_scheduler") else k for k in keys}
     # the pod comes back: same job, same folder, a stale lock from the killed launcher
     rc, log = run(tmp_path, train_args(tmp_path, STEPS, INTERVAL, *SEED), log_name="resume.txt", JOB_NAME="job-a")
