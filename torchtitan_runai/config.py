@@ -32,7 +32,7 @@ import typing
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 try:
     import tomllib
@@ -149,6 +149,12 @@ class Data:
 
     stage_c4_shards: int = 8
     """How many allenai/c4 "en" train shards (~320 MB each) the stage command copies to the PVC."""
+
+    order: str = "global"
+    """Training order: "global" (one order for the whole job, independent of the number of ranks,
+    so a run resumes on another node count: ``training.data_position``) or "per-rank" (torchtitan's
+    own per-rank shares; resumes at the same data-parallel size only). A checkpoint written with
+    per-rank state (or before the global order existed) continues per-rank."""
 
 
 @dataclass
@@ -408,9 +414,13 @@ def _without_bom(args: list[str]):
         yield [str(copy) if a == path else a.replace(f"={path}", f"={copy}") for a in args]
 
 
-def parse_config(args: list[str], world_size: int | None = None):
+def parse_config(args: list[str], world_size: int | None = None,
+                 before_validate: Callable[[Any, int], Any] | None = None):
     """Parse TOML + command line exactly as the ranks will, then validate the values (not the model:
-    ``job.parse_job_config`` does both). Raises UserError."""
+    ``job.parse_job_config`` does both). Raises UserError.
+
+    ``before_validate(config, world_size)`` adjusts the parsed config first (``job.parse_job_config``
+    passes the batch a resume keeps at this size: ``checkpoint.resume.adapt_to_checkpoint``)."""
     toml_path = config_file_from_args(args)
     schema = _merged_config_class()
     if toml_path is not None:
@@ -437,6 +447,8 @@ def parse_config(args: list[str], world_size: int | None = None):
                         "fix or remove that argument (run with --help for every valid flag)")
     except (ValueError, TypeError) as e:
         raise UserError("config", toml_path, str(e), "fix the config file")
+    if before_validate is not None and world_size is not None:
+        before_validate(config, world_size)
     validate(config, world_size)
     return config
 

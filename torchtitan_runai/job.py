@@ -5,6 +5,9 @@
 tensor-parallel degree (``training.spec.check_model``), and a Hugging Face initial load matches the
 flavor (``hf.initial_load.validate_hf_import``). The launcher runs it once per pod before torchrun,
 every rank runs it again, so a config the launcher accepted is the config the ranks train with.
+With ``resume`` (the launcher and every rank), a resume from the checkpoint folder on another node
+count first takes the global and local batch that keep the run's global batch
+(``checkpoint.resume.adapt_to_checkpoint``), so both validate the batch the ranks will train with.
 Every mistake is one ``UserError`` naming the setting, its value and the fix.
 """
 
@@ -14,15 +17,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
 from torchtitan_runai.config import parse_config
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.initial_load import validate_hf_import
 from torchtitan_runai.training.spec import check_model
 
 
-def parse_job_config(args: list[str], world_size: int | None = None) -> Any:
-    """Parse TOML + command line exactly as the ranks will, then validate all of it. Raises UserError."""
-    config = parse_config(args, world_size)
+def parse_job_config(args: list[str], world_size: int | None = None, resume: bool = False) -> Any:
+    """Parse TOML + command line exactly as the ranks will, then validate all of it. Raises UserError.
+
+    ``resume``: with the batch a resume from the checkpoint folder keeps at ``world_size``."""
+    config = parse_config(args, world_size, adapt_to_checkpoint if resume else None)
     validate_hf_import(config)
     check_model(config)
     return config

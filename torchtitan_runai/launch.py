@@ -555,7 +555,7 @@ def apply_storage(config, train_args: list[str], env: Mapping[str, str], world_s
     if paths.dump_folder == config.job.dump_folder:
         return config, train_args
     train_args = [*train_args, *paths.train_overrides()]
-    return parse_job_config(train_args, world_size=world_size), train_args
+    return parse_job_config(train_args, world_size=world_size, resume=True), train_args
 
 
 def main(argv: list[str]) -> int:
@@ -569,7 +569,7 @@ def main(argv: list[str]) -> int:
     from torchtitan_runai.job import parse_job_config
     from torchtitan_runai.training.spec import check_trainable_spec
 
-    config = parse_job_config(train_args, world_size=plan.world_size)
+    config = parse_job_config(train_args, world_size=plan.world_size, resume=True)
     check_trainable_spec(config)
     config, train_args = apply_storage(config, train_args, env, plan.world_size)
     done = preflight_inputs(config, env, plan, dry_run)

@@ -504,12 +504,23 @@ def main(argv: list[str]) -> int:
     if gpus is None:
         gpus = _visible_gpus() or 8
     world_size = args.nodes * gpus
-    config = parse_job_config(["--job.config_file", args.config, *overrides])
+    from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
+
+    train_args = ["--job.config_file", args.config, *overrides]
+    config = parse_job_config(train_args)
+    paths = storage.resolve_storage(dict(os.environ), config.job.dump_folder, config.checkpoint.folder,
+                                    config.metrics.save_tb_folder)
+    if paths.dump_folder != config.job.dump_folder:  # OUTPUT_DIR, as the launcher applies it
+        config = parse_job_config([*train_args, *paths.train_overrides()])
+    # an existing checkpoint folder at another node count: the batch its resume will run with
+    plan = adapt_to_checkpoint(config, world_size)
     visible = _visible_gpus()
     here = args.here if args.here else (not args.dry_run and visible > 0 and visible >= gpus)
     findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run, local_ranks=gpus, here=here)
     print(f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)"
           + ("" if here else f"; this machine ({visible} GPU(s)) is not one of the job's nodes (--here if it is)"))
+    if plan is not None and plan.changed:
+        print(f"preflight: {plan.line()}")
     print(report(findings))
     return 2 if any(f.level == "error" for f in findings) else 0
 

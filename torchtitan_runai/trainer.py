@@ -56,7 +56,7 @@ from torchtitan_runai.checkpoint.manager import Preempted, RunaiCheckpointManage
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.hf.export import export_at_end
 from torchtitan_runai.job import parse_job_config
-from torchtitan_runai.training import device, logs, resilience, seed
+from torchtitan_runai.training import data_position, device, logs, resilience, seed
 
 logger = upstream.logger
 
@@ -74,6 +74,7 @@ class RunaiTrainer(upstream.Trainer):
         res = getattr(job_config, "resilience", None) or Resilience()
         self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
         self.step_trace = resilience.StepTrace()
+        self.data_trace = data_position.StepRecorder()
         self._step_loss = None
         super().__init__(job_config)
         pd = self.parallel_dims
@@ -127,17 +128,19 @@ class RunaiTrainer(upstream.Trainer):
     def forward_backward_step(self, *args, **kwargs):
         loss = super().forward_backward_step(*args, **kwargs)
         detached = loss.detach()
-        if self.step_trace.enabled:
+        if self.step_trace.enabled or self.data_trace.enabled:
             self._step_loss = detached if self._step_loss is None else self._step_loss + detached
         return loss
 
     def train_step(self, data_iterator):
         self._step_loss = None
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         super().train_step(data_iterator)
         # From now on a signal is handled at the step boundary: there is a step to save.
         self.stop_flag.before_first_step = None
         if self._step_loss is not None:
             self.step_trace.record(self.step, self._step_loss.item())
+            self.data_trace.record(self.step, self._step_loss.item(), lr)
 
     def should_continue_training(self) -> bool:
         # The first boundary after this process's first step arms the watchdog: loading and
@@ -194,7 +197,8 @@ def run(argv: list[str]) -> int:
     logs.quiet_expected_noise()
     upstream.init_logger()
     device.select_device()
-    job_config = parse_job_config(argv)  # also registers llama3_runai (training.spec)
+    # with the world size: a resume on another node count keeps its global batch (checkpoint.resume)
+    job_config = parse_job_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=True)
     trainer = RunaiTrainer(job_config)
     code = 0
     try:

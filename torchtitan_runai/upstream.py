@@ -56,7 +56,7 @@ from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_
 from torchtitan.tools import profiling as _tt_profiling
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer, main as torchtitan_main
-from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.components.dataloader import BaseDataLoader, ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer, HuggingFaceTokenizer
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets import text_datasets
@@ -86,6 +86,7 @@ __all__ = [
     "register_train_spec",
     "torchtitan_main",
     "use_cpu_device",
+    "BaseDataLoader",
     "BaseTokenizer",
     "DatasetConfig",
     "HuggingFaceTextDataset",

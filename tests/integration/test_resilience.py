@@ -56,7 +56,9 @@ def test_sigterm_saves_full_checkpoint_exits_143_and_resumes_exactly(baseline, t
     marker = json.loads((tmp_path / f"out/checkpoint/step-{stopped}/.complete.json").read_text())
     assert marker["kind"] == "full" and marker["dp_degree"] == 2
     keys = saved_keys(tmp_path / f"out/checkpoint/step-{stopped}")
-    assert {"rng.rank0.cpu", "rng.rank1.cpu", "dataloader.dp_rank_0", "dataloader.dp_rank_1", "lr_scheduler"} <= {
+    # the global data position: once, plus 2 ranks x local batch 4 = 8 lanes (training/data_position)
+    assert {"rng.rank0.cpu", "rng.rank1.cpu", "dataloader.position", "dataloader.lane_000000",
+            "dataloader.lane_000007", "lr_scheduler"} <= {
         k.split(".")[0] if k.startswith("lr_scheduler") else k for k in keys}
     # the pod comes back: same job, same folder, a stale lock from the killed launcher
     rc, log = run(tmp_path, train_args(tmp_path, STEPS, INTERVAL, *SEED), log_name="resume.txt", JOB_NAME="job-a")
@@ -114,11 +116,13 @@ def test_finished_run_is_reported_complete_without_starting_workers(baseline, tm
     assert not (tmp_path / "trace.jsonl").exists()
 
 
-def test_changed_data_parallel_degree_stops_with_a_clear_message(baseline, tmp_path):
+def test_changed_data_parallel_degree_that_cannot_keep_the_global_batch_stops(baseline, tmp_path):
+    """Other node counts resume (tests/integration/test_resize.py); one that does not divide the
+    global batch (2 ranks x local batch 4 = 8) stops before any worker starts."""
     copy_run(baseline[0], tmp_path)
-    rc, log = run(tmp_path, train_args(tmp_path, 12, INTERVAL), NGPU=1)
+    rc, log = run(tmp_path, train_args(tmp_path, 12, INTERVAL), NGPU=3)
     assert rc == 2, log[-2000:]
-    assert "world size = '2 -> 1'" in log and "initial_load_model_only" in log
+    assert "world size = '2 -> 3'" in log and "global batch of 8 sequences" in log
     assert "Traceback" not in log
 
 

@@ -8,8 +8,9 @@ torchtitan's ``step-N`` folders plus our files: ``step-N/.complete.json`` (below
 atomic, ``write_json_atomic``) after every rank's data is on disk: after a barrier that follows a
 synchronous DCP save, or once an async save's upload has finished (DCP's coordinator writes
 ``.metadata`` only after gathering every rank's write results). It records the step, the kind
-(``full`` or ``model-only``), world size and data-parallel degree, the schedule settings and the
-size of every file.
+(``full`` or ``model-only``), world size and data-parallel degree, the schedule settings, the data
+position's format and batch (``data``: what a resume on another node count keeps,
+``checkpoint.resume.data_record``) and the size of every file.
 
 When a checkpoint is complete (``examine``): its marker exists, ``.metadata`` is readable, and every
 shard file is at least as long as DCP's metadata says (a truncated shard is caught here, not by a

@@ -1,7 +1,7 @@
 """``RunaiCheckpointManager``: torchtitan's ``CheckpointManager`` with this fork's checkpoint policy.
 
 It plugs ``checkpoint.folder`` (completion markers, what is complete) and ``checkpoint.resume``
-(which checkpoint resumes, world-size and schedule checks) into torchtitan's manager: resume choice
+(which checkpoint resumes, node-count and schedule checks) into torchtitan's manager: resume choice
 and logging (``resuming from step N (path)``), the completion marker after every save, always-full
 final and preemption checkpoints (stock's ``last_save_model_only`` final checkpoint cannot be
 resumed), and every rank's RNG state in the checkpoint.
@@ -52,10 +52,11 @@ from torchtitan_runai.checkpoint.resume import (
     adoption_note,
     already_done,
     choose,
+    data_record,
     model_only_note,
+    plan_resume,
     schedule_changes,
     schedule_of,
-    world_size_error,
 )
 from torchtitan_runai.checkpoint.staging import PINNED_MODE
 from torchtitan_runai.errors import UserError
@@ -153,8 +154,11 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
     def _mark(self, step: int, kind: str) -> None:
         if self._rank() == 0:
             path = Path(self._create_checkpoint_id(step))
-            mark_complete(path, marker_record(step, kind, path, schedule_of(self.job_config), self.world_size,
-                                              self.dp_degree, self.job_id))
+            record = marker_record(step, kind, path, schedule_of(self.job_config), self.world_size,
+                                   self.dp_degree, self.job_id)
+            loader = self.states.get("dataloader")
+            record["data"] = data_record(self.job_config, self.dp_degree, getattr(loader, "format", "per-rank"))
+            mark_complete(path, record)
         self.last_complete_step = step
 
     # -- saving ----------------------------------------------------------------------------
@@ -320,9 +324,14 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
                 return loaded
             logger.info(f"no complete checkpoint in {self.folder}: starting fresh")
             return False
-        error = world_size_error(chosen, self.world_size, self.dp_degree)
-        if error is not None:
-            raise error
+        plan = plan_resume(chosen, self.job_config, self.world_size, self.dp_degree)
+        keys = saved_keys(chosen.path)
+        loader = self.states.get("dataloader")
+        if hasattr(loader, "use_per_rank") and "dataloader" not in self.exclude_from_loading \
+                and any(k.startswith("dataloader.dp_rank_") for k in keys):
+            loader.use_per_rank()  # written before global data positions, or with data.order = "per-rank"
+        if plan is not None and plan.changed:
+            logger.info(plan.line())
         for line in schedule_changes((chosen.record or {}).get("schedule"), schedule_of(self.job_config), chosen.step):
             logger.warning(line)
         logger.info(f"resuming from step {chosen.step} ({chosen.path})")
@@ -330,7 +339,6 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         if done:
             logger.warning(done)
         excluded = list(self.exclude_from_loading)
-        keys = saved_keys(chosen.path)
         if "rng" in self.states and not any(k.startswith(f"rng.{self.rng.key}.") for k in keys):
             logger.warning(f"{chosen.path} has no RNG state for this rank: the RNG continues from the seed")
             self.exclude_from_loading = [*self.exclude_from_loading, "rng"]

@@ -8,8 +8,11 @@ The policy, in one place:
   a folder whose only complete checkpoints are model-only (stock's final save) stops with how to
   continue from those weights (``checkpoint.initial_load_path``) instead of silently starting over;
   a stock checkpoint without our marker is adopted (``checkpoint.folder``) and said so;
-- whether it may: a changed data-parallel degree cannot restore the per-rank data positions
-  (``world_size_error``: stop, with how to proceed); changed schedule settings resume with loud,
+- whether it may, and with which batch: a changed data-parallel degree keeps the global batch, the
+  schedule and the data position (``plan_resume``: local batch x accumulation adapt; a size that
+  cannot keep the global batch, changed tensor/pipeline/context parallel degrees, or per-rank data
+  positions at another size stop, with how to proceed; ``adapt_to_checkpoint`` applies the plan to
+  the config before it is validated); changed schedule settings resume with loud,
   concrete warnings (``schedule_changes``); a checkpoint at or past ``training.steps`` means there is
   nothing to train (``already_done``: the launcher exits 0).
 
@@ -19,11 +22,13 @@ The policy, in one place:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint.folder import StepFolder, check_writable, newest_resumable, scan
+from torchtitan_runai.checkpoint.folder import (StepFolder, check_writable, examine, newest_resumable,
+                                                scan, step_folders)
 from torchtitan_runai.checkpoint.ownership import claim_folder
 from torchtitan_runai.errors import UserError
 
@@ -114,19 +119,148 @@ def schedule_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], step
     return lines
 
 
-def world_size_error(found: StepFolder, world_size: int, dp_degree: int) -> UserError | None:
-    """A changed data-parallel degree cannot resume exactly: stop with how to proceed."""
+def per_rank_error(found: StepFolder, world_size: int, dp_degree: int) -> UserError:
     rec = found.record or {}
-    old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size") or "unknown"
-    if old_dp is None or old_dp == dp_degree:
-        return None
+    old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size")
     return UserError(
         "world size", f"{old_ws} -> {world_size}",
-        f"{found.path} was written by {old_dp} data-parallel rank(s) (world size {old_ws}); this run has "
-        f"{dp_degree} (world size {world_size}), so the per-rank data positions cannot be restored",
+        f"{found.path} was written by {old_dp} data-parallel rank(s) (world size {old_ws}) with per-rank data "
+        f"positions (data.order = \"per-rank\", or a checkpoint from before global data positions); this run has "
+        f"{dp_degree} (world size {world_size}), so they cannot be restored",
         f"run with the original node/GPU count (world size {old_ws}), or continue from its weights in a new folder: "
         f"--checkpoint.folder <new> --checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only "
         "(optimizer state and data position start afresh)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume policy: a changed data-parallel size keeps the global batch, the schedule and the data
+# position (torchtitan_runai.data_position); tensor/pipeline/context parallel degrees stay as saved.
+
+_MODEL_PARALLEL = (("tp", "tensor_parallel_degree"), ("pp", "pipeline_parallel_degree"),
+                   ("cp", "context_parallel_degree"))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a resumed run keeps its checkpoint's global batch at this run's data-parallel size."""
+
+    saved_dp: int
+    dp: int
+    global_batch: int
+    local_batch: int
+    accumulation: int
+    step: int
+    seq_len: int
+
+    @property
+    def changed(self) -> bool:
+        return self.saved_dp != self.dp
+
+    @property
+    def position(self) -> int:
+        """Sequences the whole job has consumed at the checkpoint."""
+        return self.step * self.global_batch
+
+    def line(self) -> str:
+        return (f"resuming at data-parallel {self.dp} (checkpoint written at {self.saved_dp}): global batch "
+                f"{self.global_batch} kept, local batch {self.local_batch} × accumulation {self.accumulation}, "
+                f"data position {self.position} sequences ({self.position * self.seq_len:,} tokens)")
+
+
+def data_record(config: Any, dp_degree: int, data_format: str) -> dict[str, Any]:
+    """The marker's "data" entry: what a resume at another size needs to keep."""
+    from torchtitan_runai.training.data_position import global_batch_of
+
+    t, p = config.training, config.parallelism
+    global_batch = global_batch_of(t, dp_degree)
+    return {"format": data_format, "global_batch": global_batch, "local_batch": t.local_batch_size,
+            "accumulation": global_batch // (t.local_batch_size * dp_degree), "seq_len": t.seq_len,
+            **{key: getattr(p, name) for key, name in _MODEL_PARALLEL}}
+
+
+def split_batch(global_batch: int, dp_degree: int, local_batch: int) -> tuple[int, int] | None:
+    """(local batch, accumulation) for ``global_batch`` over ``dp_degree`` ranks: the configured local
+    batch when it fits, else the largest that does below it (memory never grows); None if impossible."""
+    if dp_degree <= 0 or global_batch % dp_degree:
+        return None
+    per_rank = global_batch // dp_degree
+    local = max(d for d in range(1, min(local_batch, per_rank) + 1) if per_rank % d == 0)
+    return local, per_rank // local
+
+
+def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int) -> BatchPlan | None:
+    """The batch a resume from ``found`` runs with at ``dp_degree``; None: as configured.
+
+    Raises UserError when the checkpoint cannot continue at this size: changed tensor/pipeline/context
+    parallel degrees, per-rank data positions, another explicit global batch, or a data-parallel size
+    that does not divide the global batch."""
+    rec = found.record or {}
+    old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size")
+    if old_dp is None:
+        return None
+    data = rec.get("data") or {}
+    for key, name in _MODEL_PARALLEL:
+        if key in data and data[key] != getattr(config.parallelism, name):
+            raise UserError(f"parallelism.{name}", getattr(config.parallelism, name),
+                            f"{found.path} was written with {name} = {data[key]}; only the data-parallel size "
+                            "(the node or GPU count) may change on resume",
+                            f"set parallelism.{name} = {data[key]}")
+    if not data and old_ws and world_size // dp_degree != old_ws // old_dp:
+        raise UserError("parallelism", f"{old_ws // old_dp} -> {world_size // dp_degree} GPU(s) per data-parallel rank",
+                        f"{found.path} was written with tensor x pipeline x context parallel = {old_ws // old_dp}; "
+                        "only the data-parallel size may change on resume",
+                        "use the checkpoint's tensor/pipeline/context parallel degrees")
+    from torchtitan_runai.training.data_position import FORMAT
+
+    if data.get("format") != FORMAT:
+        if old_dp != dp_degree:
+            raise per_rank_error(found, world_size, dp_degree)
+        return None
+    global_batch = data["global_batch"]
+    t = config.training
+    if t.global_batch_size > 0 and t.global_batch_size != global_batch:
+        raise UserError("training.global_batch_size", t.global_batch_size,
+                        f"{found.path} continues a run with a global batch of {global_batch} sequences (its data "
+                        "position is defined over that many sequences per step)",
+                        f"remove the setting (a resume keeps {global_batch}), or continue from its weights in a new "
+                        f"folder: --checkpoint.folder <new> --checkpoint.initial_load_path {found.path} "
+                        "--checkpoint.initial_load_model_only")
+    split = split_batch(global_batch, dp_degree, t.local_batch_size)
+    if split is None:
+        other = world_size // dp_degree
+        sizes = [d for d in range(1, global_batch + 1) if global_batch % d == 0]
+        shown = ", ".join(f"{d} (world size {d * other})" for d in sizes[:12])
+        raise UserError("world size", f"{old_ws} -> {world_size}",
+                        f"the run's global batch of {global_batch} sequences (from {found.path}) cannot be split "
+                        f"over {dp_degree} data-parallel ranks",
+                        f"use a data-parallel size that divides {global_batch}: {shown}")
+    local, accumulation = split
+    return BatchPlan(old_dp, dp_degree, global_batch, local, accumulation, found.step, t.seq_len)
+
+
+def apply_plan(plan: BatchPlan, config: Any) -> None:
+    config.training.global_batch_size = plan.global_batch
+    config.training.local_batch_size = plan.local_batch
+
+
+def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
+    """Set the global and local batch a resume from this folder runs with (before validation)."""
+    from torchtitan_runai.config import data_parallel_degree
+
+    if not config.checkpoint.enable:
+        return None
+    folder = storage.checkpoint_dir(config)
+    if config.checkpoint.load_step >= 0:
+        chosen = choose(scan(folder), config.checkpoint.load_step, folder)
+    else:  # every rank runs this at start: examine newest first, stop at the first resumable one
+        chosen = next((f for f in (examine(path, step) for step, path in step_folders(folder)) if f.resumable),
+                      None)
+    if chosen is None:
+        return None
+    plan = plan_resume(chosen, config, world_size, data_parallel_degree(config, world_size))
+    if plan is not None:
+        apply_plan(plan, config)
+    return plan
 
 
 def already_done(found: StepFolder | None, steps: int) -> str | None:
@@ -145,8 +279,9 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
     """Check the checkpoint folder before workers start, writing nothing (the launcher claims it with
     ``ownership.hold_folder`` once every check has passed). Returns a message when there is nothing to
     do (the run is complete); raises UserError for a foreign owner, an unwritable or full folder, or
-    a changed data-parallel degree. What the trainer will do with the folder (skip an incomplete
-    checkpoint, resume, warn about a changed schedule) rank 0 logs once, as it does it."""
+    a resume that cannot continue at this size (``plan_resume``). What the trainer will do with the
+    folder (skip an incomplete checkpoint, resume, warn about a changed schedule, the kept global batch
+    at a changed data-parallel size) rank 0 logs once, as it does it."""
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
@@ -156,7 +291,5 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
     found = scan(folder)
     chosen = choose(found, config.checkpoint.load_step, folder, bool(config.checkpoint.initial_load_path))
     if chosen is not None:
-        error = world_size_error(chosen, world_size, dp_degree)
-        if error is not None:
-            raise error
+        plan_resume(chosen, config, world_size, dp_degree)  # raises when this size cannot continue it
     return already_done(chosen, config.training.steps)

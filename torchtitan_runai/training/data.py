@@ -11,9 +11,12 @@ Datasets, by ``training.dataset``:
   sample per paragraph by default), or a folder written by ``datasets``' ``save_to_disk``. All
   shards of a folder must share one format. The text is read from ``data.text_column``.
 
-Every dataset goes through torchtitan's ``HuggingFaceTextDataset`` (``split_dataset_by_node`` gives
-each data-parallel rank its own share; the sample index / token buffer state is checkpointed and
-resumed exactly as torchtitan does) and ``ParallelAwareDataloader``. Local files load map-style by
+The training order is global (``data.order = "global"``, ``training.data_position``): the same
+sequences every step at any data-parallel size, so a run resumes on another node count. With
+``data.order = "per-rank"``, or to continue a checkpoint written before the global order, every
+dataset goes through torchtitan's ``HuggingFaceTextDataset`` (``split_dataset_by_node`` gives each
+data-parallel rank its own share; the sample index / token buffer state is checkpointed and resumed
+exactly as torchtitan does, at the same size only) and ``ParallelAwareDataloader``. Local files load map-style by
 default (exact resume by sample index; ``datasets`` converts them to Arrow once per node in its
 cache, ``data.cache_dir``); ``data.streaming = true`` streams them instead (big corpora; resume via
 the stream state).
@@ -47,6 +50,7 @@ _SUFFIXES = {
     ".parquet": "parquet", ".arrow": "arrow", ".txt": "text", ".txt.gz": "text",
 }
 _SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
+ORDERS = ("global", "per-rank")
 
 
 def _data_config(job_config: Any) -> Data:
@@ -328,13 +332,51 @@ def validate_data_config(job_config: Any) -> None:
 
 def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any,
                      infinite: bool = True):
-    """TrainSpec.build_dataloader_fn: torchtitan's text dataloader over our dataset registry."""
-    from torchtitan_runai.upstream import ParallelAwareDataloader
+    """TrainSpec.build_dataloader_fn: the global-order loader (``data_position``), or torchtitan's
+    per-rank text dataloader; either over our dataset registry. Nothing is read until first use."""
+    from torchtitan_runai.training import data_position
 
     data = _data_config(job_config)
+    if data.order not in ORDERS:
+        raise UserError("data.order", data.order, "unknown order", f"use one of {list(ORDERS)}")
     register_datasets(data)
     training = job_config.training
     check_dataset(training.dataset, training.dataset_path, data, "training")
+    loader = data_position.make_runai_dataloader(
+        partial(_build_lanes, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
+        partial(_build_per_rank, dp_world_size, dp_rank, tokenizer, job_config, data, infinite))
+    if data.order == "per-rank":
+        loader.use_per_rank()
+    return loader
+
+
+def _build_lanes(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, data: Data, infinite: bool):
+    from datasets import Dataset
+
+    from torchtitan_runai.training import data_position as dp
+    from torchtitan_runai.upstream import text_datasets
+
+    training = job_config.training
+    name = training.dataset.lower()
+    entry = text_datasets.DATASETS[name]
+    source = entry.loader(training.dataset_path or entry.path)
+    if isinstance(source, Dataset):
+        documents = dp.MapDocuments(source, entry.sample_processor, infinite)
+    else:
+        documents = dp.StreamDocuments(source, entry.sample_processor, retries=data.retries,
+                                       backoff_s=data.backoff_s, max_backoff_s=data.max_backoff_s, name=name,
+                                       infinite=infinite)
+    global_batch = dp.global_batch_of(training, dp_world_size)
+    order = dp.GlobalOrder(documents, lambda text: tokenizer.encode(text, add_bos=True, add_eos=True),
+                           training.seq_len, global_batch, dp.lanes_of(global_batch, dp_world_size, dp_rank),
+                           dataset_name=name, rank=dp_rank)
+    return dp.LaneLoader(order, training.local_batch_size)
+
+
+def _build_per_rank(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, data: Data, infinite: bool):
+    from torchtitan_runai.upstream import ParallelAwareDataloader
+
+    training = job_config.training
     dataset = _resilient_dataset_class()(
         dataset_name=training.dataset,
         dataset_path=training.dataset_path,
@@ -351,4 +393,3 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: An
         dp_world_size=dp_world_size,
         **{**asdict(training.dataloader), "batch_size": training.local_batch_size},
     )
-

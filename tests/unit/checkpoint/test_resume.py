@@ -32,12 +32,12 @@ def test_schedule_change_says_what_changes():
     assert not any("recomputed" in line for line in lines) and any("stops at step 20" in line for line in lines)
 
 
-def test_world_size_change_is_refused_with_a_way_forward(tmp_path):
-    found = ckfolder.examine(write_ckpt(tmp_path, 5, dp=2))
-    assert resume.world_size_error(found, 2, 2) is None
-    error = resume.world_size_error(found, 4, 4)
-    assert isinstance(error, UserError)
-    assert "2 -> 4" in error.line() and "initial_load_model_only" in error.line()
+def test_world_size_change_of_per_rank_positions_is_refused_with_a_way_forward(tmp_path):
+    found = ckfolder.examine(write_ckpt(tmp_path, 5, dp=2))  # a marker from before global positions
+    assert resume.plan_resume(found, config(), 2, 2) is None
+    with pytest.raises(UserError) as error:
+        resume.plan_resume(found, config(), 4, 4)
+    assert "2 -> 4" in error.value.line() and "initial_load_model_only" in error.value.line()
 
 
 def test_already_done():

@@ -1,0 +1,382 @@
+"""The global data position: one order of training sequences for the whole job, whatever its size.
+
+torchtitan gives every data-parallel rank its own share of the documents, packs that share into its
+own token stream and checkpoints each rank's place in it (``dataloader.dp_rank_N``). That order
+depends on the number of ranks, so a job cannot continue on another node count (torchtitan refuses:
+"dataloader resharding is not supported yet"). Here the order depends only on the global batch.
+
+The order
+    ``G`` is the global batch in sequences: ``training.global_batch_size``, or local batch x
+    data-parallel degree when that is -1, fixed when the run starts (a resume keeps it; see
+    ``checkpoint.resume``). Documents are numbered in corpus order across epochs: global document
+    ``i`` is row ``i mod n`` of a map-style dataset (``local`` files, ``c4_test``), the ``i``-th
+    example of a stream (``c4``, ``local`` with ``data.streaming``). There are ``G`` *lanes*: lane
+    ``v`` takes documents ``v, v+G, v+2G, ...`` and packs their tokens (BOS text EOS, concatenated)
+    into windows of ``seq_len + 1``, exactly as torchtitan packs a rank's share. Step ``s`` trains on
+    the ``s``-th window of every lane, so the global batch of a step is the same ``G`` sequences at any
+    data-parallel size, and the loss of a step is the same up to the order of float sums.
+
+The ranks
+    With ``M`` data-parallel ranks (``M`` must divide ``G``) rank ``r`` owns lanes
+    ``[r*G/M, (r+1)*G/M)``; microbatch ``k`` of a step is the next ``L`` of them (local batch ``L``,
+    ``A = G / (M*L)`` microbatches). A map-style rank reads only its own documents. A streaming rank
+    reads the stream from the earliest document its lanes still need and keeps its lanes' documents
+    (every rank reads the whole stream, tokenizes only its ``1/M``; documents of a lane that runs
+    behind its neighbours wait in memory until it needs them).
+
+The position, in the checkpoint
+    ``dataloader.position``: format, ``G``, ``seq_len``, dataset (the same on every rank);
+    ``dataloader.lane_<v>``: lane ``v``'s next token (document index, token offset), the windows it
+    has produced (= the step) and, for streams, the stream state before a document at or before it.
+    Each lane is written by the rank that owns it, once; any size reads the lanes it owns. The data
+    position of step ``s`` is ``s*G`` sequences (``s*G*seq_len`` tokens) consumed by the whole job.
+
+A checkpoint written before this (torchtitan's ``dataloader.dp_rank_N``) resumes with torchtitan's
+per-rank order at its own size: ``RunaiDataloader.use_per_rank`` before loading.
+
+``TORCHTITAN_RUNAI_DATA_TRACE=<file>`` appends one JSON line per window (rank, lane, window, first
+document and offset, a hash of its tokens): the tests prove no window is repeated or skipped across a
+change of size with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+FORMAT = "lanes-1"
+PER_RANK = "per-rank"
+POSITION_KEY = "position"
+TRACE_ENV = "TORCHTITAN_RUNAI_DATA_TRACE"
+
+
+def lane_key(lane: int) -> str:
+    return f"lane_{lane:06d}"
+
+
+def global_batch_of(training: Any, dp_degree: int) -> int:
+    """G, in sequences, as torchtitan derives it."""
+    gbs = training.global_batch_size
+    return gbs if gbs > 0 else training.local_batch_size * dp_degree
+
+
+def lanes_of(global_batch: int, dp_degree: int, dp_rank: int) -> range:
+    """The lanes data-parallel rank ``dp_rank`` of ``dp_degree`` owns (``dp_degree`` divides G)."""
+    if global_batch % dp_degree:
+        raise ValueError(f"data-parallel degree {dp_degree} does not divide the global batch {global_batch}")
+    per = global_batch // dp_degree
+    return range(dp_rank * per, (dp_rank + 1) * per)
+
+
+@dataclass
+class LaneState:
+    """Where a lane stands: its next token is token ``offset`` of global document ``doc``."""
+
+    doc: int
+    """Global index of the document holding the lane's next token."""
+    offset: int = 0
+    """Tokens of that document (BOS included) already in earlier windows."""
+    windows: int = 0
+    """Windows the lane has produced: the steps trained."""
+    snap_doc: int = 0
+    """Streams: the stream state ``snap`` is the one from which the next example read is document
+    ``snap_doc`` (at or before ``doc``); ``snap`` None: the start of the stream."""
+    snap: Any = None
+
+
+# ---------------------------------------------------------------------------------------------
+# documents by global index
+
+
+class EndOfData(Exception):
+    """A finite order (``infinite=False``: one epoch) has no document ``i``."""
+
+
+class MapDocuments:
+    """Document ``i`` of a map-style dataset: row ``i mod n`` (random access, nothing to buffer)."""
+
+    def __init__(self, dataset, text_of: Callable[[dict], str], infinite: bool = True):
+        self.dataset, self.text_of, self.n, self.infinite = dataset, text_of, len(dataset), infinite
+
+    def start(self, states: dict[int, LaneState], global_batch: int) -> None:
+        pass
+
+    def fetch(self, i: int) -> tuple[str, int, Any]:
+        """(text, snap_doc, snap) of document ``i``."""
+        if i >= self.n and not self.infinite:
+            raise EndOfData(i)
+        return self.text_of(self.dataset[i % self.n]), 0, None
+
+
+class StreamDocuments:
+    """Document ``i`` of a stream, for the lanes of one rank.
+
+    Reads forward from the earliest state its lanes need; keeps documents of its own lanes that are
+    still to come, drops the rest. Transient Hub errors (429 / 5xx / dropped connection) put the
+    stream back to the state before the failed read and retry after a backoff, so no document is
+    lost or read twice.
+    """
+
+    def __init__(self, dataset, text_of: Callable[[dict], str], retries: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 16.0, sleep: Callable[[float], None] | None = None, name: str = "",
+                 infinite: bool = True):
+        import time
+
+        self.infinite = infinite
+        self.dataset, self.text_of, self.name = dataset, text_of, name
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.sleep = sleep or time.sleep
+        self.initial = dataset.state_dict()
+        self.buffer: dict[int, tuple[str, Any]] = {}
+        self.iterator: Iterator | None = None
+
+    def start(self, states: dict[int, LaneState], global_batch: int) -> None:
+        self.global_batch = global_batch
+        self.needed = {lane: st.doc for lane, st in states.items()}
+        first = min(states.values(), key=lambda st: st.snap_doc)
+        self.dataset.load_state_dict(first.snap if first.snap is not None else self.initial)
+        self.index = first.snap_doc
+        self.state = self.dataset.state_dict()
+        self.iterator = iter(self.dataset)
+        self.buffer.clear()
+
+    def _read(self) -> tuple[dict, Any]:
+        """The next example and the stream state before it."""
+        from torchtitan_runai.hub import is_transient, redact
+        from torchtitan_runai.upstream import logger
+
+        failures, wait, looped = 0, self.backoff_s, False
+        while True:
+            before = self.state
+            try:
+                sample = next(self.iterator)
+            except StopIteration:
+                if not self.infinite:
+                    raise EndOfData(self.index) from None
+                if looped:
+                    raise ValueError(f"dataset {self.name} has no examples") from None
+                # a new epoch: the stream again from its start; the document index goes on
+                logger.warning(f"dataset {self.name} is being re-looped")
+                looped = True
+                self.dataset.load_state_dict(self.initial)
+                self.state = self.dataset.state_dict()
+                self.iterator = iter(self.dataset)
+                continue
+            except Exception as error:  # noqa: BLE001
+                if failures >= self.retries or not is_transient(error):
+                    raise
+                failures += 1
+                logger.warning(f"dataset {self.name}: {type(error).__name__}: "
+                               f"{redact(str(error)).splitlines()[0] if str(error) else ''}; "
+                               f"resuming the stream in {wait:.1f}s ({failures}/{self.retries})")
+                self.sleep(wait)
+                wait = min(self.max_backoff_s, wait * 2)
+                self.dataset.load_state_dict(self.state)
+                self.iterator = iter(self.dataset)
+                continue
+            self.state = self.dataset.state_dict()
+            return sample, before
+
+    def fetch(self, i: int) -> tuple[str, int, Any]:
+        while i not in self.buffer:
+            sample, before = self._read()
+            index, self.index = self.index, self.index + 1
+            lane = index % self.global_batch
+            if lane in self.needed and index >= self.needed[lane]:
+                self.buffer[index] = (self.text_of(sample), before)
+        text, before = self.buffer.pop(i)
+        self.needed[i % self.global_batch] = i + self.global_batch
+        return text, i, before
+
+
+# ---------------------------------------------------------------------------------------------
+# lanes -> windows
+
+
+class GlobalOrder:
+    """The windows of one rank's lanes, in lane order, one per lane per round (= per step)."""
+
+    def __init__(self, documents, tokenize: Callable[[str], list[int]], seq_len: int, global_batch: int,
+                 lanes: range, dataset_name: str = "", rank: int = 0):
+        self.documents, self.tokenize, self.seq_len = documents, tokenize, seq_len
+        self.global_batch, self.lanes, self.dataset_name, self.rank = global_batch, lanes, dataset_name, rank
+        self.states = {lane: LaneState(doc=lane) for lane in lanes}
+        self.tokens: dict[int, tuple[int, list[int]]] = {}  # lane -> (document, its tokens)
+        self.started = False
+        trace = os.environ.get(TRACE_ENV)
+        self.trace = open(trace, "a", buffering=1) if trace else None
+
+    def _start(self) -> None:
+        if not self.started:
+            self.documents.start(self.states, self.global_batch)
+            self.started = True
+
+    def _doc_tokens(self, lane: int, doc: int) -> list[int]:
+        cached = self.tokens.get(lane)
+        if cached is None or cached[0] != doc:
+            text, snap_doc, snap = self.documents.fetch(doc)
+            cached = (doc, self.tokenize(text))
+            self.tokens[lane] = cached
+            if snap is not None or snap_doc:
+                st = self.states[lane]
+                st.snap_doc, st.snap = snap_doc, snap
+        return cached[1]
+
+    def window(self, lane: int) -> list[int]:
+        """Lane ``lane``'s next ``seq_len + 1`` tokens; advances its state."""
+        self._start()
+        st = self.states[lane]
+        need = self.seq_len + 1
+        first = (st.doc, st.offset)
+        out: list[int] = []
+        doc, offset = st.doc, st.offset
+        while len(out) < need:
+            tokens = self._doc_tokens(lane, doc)
+            take = tokens[offset:offset + need - len(out)]
+            out.extend(take)
+            offset += len(take)
+            if offset >= len(tokens):
+                doc, offset = doc + self.global_batch, 0
+        st.doc, st.offset = doc, offset
+        st.windows += 1
+        if self.trace is not None:
+            digest = hashlib.sha1(json.dumps(out).encode()).hexdigest()[:16]
+            self.trace.write(json.dumps({"rank": self.rank, "lane": lane, "window": st.windows - 1,
+                                         "doc": first[0], "offset": first[1], "sha": digest}) + "\n")
+        return out
+
+    def rounds(self) -> Iterator[list[int]]:
+        while True:
+            for lane in self.lanes:
+                try:
+                    window = self.window(lane)
+                except EndOfData:
+                    return
+                yield window
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def position(self) -> dict[str, Any]:
+        return {"format": FORMAT, "global_batch": self.global_batch, "seq_len": self.seq_len,
+                "dataset": self.dataset_name}
+
+    def state_dict(self) -> dict[str, bytes]:
+        out = {POSITION_KEY: json.dumps(self.position(), sort_keys=True).encode()}
+        for lane, st in self.states.items():
+            out[lane_key(lane)] = json.dumps(asdict(st)).encode()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = json.loads(_text(state[POSITION_KEY]))
+        mine = self.position()
+        for key in ("format", "global_batch", "seq_len"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(f"data position {key} {saved.get(key)!r} in the checkpoint, {mine[key]!r} here")
+        states = {lane: LaneState(**json.loads(_text(state[lane_key(lane)]))) for lane in self.lanes}
+        if len({st.windows for st in states.values()}) > 1:
+            raise ValueError(f"lanes of one checkpoint at different steps: {sorted({st.windows for st in states.values()})}")
+        self.states = states
+        self.tokens.clear()
+        self.started = False
+
+    @property
+    def windows(self) -> int:
+        return next(iter(self.states.values())).windows
+
+
+class StepRecorder:
+    """With TORCHTITAN_RUNAI_DATA_TRACE: every rank's own loss share and learning rate per step.
+
+    The share is torchtitan's ``local loss sum / global valid tokens``: the shares of a step sum
+    to its logged loss, at any data-parallel size."""
+
+    def __init__(self):
+        self.path = os.environ.get(TRACE_ENV)
+        self.enabled = bool(self.path)
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    def record(self, step: int, loss: float, lr: float) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"rank": self.rank, "step": step, "loss": float(loss).hex(),
+                                    "lr": float(lr).hex()}) + "\n")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataloader torchtitan's Trainer iterates and checkpoints
+
+
+class LaneLoader:
+    """Batches of ``local_batch`` windows (torchtitan's ``({"input": x}, labels)``), lanes in order."""
+
+    def __init__(self, order: GlobalOrder, local_batch: int):
+        self.order, self.local_batch = order, local_batch
+
+    def __iter__(self):
+        import torch
+
+        rounds = self.order.rounds()
+        while True:
+            rows = [window for _, window in zip(range(self.local_batch), rounds)]
+            if len(rows) < self.local_batch:
+                return  # a finite order's last, partial batch is dropped, as torchtitan's is
+            rows = torch.tensor(rows, dtype=torch.long)
+            yield {"input": rows[:, :-1].contiguous()}, rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.order.load_state_dict(state)
+
+
+@functools.cache
+def _runai_dataloader_class() -> type:
+    # Defined on first use: the base class imports torchtitan (and torch).
+    from torchtitan_runai.upstream import BaseDataLoader
+
+    class RunaiDataloader(BaseDataLoader):
+        """Global lanes, unless the checkpoint it resumes from has torchtitan's per-rank state.
+
+        The loader is built on first use, so that the checkpoint manager can pick the format
+        (``use_per_rank``) before anything is read.
+        """
+
+        def __init__(self, build_lanes: Callable[[], Any], build_per_rank: Callable[[], Any]):
+            self._build = {FORMAT: build_lanes, PER_RANK: build_per_rank}
+            self.format = FORMAT
+            self._impl = None
+
+        @property
+        def impl(self):
+            if self._impl is None:
+                self._impl = self._build[self.format]()
+            return self._impl
+
+        def use_per_rank(self) -> None:
+            """torchtitan's per-rank order (``data.order = "per-rank"``, or an old checkpoint)."""
+            self.format, self._impl = PER_RANK, None
+
+        def __iter__(self):
+            return iter(self.impl)
+
+        def state_dict(self) -> dict[str, Any]:
+            return self.impl.state_dict()
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.impl.load_state_dict(state_dict)
+
+    return RunaiDataloader
+
+
+def make_runai_dataloader(build_lanes: Callable[[], Any], build_per_rank: Callable[[], Any]):
+    return _runai_dataloader_class()(build_lanes, build_per_rank)
