@@ -290,8 +290,8 @@ def test_validate_hf_import_catches_mismatch(trained, tmp_path):
 
 
 def test_a_checkpoint_folder_exports_its_newest_complete_step(tmp_path):
-    """A newer step-N whose save was cut off (no completion marker, or a truncated shard) has a
-    .metadata all the same; the export must take the newest *complete* one, by the checkpoint
+    """A newer step-N whose save was cut off (no .metadata and no marker, or a truncated shard)
+    must be passed over; the export must take the newest *complete* one, by the checkpoint
     package's rule, and a model-only final save counts (it holds the weights)."""
     import torch.distributed.checkpoint as dcp
 
@@ -306,7 +306,7 @@ def test_a_checkpoint_folder_exports_its_newest_complete_step(tmp_path):
     assert resolve_step_dir(tmp_path) == tmp_path / "step-2"
     save(4, "model-only")
     assert resolve_step_dir(tmp_path) == tmp_path / "step-4"
-    save(6, None)  # cut off before the marker
+    (save(6, None) / ".metadata").unlink()  # cut off before DCP's last write (with .metadata it is adopted)
     truncated = save(8, "full")
     shard = next(p for p in truncated.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:10])
