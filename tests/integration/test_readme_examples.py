@@ -67,8 +67,9 @@ def fresh(tmp_path_factory) -> Path:
     if not stamp.exists():
         pytest.skip("the tests do not run from the venv `make` made (.venv/.installed)")
     (root / ".venv").symlink_to(sys.prefix)
-    # the Makefile reinstalls when pyproject.toml is newer than the venv's stamp
-    os.utime(root / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
+    # the Makefile reinstalls when one of the stamp's prerequisites is newer than the venv's stamp
+    for prerequisite in ("pyproject.toml", "requirements.lock"):
+        os.utime(root / prerequisite, (stamp.stat().st_mtime - 1,) * 2)
     return root
 
 
