@@ -7,7 +7,7 @@ the FROM name; docker/build.sh then builds the Dockerfile on it, as `docker buil
 differs from NGC is listed in docs/cluster.md ("The image"); the GPU is the one thing mocked away
 (the rehearsal trains on 2 CPU ranks over gloo).
 
-Checks: `pip check` clean, torch (and triton) the base's byte for byte, `--dry-run`, the 2-rank
+Checks: every shipped file git tracks is in the image, `pip check` clean, torch (and triton) the base's byte for byte, `--dry-run`, the 2-rank
 rehearsal as the image's user and as an arbitrary UID in group 0 (OpenShift), `podman stop`
 (SIGTERM) → exit 143 with a complete checkpoint and a resume from it, tini as PID 1, image size.
 
@@ -153,6 +153,22 @@ def test_the_build_time_ca_bundle_is_not_in_the_image(images):
     digest = ["-c", f"import hashlib; print(hashlib.sha256(open({bundle!r}, 'rb').read()).hexdigest())"]
     base_digest, image_digest = (in_image(images[k], *digest).stdout.strip() for k in ("base", "image"))
     assert image_digest == base_digest  # the base's own bundle; the host's was only mounted during the build
+
+
+# what the image runs: the package, the recipes and the two entry points (the rest is for CI and docs)
+SHIPPED = ("torchtitan_runai/", "train_configs/", "train.py", "run_llama_train.sh", "pyproject.toml")
+
+
+def test_the_image_holds_every_shipped_file_git_tracks(images):
+    # a .dockerignore pattern such as `**/checkpoint` once dropped the torchtitan_runai.checkpoint package
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    want = sorted(f for f in tracked.splitlines() if f.startswith(SHIPPED))
+    assert any(f.startswith("torchtitan_runai/checkpoint/") for f in want)
+    listing = ("import os, sys\n"
+               "for f in sys.argv[1:]:\n"
+               "    print(f if os.path.isfile(f) else 'MISSING ' + f)\n")
+    proc = in_image(images["image"], "-c", listing, *want)
+    assert [l for l in proc.stdout.splitlines() if l.startswith("MISSING")] == []
 
 
 def test_dry_run_prints_the_torchrun_command(images):

@@ -74,8 +74,11 @@ def fresh(tmp_path_factory) -> Path:
 
 
 def shell(root: Path, commands: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    # a reader's terminal: no cluster variables, no venv, and not inside `make test` (MAKELEVEL
+    # would make the README's `make train` print "make[1]: Leaving directory ..." last)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PET_") and k not in (*CLUSTER_VARS, "PYTHONPATH", "VIRTUAL_ENV", "LOG_LEVEL")}
+           if not k.startswith(("PET_", "MAKE", "MFLAGS"))
+           and k not in (*CLUSTER_VARS, "PYTHONPATH", "VIRTUAL_ENV", "LOG_LEVEL")}
     script = "set -e\n" + "\n".join(commands) + "\n"
     return subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)
