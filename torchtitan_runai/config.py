@@ -223,6 +223,23 @@ class Export:
 
 
 @dataclass
+class Goodput:
+    """[goodput]: where the job's wall time goes, across restarts (``torchtitan_runai.goodput``)."""
+
+    enable: bool = True
+    """Keep the ledger (rank 0; a few small JSON files in <checkpoint folder>/goodput) and print the
+    goodput line; false: neither."""
+
+    log_freq: int = 100
+    """Steps between goodput lines (and TensorBoard's goodput/ scalars); the launcher prints one more
+    when the workers exit."""
+
+    heartbeat_seconds: float = 5.0
+    """How often rank 0 writes its ledger record; a kill -9 loses at most this much accounting (it
+    shows as "away")."""
+
+
+@dataclass
 class JobConfig:
     """The sections this fork adds to torchtitan's JobConfig (merged by torchtitan's ConfigManager)."""
 
@@ -243,6 +260,9 @@ class JobConfig:
 
     export: Export = field(default_factory=Export)
     """A Hugging Face copy of the model at the end of training (``torchtitan_runai.hf.export``)."""
+
+    goodput: Goodput = field(default_factory=Goodput)
+    """The goodput ledger and its report (``torchtitan_runai.goodput``)."""
 
 
 def _resolve_annotations(cls: type) -> None:
@@ -534,6 +554,11 @@ def validate(config, world_size: int | None = None) -> None:
     if perf is not None and not 1 <= perf.writer_threads <= 256:
         raise UserError("checkpoint_perf.writer_threads", perf.writer_threads, "must be between 1 and 256",
                         "use 16 (the measured knee on a GPU host) or the count your volume scales to")
+    gp = getattr(config, "goodput", None)
+    if gp is not None:
+        _positive("goodput.log_freq", gp.log_freq, "print a goodput line every N steps, e.g. 100")
+        if gp.heartbeat_seconds <= 0:
+            raise UserError("goodput.heartbeat_seconds", gp.heartbeat_seconds, "must be positive", "use e.g. 5")
     res = getattr(config, "resilience", None)
     if res is not None:
         if res.hang_timeout_seconds < 0:

@@ -103,7 +103,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from torchtitan_runai import storage
+from torchtitan_runai import goodput, storage
 from torchtitan_runai.errors import UserError, cli
 from torchtitan_runai.training.resilience import EXIT_HUNG as EXIT_WORKER_HUNG
 from torchtitan_runai.training.resilience import HANG_VERDICT_ENV
@@ -616,11 +616,17 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     # Only now, with every check passed, is the folder claimed (job.json, lock.json), by node 0.
     hold = hold_folder(config, env) if plan.node_rank in (None, 0) else None
+    record = goodput.build_launch_record(config) if plan.node_rank in (None, 0) else None
+    code = 1
     try:
         code = run_agent(command, plan)
     finally:
+        if record is not None:
+            record.close(code)
         if hold is not None:
             hold.release()
+    if record is not None:
+        print(f"[launch] {goodput.report_at_exit(config)}", flush=True)
     if code == 0:
         print(f"[launch] {finished_line(config, time.monotonic() - started)}", flush=True)
     return code
@@ -640,5 +646,23 @@ def finished_line(config, seconds: float) -> str:
     return f"training finished: step {reached} of {steps} in {took}; {where}"
 
 
+def leave(code: int | str | None) -> None:
+    """Exit without the interpreter's teardown: the workers are gone and every record is written,
+    and unloading torch and the agent costs the pod 1-2 s after its last line (the goodput ledger's
+    launch record ends just before)."""
+    import logging
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    cli(main, prog="run_llama_train.sh")
+    try:
+        cli(main, prog="run_llama_train.sh")
+    except SystemExit as done:
+        leave(done.code)

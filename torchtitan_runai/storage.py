@@ -63,6 +63,9 @@ HF_CACHE_SUBDIR = os.path.join(".cache", "huggingface")
 INDUCTOR_CACHE_SUBDIR = os.path.join(".cache", "inductor")
 HUB_CACHE_FALLBACK = "hf_cache"
 PLOT_NAME = "training_curves.png"
+GOODPUT_LEDGER = "goodput"
+GOODPUT_SUMMARY = "goodput.json"
+GOODPUT_PLOT = "goodput.png"
 
 PARAMS_BY_FLAVOR = {
     "8B": 8_030_261_248,
@@ -167,6 +170,23 @@ def tensorboard_dir(config: Any) -> Path:
 def export_dir(config: Any) -> Path:
     """``[export] folder``, relative to the dump folder unless absolute."""
     return Path(config.job.dump_folder) / config.export.folder
+
+
+def goodput_dir(config: Any) -> Path:
+    """The goodput ledger: beside the checkpoints (it must outlive the pod the same way), else in
+    the dump folder."""
+    base = checkpoint_dir(config) if config.checkpoint.enable else Path(config.job.dump_folder)
+    return base / GOODPUT_LEDGER
+
+
+def goodput_summary_file(config: Any) -> Path:
+    """``<job.dump_folder>/goodput.json``: the breakdown, rewritten at every goodput line."""
+    return Path(config.job.dump_folder) / GOODPUT_SUMMARY
+
+
+def goodput_plot_file(config: Any) -> Path:
+    """``<job.dump_folder>/goodput.png``: the timeline and the breakdown (the launcher, at the end)."""
+    return Path(config.job.dump_folder) / GOODPUT_PLOT
 
 
 def plot_file(folder: str | os.PathLike) -> Path:

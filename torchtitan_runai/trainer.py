@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from torchtitan_runai import plots, storage, upstream
+from torchtitan_runai import goodput, plots, storage, upstream
 from torchtitan_runai.checkpoint import ownership, staging
 from torchtitan_runai.checkpoint.folder import read_json
 from torchtitan_runai.checkpoint.manager import Preempted, RunaiCheckpointManager
@@ -63,10 +63,13 @@ logger = upstream.logger
 
 class RunaiTrainer(upstream.Trainer):
     def __init__(self, job_config):
+        # first: from here (and from this process's start) every second of rank 0 is accounted for
+        self.ledger = goodput.build_ledger(job_config)
+        self._first_step_synced = False
         logs.configure_logging_from_env()
         self.resumed_from: int | None = None
         self.stop_flag = resilience.StopFlag()
-        self.stop_flag.before_first_step = _leave_now
+        self.stop_flag.before_first_step = self._leave_now
         self.stop_flag.install()
         self.log_filter = logs.install_person_filter(
             cpu=not device.has_accelerator(), step=lambda: getattr(self, "step", None),
@@ -83,6 +86,8 @@ class RunaiTrainer(upstream.Trainer):
         RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
                                           pd.dp_replicate * pd.dp_shard, job_id)
         self.checkpointer.busy = self.watchdog.paused
+        self.checkpointer.ledger = self.ledger
+        self.watchdog.on_hang = self.ledger.hung
         # Before the first save: pinned staging buffers kept across checkpoints (torch 2.11 drops
         # them after every save and loses the second checkpoint), prepared in the background now
         # rather than inside the first save (bench/results/checkpoint-stall-*, pinning-*).
@@ -90,6 +95,10 @@ class RunaiTrainer(upstream.Trainer):
                                               getattr(job_config, "checkpoint_perf", None),
                                               model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
         self.watchdog.start()
+
+    def _leave_now(self, signum: int) -> None:
+        self.ledger.end("preempted")
+        _leave_now(signum)
 
     def init_distributed(self):
         if not device.has_accelerator() and "TORCHELASTIC_RESTART_COUNT" in os.environ \
@@ -132,10 +141,22 @@ class RunaiTrainer(upstream.Trainer):
             self._step_loss = detached if self._step_loss is None else self._step_loss + detached
         return loss
 
+    def batch_generator(self, data_iterable):
+        batches = super().batch_generator(data_iterable)
+        while True:
+            with self.ledger.during("data_wait"):
+                batch = next(batches)
+            yield batch
+
     def train_step(self, data_iterator):
         self._step_loss = None
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         super().train_step(data_iterator)
+        if not self._first_step_synced:
+            # once per process: the ledger charges the first step (compilation) its device time
+            self._first_step_synced = True
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
         # From now on a signal is handled at the step boundary: there is a step to save.
         self.stop_flag.before_first_step = None
         if self._step_loss is not None:
@@ -145,18 +166,40 @@ class RunaiTrainer(upstream.Trainer):
     def should_continue_training(self) -> bool:
         # The first boundary after this process's first step arms the watchdog: loading and
         # compilation are not counted against the hang timeout.
-        self.watchdog.progress(self.step, arm=getattr(self, "_boundaries", 0) >= 1)
-        if getattr(self, "_boundaries", 0) == 0:  # checkpoint loaded, nothing trained yet
+        first = getattr(self, "_boundaries", 0) == 0
+        self.watchdog.progress(self.step, arm=not first)
+        if first:  # checkpoint loaded, nothing trained yet
+            self.ledger.loop_started(self.step)
             self.log_startup_summary()
+        else:
+            self.ledger.step_done(self.step)
         self._boundaries = getattr(self, "_boundaries", 0) + 1
         self.checkpointer.finish_async(block=False)
         signum = resilience.agree(self.stop_flag.signum, self.device)
         if signum:
             logger.warning(f"stopping at step {self.step} (signal {signum}): finishing the upload in flight, "
                            "then saving a full checkpoint")
+            self.ledger.switch("preemption_save")
             logger.warning(self.checkpointer.save_now(self.step, self.stop_flag.when or time.monotonic()))
             raise Preempted(signum)
-        return super().should_continue_training()
+        more = super().should_continue_training()
+        if not first and (not more or self.step % self.job_config.goodput.log_freq == 0):
+            self.report_goodput()
+        if not more:
+            self.ledger.switch("teardown")
+        return more
+
+    def report_goodput(self) -> None:
+        """The goodput line, TensorBoard's goodput/ scalars and goodput.json (rank 0)."""
+        records = self.ledger.records()
+        if records is None:
+            return
+        summary = goodput.summarize(records)
+        logger.info(goodput.goodput_line(summary))
+        metric_logger = getattr(getattr(self, "metrics_processor", None), "logger", None)
+        if metric_logger is not None:
+            metric_logger.log(goodput.report.tensorboard_scalars(summary), self.step)
+        goodput.write_summary(self.job_config, summary)
 
 
 def _leave_now(signum: int) -> None:
@@ -206,6 +249,7 @@ def run(argv: list[str]) -> int:
     except Preempted as stop:
         code = 128 + stop.signum
         _teardown_preempted(trainer)
+        trainer.ledger.end("preempted")
         logger.warning(f"exiting {code} {time.monotonic() - (trainer.stop_flag.when or time.monotonic()):.2f}s "
                        "after the signal")
         logging.shutdown()
@@ -213,6 +257,7 @@ def run(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(code)
     except BaseException:
+        trainer.ledger.end("failed")
         trainer.watchdog.stop()
         trainer.close()
         raise
@@ -221,6 +266,7 @@ def run(argv: list[str]) -> int:
         # After the process group is gone: a long export must not hold the other ranks in a
         # collective (NCCL timeout) nor trip the hang watchdog.
         export_at_end(job_config, trainer.step, int(os.environ.get("RANK", "0")))
+    trainer.ledger.end("finished" if trainer.step == job_config.training.steps else "stopped")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

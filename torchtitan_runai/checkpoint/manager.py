@@ -60,6 +60,7 @@ from torchtitan_runai.checkpoint.resume import (
 )
 from torchtitan_runai.checkpoint.staging import PINNED_MODE
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.goodput.ledger import NullLedger
 from torchtitan_runai.upstream import logger
 
 
@@ -121,6 +122,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         manager.pending_marker = None  # (step, kind) of an async save not yet marked complete
         manager.last_complete_step = -1
         manager.busy = contextlib.nullcontext  # the trainer pauses its hang watchdog while saving
+        manager.ledger = NullLedger()  # the trainer's goodput ledger: saves charge their time to it
         perf = getattr(job_config, "checkpoint_perf", None)
         manager.writer_threads = perf.writer_threads if perf is not None else 1
         manager.upload = None
@@ -160,6 +162,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             record["data"] = data_record(self.job_config, self.dp_degree, getattr(loader, "format", "per-rank"))
             mark_complete(path, record)
         self.last_complete_step = step
+        self.ledger.marked(step)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -203,16 +206,27 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
 
         if not self._should_save(curr_step, last_step) or not self.enable:
             return super().save(curr_step, last_step)
+        _device_sync()  # once per save: the step before it is charged its device time, the save only its own
+        self.ledger.saving(curr_step)
         with self.busy():
-            self.finish_async(block=True)  # the previous async save must be marked before a new one
-            super().save(curr_step, last_step)
-            kind = "model-only" if last_step and self.last_save_in_hf else "full"
-            if self.save_future is not None and not last_step:
-                self.pending_marker = (curr_step, kind)
-            else:
-                if dist.is_initialized():
-                    dist.barrier()
-                self._mark(curr_step, kind)
+            with self.ledger.during("upload_wait"):
+                self.finish_async(block=True)  # the previous async save must be marked before a new one
+            with self.ledger.during("checkpoint_stall"):
+                super().save(curr_step, last_step)
+                kind = "model-only" if last_step and self.last_save_in_hf else "full"
+                if self.save_future is not None and not last_step:
+                    self.pending_marker = (curr_step, kind)
+                else:
+                    if dist.is_initialized():
+                        dist.barrier()
+                    self._mark(curr_step, kind)
+
+    def maybe_wait_for_staging(self) -> None:
+        """torchtitan's wait for the staging copy (inside the next step), charged as checkpoint stall."""
+        if getattr(self, "enable_staging", False) and getattr(self, "staging", False):
+            with self.ledger.during("checkpoint_stall"):
+                return super().maybe_wait_for_staging()
+        return super().maybe_wait_for_staging()
 
     def finish_async(self, block: bool) -> bool:
         """Mark a finished async save complete; with ``block``, wait for it. True if none is pending."""
@@ -353,6 +367,13 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             self.exclude_from_loading = excluded
         self.last_complete_step = chosen.step
         return loaded
+
+
+def _device_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _mode(async_mode: Any) -> str:

@@ -161,6 +161,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._store = None
         self._thread = None
+        self.on_hang = None  # called with the monotonic time of the last progress, before the exit
 
     # main thread ------------------------------------------------------------------------
     def progress(self, step: int | None = None, arm: bool = False) -> None:
@@ -255,6 +256,11 @@ class Watchdog:
                     os.kill(int(info["pid"]), signal.SIGKILL)
                 except OSError:
                     pass
+        if self.on_hang is not None:
+            try:
+                self.on_hang(self.progress_at)
+            except Exception:  # the verdict and the exit matter more than the accounting
+                pass
         os._exit(EXIT_HUNG)
 
 
