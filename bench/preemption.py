@@ -103,11 +103,18 @@ def stamp(line: str) -> float | None:
     return dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def normal_gaps(step_times: dict[int, float], save_steps: list[int]) -> list[float]:
+    """Step-to-step gaps away from saves and the first steps of a launch."""
+    steps = sorted(step_times)
+    gaps = {s: step_times[s + 1] - step_times[s] for s in steps if s + 1 in step_times}
+    return [g for s, g in gaps.items() if s not in save_steps and s - 1 not in save_steps and s > steps[0] + 3]
+
+
 def stalls(step_times: dict[int, float], save_steps: list[int]) -> dict[int, float]:
     """Training time lost to the save after step N: gap N -> N+1 minus the median gap."""
     steps = sorted(step_times)
     gaps = {s: step_times[s + 1] - step_times[s] for s in steps if s + 1 in step_times}
-    normal = [g for s, g in gaps.items() if s not in save_steps and s - 1 not in save_steps and s > steps[0] + 3]
+    normal = normal_gaps(step_times, save_steps)
     if not normal:
         return {}
     median = statistics.median(normal)
@@ -130,8 +137,8 @@ class Bench:
                 "--model.flavor", "toy" if a.cpu else "8B_proxy4",
                 "--model.hf_assets_path", str(self.tok),
                 "--training.dataset", "c4_test", "--training.dataset_path", str(self.corpus),
-                "--training.seq_len", "128" if a.cpu else "8192",
-                "--training.local_batch_size", "2",
+                "--training.seq_len", str(getattr(a, "seq_len", None) or (128 if a.cpu else 8192)),
+                "--training.local_batch_size", str(getattr(a, "local_batch", None) or 2),
                 "--lr_scheduler.warmup_steps", "10", "--lr_scheduler.total_steps", str(a.steps),
                 "--checkpoint.interval", str(a.interval), "--checkpoint.keep_latest_k", "2",
                 "--checkpoint.async_mode", "async_with_pinned_mem",
@@ -206,6 +213,7 @@ class Bench:
             "resumed_from": resumed[-1] if resumed else None,
             "saves_after_step": w.save_steps,
             "stall_s": stalls(w.step_times, w.save_steps),
+            "step_gaps": [round(g, 4) for g in normal_gaps(w.step_times, w.save_steps)],
             "last_step": max(w.step_times) if w.step_times else None,
             "losses": w.losses,
             "tail": w.lines[-25:] if run.returncode not in (0, 143) else [],

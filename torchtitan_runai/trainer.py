@@ -4,7 +4,7 @@
 spec, parse and validate the config exactly as the launcher did, then build ``RunaiTrainer`` and
 train. ``RunaiTrainer`` overrides these methods of torchtitan 0.2.2's ``Trainer`` (public ones,
 which its own ``train`` loop calls: ``init_distributed``, ``load_state_dict``, ``close``,
-``forward_backward_step``, ``train_step``, ``should_continue_training``) and uses no private
+``batch_generator``, ``forward_backward_step``, ``train_step``, ``should_continue_training``) and uses no private
 Trainer method. The one place that reaches into torchtitan's internals is the checkpoint manager:
 ``checkpoint.manager.RunaiCheckpointManager.adopt`` swaps the ``__class__`` of the manager the
 Trainer built (there is no hook to choose its class) and overrides its private ``_find_load_step``
@@ -25,6 +25,12 @@ pinned to the exact torchtitan version (``upstream``).
   ``logs.quiet_expected_noise``); at the end the
   optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
   and the loss/throughput PNG (``plots``);
+- goodput (``torchtitan_runai.goodput``): rank 0's ledger is built first, so every second from the
+  process's start is in one category; the loop's first boundary ends start-up, the first step is
+  compilation (one device sync after it), every boundary credits the step, ``batch_generator``
+  times the data loader, the checkpoint manager charges saves; a goodput line, TensorBoard's
+  ``goodput/`` scalars and ``goodput.json`` every ``goodput.log_freq`` steps and at the end; the
+  ledger's outcome (finished, preempted, failed, hung) at exit.
 - checkpoint staging: ``checkpoint.staging.install`` keeps pinned staging buffers across async saves and
   prepares them in the background from the start;
 - ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder

@@ -120,5 +120,8 @@ def check_person_log(log: str) -> None:
     assert sum(1 for line in lines if re.search(r"step:\s*\d+\s+loss:", line)) == STEPS
     assert "global_batch_size=8" in log and "starting fresh" in log
     assert sum("checkpoint at step" in line for line in lines) == CHECKPOINTS - 1  # + the final one, below
+    # the goodput of the whole run, from rank 0 at the last step and from the launcher at its exit
+    assert re.search(r"INFO - goodput: \d+\.\d% of \d:\d\d:\d\d \(productive ", log)
+    assert re.match(r"\[launch\] goodput: \d+\.\d% of .*start-up .*; 0 restart\(s\), 3 save\(s\)$", lines[-2]), lines[-2]
     assert re.fullmatch(r"\[launch\] training finished: step 30 of 30 in \d+:\d\d:\d\d; newest checkpoint "
                         r"outputs/debug_model/checkpoint/step-30", lines[-1]), lines[-1]

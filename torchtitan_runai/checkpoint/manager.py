@@ -11,7 +11,10 @@ an async one (``checkpoint.async_mode``) blocks only for the copy to host memory
 written at the next step boundary once the upload has finished (``finish_async``). Pinned staging
 (``checkpoint.staging``) makes the first pinned save cost what later ones do; the upload process is
 started at trainer start and survives the pod's signal (``checkpoint.upload``); every save writes
-with ``checkpoint_perf.writer_threads`` threads (``dcp_save``).
+with ``checkpoint_perf.writer_threads`` threads (``dcp_save``). Each save charges its time to the
+trainer's goodput ledger (``ledger``): the wait for the previous upload as ``upload_wait``, the rest
+of the save and torchtitan's wait for staging in the next step (``maybe_wait_for_staging``) as
+``checkpoint_stall``, after one device sync so the step before it keeps its own device time.
 
 The preemption save (``save_now``, after every rank agreed on the step): wait for the upload in
 flight and mark it, then save the step just finished synchronously from this process (staged
@@ -23,7 +26,7 @@ of the manager torchtitan built (its construction stays exactly torchtitan's), a
 overrides torchtitan's private ``_find_load_step`` (our resume choice for the folder's own
 checkpoints) and ``_save_last_step`` (a full final save instead of a model-only one), its public
 ``dcp_save`` (the same three DCP calls with our writer; Hugging Face saves go to torchtitan's) and
-``close`` (the upload process first), and calls its private ``_should_save`` and
+``close`` (the upload process first) and ``maybe_wait_for_staging`` (timed), and calls its private ``_should_save`` and
 ``_create_checkpoint_id`` (when to mark, where the step folder is).
 These are pinned by the exact torchtitan version (``upstream.EXPECTED_TORCHTITAN``).
 """

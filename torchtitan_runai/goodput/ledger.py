@@ -251,12 +251,16 @@ class Ledger:
     def flush(self) -> dict[str, Any]:
         # one writer at a time (heartbeat, main thread, watchdog), each writing a snapshot newer
         # than the one before: the file never goes back in time, and the temp file is never shared
-        with self._io_lock:
+        # (a bounded wait: a signal handler flushing over an interrupted flush must not deadlock)
+        if not self._io_lock.acquire(timeout=5):
+            return self.snapshot()
+        try:
             rec = self.snapshot()
-            try:
-                write_json_atomic(self.path, rec)
-            except OSError:  # a full or read-only volume must not stop training; the next beat retries
-                pass
+            write_json_atomic(self.path, rec)
+        except OSError:  # a full or read-only volume must not stop training; the next beat retries
+            pass
+        finally:
+            self._io_lock.release()
         return rec
 
     def start(self) -> "Ledger":

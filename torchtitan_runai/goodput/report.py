@@ -102,10 +102,6 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
     if not segments and not launches:
         return {"span_s": 0.0, "seconds": totals, "goodput": None, "productive_of_span": None, "segments": [],
                 "launches": 0, "steps": None}
-    by_launch: dict[str, list[dict]] = {}
-    for seg in segments:
-        by_launch.setdefault(seg.get("launch"), []).append(seg)
-
     # typical step time: each segment's own, else the job's
     typicals = [t for t in (typical_step_s(s) for s in segments) if t is not None]
     job_typical = sorted(typicals)[len(typicals) // 2] if typicals else None
@@ -142,18 +138,24 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
     # launcher time outside its segments: start-up before and between them, teardown after
     intervals = [(s["started_at"], s["last_seen"]) for s in segments]
     gaps: list[tuple[float, float, str]] = []  # launcher-only time, for the plot
-    for launch in launches:
-        mine = by_launch.get(launch["id"], [])
+    # A launch's segments are those that ran inside its span (by time, not by id: on several nodes
+    # rank 0 may run under another node's launcher); a launcher killed without an end record ended
+    # with the last segment that started before the next launch.
+    for k, launch in enumerate(launches):
         start = launch["started_at"]
         end = launch.get("ended_at")
         if end is None:
-            end = max([s["last_seen"] for s in mine] or [now if now is not None else start])
+            before = launches[k + 1]["started_at"] if k + 1 < len(launches) else float("inf")
+            ran = [s["last_seen"] for s in segments if start <= s["started_at"] < before]
+            end = max(ran or [now if now is not None and k + 1 == len(launches) else start])
+        mine = [s for s in segments if s["started_at"] < end and s["last_seen"] > start]
         intervals.append((start, end))
         cursor = start
         for seg in mine:
             totals["startup"] += max(0.0, seg["started_at"] - cursor)
             gaps.append((cursor, seg["started_at"], "startup"))
             cursor = max(cursor, seg["last_seen"])
+        end = max(end, cursor)
         tail = "teardown" if mine else "startup"
         totals[tail] += max(0.0, end - cursor)
         gaps.append((cursor, end, tail))

@@ -104,3 +104,11 @@ def test_line_and_scalars_name_every_category():
     assert line.startswith("goodput: ") and "unsaved 5.0s" in line
     assert set(tensorboard_scalars(s)) == {f"goodput/{c}(s)" for c in CATEGORIES} | {"goodput/goodput(%)"}
     assert goodput_line(summarize([])) == "goodput: nothing measured yet"
+
+
+def test_a_segment_under_another_nodes_launcher_is_not_counted_twice():
+    # rank 0 ran on node 1, whose launcher keeps no record: node 0's launcher spans it
+    seg = dict(segment("L-node1", 102.0, resume=0, last=10, saves=(10,), durable=10, outcome="finished"), launch=None)
+    s = summarize([launch("L0", 100.0, seg["last_seen"] + 1.5), seg])
+    assert s["accounted_s"] == pytest.approx(s["span_s"])
+    assert s["seconds"]["startup"] == pytest.approx(2.0 + 5.0) and s["seconds"]["teardown"] == pytest.approx(1.5)
