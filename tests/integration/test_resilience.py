@@ -15,6 +15,8 @@ import time
 import pytest
 
 from torchtitan_runai.checkpoint.manager import saved_keys
+from torchtitan_runai.goodput.ledger import read_records
+from torchtitan_runai.goodput.report import summarize
 
 from resilience_util import losses, run, start, trace_steps, train_args, wait_for_step, worker_pids
 
@@ -85,6 +87,12 @@ def test_kill9_of_a_rank_restarts_repeatedly_and_resumes_exactly(baseline, tmp_p
     assert restarts == set(range(kills + 1)), f"expected {kills} restarts, saw {restarts}"
     assert log.count("resuming from step") >= kills
     assert losses(tmp_path) == reference
+    # the goodput ledger: one launch, one record per rank-0 process, every second in one category
+    records = read_records(tmp_path / "out/checkpoint/goodput")
+    assert [r["kind"] for r in records].count("launch") == 1
+    assert [r["kind"] for r in records].count("segment") == kills + 1
+    summary = summarize(records)
+    assert summary["accounted_s"] == pytest.approx(summary["span_s"]) and summary["seconds"]["away"] == 0
 
 
 @pytest.mark.slow
@@ -163,6 +171,8 @@ def test_hung_rank_is_named_and_job_fails_fast(tmp_path):
     assert "hung rank(s) 1 (pid" in log
     assert "[launch] training failed" in log and "hung rank(s) 1" in log.split("[launch] training failed")[1]
     assert took < timeout + 20
+    (segment,) = [r for r in read_records(tmp_path / "out/checkpoint/goodput") if r["kind"] == "segment"]
+    assert segment["outcome"] == "hung" and segment["seconds"]["hang"] >= timeout - 1  # the ledger's verdict too
 
 
 @pytest.mark.slow
