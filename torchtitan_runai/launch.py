@@ -567,7 +567,7 @@ def main(argv: list[str]) -> int:
     train_args = trainer_args(env, user_args)
 
     from torchtitan_runai.job import parse_job_config
-    from torchtitan_runai.training.spec import check_trainable_spec
+    from torchtitan_runai.training.model_lookup import check_trainable_spec
 
     config = parse_job_config(train_args, world_size=plan.world_size, resume=True)
     check_trainable_spec(config)

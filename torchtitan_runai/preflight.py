@@ -83,7 +83,7 @@ from torchtitan_runai.checkpoint.staging import wants_pinned_staging
 from torchtitan_runai.config import Hub, check_world_size
 from torchtitan_runai.errors import UserError, cli
 from torchtitan_runai.job import parse_job_config
-from torchtitan_runai.training import spec, tokenizer
+from torchtitan_runai.training import model_lookup, tokenizer
 from torchtitan_runai.memory_estimate import (
     BYTES_PER_PARAM_FULL_CHECKPOINT,
     GIB,
@@ -410,7 +410,7 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     except UserError as error:
         findings.append(Finding("error", "parallelism", error.line()))
         return findings  # the estimate needs valid degrees
-    args = spec.model_args(config)
+    args = model_lookup.model_args(config)
     settings = TrainSettings.from_config(config, world_size)
     estimate = estimate_memory(args, settings)
     memory = gpu_memory_gib if gpu_memory_gib else DEFAULT_GPU_MEMORY_GIB

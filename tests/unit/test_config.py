@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from torchtitan_runai import TRAIN_SPEC_NAME
+from torchtitan_runai import TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.config import torchtitan_args
 from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.errors import UserError
@@ -136,8 +136,11 @@ def test_custom_import_can_add_flavors_before_they_are_checked(tmp_path, monkeyp
     with pytest.raises(UserError) as e:
         parse_job_config(base, world_size=16)
     assert e.value.setting == "model.flavor"
-    config = parse_job_config(base + ["--experimental.custom_import", "my_flavors"], world_size=16)
-    assert config.model.flavor == "8B_4layers"
+    try:
+        config = parse_job_config(base + ["--experimental.custom_import", "my_flavors"], world_size=16)
+        assert config.model.flavor == "8B_4layers"
+    finally:  # torchtitan's table is this process's: later tests compare it with its source
+        upstream.llama3.llama3_args.pop("8B_4layers", None)
 
 
 def test_custom_import_that_cannot_be_imported_is_named(monkeypatch):

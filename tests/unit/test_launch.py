@@ -1,7 +1,10 @@
 """Environment shapes -> torchrun arguments (pure), one test per shape in cluster-env.md."""
 
+import os
+
 import pytest
 
+from conftest import DEBUG_CONFIG, pod_env, run_launcher
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.launch import worker_env
 from torchtitan_runai.launch import plan_launch, torchrun_args, trainer_args
@@ -251,3 +254,30 @@ def test_log_level_is_validated():
     assert plan_launch({"LOG_LEVEL": "debug"}, gpu_count=0).standalone
     with pytest.raises(UserError, match="LOG_LEVEL"):
         plan_launch({"LOG_LEVEL": "verbose"}, gpu_count=0)
+
+
+HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "torchtitan.components.quantization", "torchtitan.models",
+                 "torchtitan.train", "datasets")
+"""What the ranks import (and the old launcher did, for 14 s on an H200 host) and validation needs not."""
+
+RECORD_MODULES = """
+import atexit, os, sys
+atexit.register(lambda: open(os.environ["MODULES_RECORD"], "w").write("\\n".join(sorted(sys.modules))))
+"""
+
+
+@pytest.mark.parametrize("recipe, ngpu", [(DEBUG_CONFIG, "2"), ("./train_configs/llama3_8b.toml", "8")])
+def test_the_launchers_validation_imports_no_model_compiler_or_datasets(tmp_path, recipe, ngpu):
+    """run_llama_train.sh --dry-run validates all of it (config, flavor, data, preflight) with torchtitan's
+    config classes alone: every module the launcher's process held when it exited (a sitecustomize
+    records them)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(RECORD_MODULES)
+    record = tmp_path / "modules.txt"
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    proc = run_launcher(["--dry-run"], pod_env(NGPU=ngpu, CONFIG_FILE=recipe, OUTPUT_DIR=str(tmp_path / "out"),
+                                               PYTHONPATH=path, MODULES_RECORD=str(record)))
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("torchrun "), proc.stderr[-3000:]
+    imported = set(record.read_text().splitlines())
+    assert {"torch", "torchtitan.config", "torchtitan_runai.job", "torchtitan_runai.preflight"} <= imported
+    assert sorted(m for m in imported if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES)) == []

@@ -51,7 +51,7 @@ from torchtitan_runai.checkpoint import folder
 from torchtitan_runai.config import EXPORT_DTYPES as DTYPES
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.llama import hf_config_dict
-from torchtitan_runai.training.spec import lookup as spec_lookup
+from torchtitan_runai.training.model_lookup import lookup as spec_lookup
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -70,7 +70,7 @@ NON_MODEL_PREFIXES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 
 
 def model_args_for(job_config: Any) -> tuple[Any, Any]:
-    """(train spec, model args) of the config (``training.spec.lookup``), llama3 family only."""
+    """(train spec, model args) of the config (``training.model_lookup.lookup``), llama3 family only."""
     spec, args = spec_lookup(job_config)
     if not hasattr(args, "rope_scaling_args"):
         raise UserError("model.name", job_config.model.name, "export supports llama3-family models only",

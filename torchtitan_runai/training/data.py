@@ -293,16 +293,21 @@ def __getattr__(name: str):
 # builders and checks
 
 
-def known_datasets() -> list[str]:
-    from torchtitan_runai.upstream import text_datasets
+def _named_dataset_paths() -> dict[str, str]:
+    """torchtitan's named datasets and their paths; read from its source (``upstream.text_dataset_paths``:
+    the launcher's check imports no ``datasets``), else from the imported table."""
+    from torchtitan_runai import upstream
 
-    return sorted(set(text_datasets.DATASETS) | {LOCAL})
+    paths = upstream.text_dataset_paths()
+    return paths if paths is not None else {k: v.path for k, v in upstream.text_datasets.DATASETS.items()}
+
+
+def known_datasets() -> list[str]:
+    return sorted(set(_named_dataset_paths()) | {LOCAL})
 
 
 def check_dataset(name: str, path: str | None, data: Data, section: str = "training") -> None:
     """Cheap checks of one dataset setting (no loading): UserError naming the setting."""
-    from torchtitan_runai.upstream import text_datasets
-
     key = (name or "").lower()
     if key not in known_datasets():
         raise UserError(f"{section}.dataset", name, "unknown dataset",
@@ -313,8 +318,7 @@ def check_dataset(name: str, path: str | None, data: Data, section: str = "train
         if fmt != "disk":
             _check_column(sniff_columns(fmt, files[0]), data, path or "")
         return
-    entry = text_datasets.DATASETS[key]
-    effective = path or entry.path
+    effective = path or _named_dataset_paths()[key]
     looks_local = effective.startswith(("/", "./", "../", "~")) or key == "c4_test"
     if looks_local and not Path(effective).expanduser().exists():
         raise UserError(setting, effective, f"the {key} data folder does not exist",
