@@ -63,6 +63,7 @@ from torchtitan_runai.config import Resilience
 from torchtitan_runai.hf.export import export_at_end
 from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.training import data_position, device, logs, resilience, seed
+from torchtitan_runai.training import spec  # noqa: F401  registers our train specs (validation imports none)
 
 logger = upstream.logger
 

@@ -261,8 +261,12 @@ HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "torchtitan.components.quan
 """What the ranks import (and the old launcher did, for 14 s on an H200 host) and validation needs not."""
 
 RECORD_MODULES = """
-import atexit, os, sys
-atexit.register(lambda: open(os.environ["MODULES_RECORD"], "w").write("\\n".join(sorted(sys.modules))))
+import os, sys
+_exit = os._exit
+def _record_then_exit(code):  # the launcher leaves with os._exit (no atexit): record just before
+    open(os.environ["MODULES_RECORD"], "w").write("\\n".join(sorted(sys.modules)))
+    _exit(code)
+os._exit = _record_then_exit
 """
 
 
