@@ -135,6 +135,7 @@ class Ledger:
         self.seconds = {s: 0.0 for s in RAW_STATES}
         self.seconds["startup"] = now_wall - started_at  # the interpreter and imports before us
         self.state, self._since = "startup", now
+        self._entered = now  # when the current state began (``_since`` moves on at every credit)
         self.timeline: list[list] = [[0.0, "startup"]]
         self.data: dict[str, Any] = {
             "version": VERSION, "kind": "segment", "id": self.path.stem, "launch": launch_id, "pid": pid,
@@ -160,6 +161,7 @@ class Ledger:
             self._credit(now)
             previous, self.state = self.state, state
             if state != previous:
+                self._entered = now
                 self._note(now, state)
             return previous
 
@@ -224,9 +226,18 @@ class Ledger:
         self._wake.set()  # written by the heartbeat thread now: a slow volume does not stall the step
 
     def hung(self, since: float) -> None:
-        """The watchdog's verdict: everything since ``since`` (``time.monotonic``) was a hang."""
+        """The watchdog's verdict: everything since ``since`` (``time.monotonic``, the last progress)
+        was a hang. What heartbeats already credited to the state the rank got stuck in moves to
+        ``hang``; states left before that keep their time."""
         with self._lock:
-            self.switch("hang", at=since)
+            now = self._clock()
+            self._credit(now)
+            start = min(max(since, self._entered), now)
+            moved = min(now - start, self.seconds[self.state])
+            self.seconds[self.state] -= moved
+            self.seconds["hang"] += moved
+            self.state, self._entered = "hang", start
+            self._note(start, "hang")
         self.end("hung")
 
     def end(self, outcome: str) -> None:
