@@ -615,8 +615,9 @@ def main(argv: list[str]) -> int:
 
     started = time.monotonic()
     # Only now, with every check passed, is the folder claimed (job.json, lock.json), by node 0.
-    hold = hold_folder(config, env) if plan.node_rank in (None, 0) else None
-    record = goodput.build_launch_record(config) if plan.node_rank in (None, 0) else None
+    node0 = plan.node_rank in (None, 0)
+    hold = hold_folder(config, env) if node0 else None
+    record = goodput.build_launch_record(config) if node0 else None  # the goodput ledger's launch
     code = 1
     try:
         code = run_agent(command, plan)

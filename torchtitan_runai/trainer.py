@@ -72,7 +72,6 @@ class RunaiTrainer(upstream.Trainer):
     def __init__(self, job_config):
         # first: from here (and from this process's start) every second of rank 0 is accounted for
         self.ledger = goodput.build_ledger(job_config)
-        self._first_step_synced = False
         logs.configure_logging_from_env()
         self.resumed_from: int | None = None
         self.stop_flag = resilience.StopFlag()
@@ -159,11 +158,8 @@ class RunaiTrainer(upstream.Trainer):
         self._step_loss = None
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         super().train_step(data_iterator)
-        if not self._first_step_synced:
-            # once per process: the ledger charges the first step (compilation) its device time
-            self._first_step_synced = True
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+        if self.stop_flag.before_first_step is not None and self.device.type == "cuda":
+            torch.cuda.synchronize()  # once per process: the ledger charges the first step its device time
         # From now on a signal is handled at the step boundary: there is a step to save.
         self.stop_flag.before_first_step = None
         if self._step_loss is not None:

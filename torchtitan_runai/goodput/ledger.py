@@ -141,7 +141,7 @@ class Ledger:
             "version": VERSION, "kind": "segment", "id": self.path.stem, "launch": launch_id, "pid": pid,
             "host": socket.gethostname(), "started_at": started_at, "last_seen": now_wall, "outcome": None,
             "resume_step": None, "first_step": None, "first_step_s": None, "last_step": None, "work_s": 0.0,
-            "saves": {}, "durable_step": None, "saves_count": 0,
+            "saves": {}, "durable_step": None,
         }
 
     # -- clock -----------------------------------------------------------------------------
@@ -153,11 +153,10 @@ class Ledger:
         self.seconds[self.state] += max(0.0, now - self._since)
         self._since = max(self._since, now)
 
-    def switch(self, state: str, at: float | None = None) -> str:
-        """Enter ``state`` (at ``at``, a ``time.monotonic`` value not before the last switch; now by
-        default). Returns the state left."""
+    def switch(self, state: str) -> str:
+        """Enter ``state`` now. Returns the state left."""
         with self._lock:
-            now = self._clock() if at is None else max(at, self._since)
+            now = self._clock()
             self._credit(now)
             previous, self.state = self.state, state
             if state != previous:
@@ -217,7 +216,6 @@ class Ledger:
             if self.data["first_step"] is None:  # a save right after the first step
                 self.step_done(step)
             self.data["saves"][str(step)] = self.seconds["work"]
-            self.data["saves_count"] += 1
 
     def marked(self, step: int) -> None:
         """The checkpoint of ``step`` is complete on the volume."""
@@ -301,9 +299,7 @@ class Ledger:
 class NullLedger:
     """What ranks other than 0 (and runs with [goodput] enable = false) hold: the same calls, no clock."""
 
-    state = "work"
-
-    def switch(self, state: str, at: float | None = None) -> str:
+    def switch(self, state: str) -> str:
         return state
 
     @contextlib.contextmanager

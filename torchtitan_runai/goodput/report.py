@@ -132,7 +132,7 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
         details.append({"id": seg.get("id"), "started_at": seg["started_at"], "last_seen": seg["last_seen"],
                         "outcome": seg.get("outcome"), "resume_step": seg.get("resume_step"),
                         "last_step": last, "durable_step": seg.get("durable_step"), "kept_step": keep_step,
-                        "saves": seg.get("saves_count", 0), "timeline": seg.get("timeline", []),
+                        "saves": len(seg.get("saves", {})), "timeline": seg.get("timeline", []),
                         "seconds": raw})
 
     # launcher time outside its segments: start-up before and between them, teardown after
@@ -171,7 +171,7 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
         "productive_of_span": totals["productive"] / span if span > 0 else None,
         "segments": details, "launches": len(launches), "steps": last_step,
         "gaps": [g for g in gaps if g[1] > g[0]],
-        "saves": sum(s.get("saves_count", 0) for s in segments),
+        "saves": sum(len(s.get("saves", {})) for s in segments),
         "accounted_s": sum(totals.values()),
     }
 

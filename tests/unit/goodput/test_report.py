@@ -23,7 +23,7 @@ def segment(lid: str, start: float, *, resume: int, last: int, step_s: float = 1
             "last_seen": start + sum(seconds.values()), "outcome": outcome, "resume_step": resume,
             "first_step": first, "first_step_s": compile_s, "last_step": last, "work_s": work,
             "saves": {str(s): (s - first) * step_s for s in saves}, "durable_step": durable,
-            "saves_count": len(saves), "seconds": seconds, "timeline": [[0.0, "startup"]]}
+            "seconds": seconds, "timeline": [[0.0, "startup"]]}
 
 
 def test_a_single_finished_run():
