@@ -8,6 +8,6 @@ from torchtitan_runai.errors import cli
 if __name__ == "__main__":
     # Imported here, not at module level: DCP's checkpoint-writing process is a ``spawn`` child that
     # re-imports this file, and needs torch, not torchtitan (13 s cold on a GPU host).
-    from torchtitan_runai.trainer import run
+    from torchtitan_runai.training.trainer import run
 
     cli(run, prog="train.py")

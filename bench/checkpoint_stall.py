@@ -9,7 +9,7 @@ Runs, one fresh ``torchrun`` each, on the 8-layer Llama 3.1 8B proxy (``bench.pr
 local batch 1, seq 8192, checkpoints at ``--interval`` and ``2 * --interval``:
 
 1. ``stock-pinned``: torchtitan's Trainer, ``checkpoint.async_mode = "async_with_pinned_mem"``;
-2. ``ours``: the same Trainer plus the wiring line of ``torchtitan_runai.checkpoint.staging.install``
+2. ``ours``: the same Trainer plus the wiring line of ``torchtitan_runai.training.checkpoint.staging.install``
    (exactly what trainer.py gets): the reusable stager and the staging pool prepared from the start;
    ``ours-reuse-only`` (opt-in run) has the reusable stager alone (``prepare_at_start = false``), so
    the results show each lever's own gain. Each run compiles from its own empty Inductor cache, so
@@ -54,7 +54,7 @@ def child() -> None:
     import torch
 
     from torchtitan_runai import upstream
-    from torchtitan_runai.checkpoint import staging as ckpt_perf
+    from torchtitan_runai.training.checkpoint import staging as ckpt_perf
     from torchtitan_runai.config import CheckpointPerf
 
     class StallTrainer(upstream.Trainer):

@@ -31,7 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-from torchtitan_runai.memory_estimate import ModelShape, TrainSettings, estimate_memory
+from torchtitan_runai.launcher.memory_estimate import ModelShape, TrainSettings, estimate_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ModelShape(dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)

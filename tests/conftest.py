@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The helpers beside this file (fakehub, tokgen, ckpt_util) are importable from every test folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEBUG_CONFIG = "./train_configs/debug_model.toml"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")

@@ -41,7 +41,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.training.seed import check_seed
+from torchtitan_runai.seed import check_seed
 
 CUSTOM_CONFIG_MODULE = "torchtitan_runai.config"
 MAX_SEQ_LEN = 131072  # Llama 3.1's trained context
@@ -182,7 +182,7 @@ class CheckpointPerf:
 
     reuse_staging: bool = True
     """With ``checkpoint.async_mode = "async_with_pinned_mem"``: stage through ``build_stager`` (pinned
-    buffers kept across checkpoints; works around torch 2.11's per-save close, ``torchtitan_runai.checkpoint.staging``)."""
+    buffers kept across checkpoints; works around torch 2.11's per-save close, ``torchtitan_runai.training.checkpoint.staging``)."""
 
     prepare_at_start: bool = True
     """With ``reuse_staging``: create, fault in and pin the staging memory on a background thread
@@ -200,7 +200,7 @@ class CheckpointPerf:
     """With ``checkpoint.async_mode = "async_with_pinned_mem"``: start DCP's checkpoint-writing
     process at trainer start, in the background and deaf to SIGTERM/SIGINT, instead of inside the
     first save (where stock spends 10-14 s spawning it, and the pod's SIGTERM kills it with the
-    upload in flight). ``torchtitan_runai.checkpoint.upload``."""
+    upload in flight). ``torchtitan_runai.training.checkpoint.upload``."""
 
 
 @dataclass
@@ -256,7 +256,7 @@ class JobConfig:
     """Throughput/memory levers measured on the GPU (``torchtitan_runai.training.loss``, bench/)."""
 
     checkpoint_perf: CheckpointPerf = field(default_factory=CheckpointPerf)
-    """Checkpoint-stall levers on top of torchtitan's [checkpoint] (``torchtitan_runai.checkpoint.staging``)."""
+    """Checkpoint-stall levers on top of torchtitan's [checkpoint] (``torchtitan_runai.training.checkpoint.staging``)."""
 
     export: Export = field(default_factory=Export)
     """A Hugging Face copy of the model at the end of training (``torchtitan_runai.hf.export``)."""

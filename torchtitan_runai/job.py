@@ -21,7 +21,7 @@ from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
 from torchtitan_runai.config import parse_config
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.initial_load import validate_hf_import
-from torchtitan_runai.training.model_lookup import check_model
+from torchtitan_runai.model_lookup import check_model
 
 
 def parse_job_config(args: list[str], world_size: int | None = None, resume: bool = False) -> Any:

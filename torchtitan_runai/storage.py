@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.memory_estimate import BYTES_PER_PARAM_FULL_CHECKPOINT
+from torchtitan_runai.launcher.memory_estimate import BYTES_PER_PARAM_FULL_CHECKPOINT
 
 OUTPUT_DIR_ENV = "OUTPUT_DIR"
 IMAGE_OUTPUT_DIR = "/outputs"

@@ -5,7 +5,7 @@ import shlex
 import pytest
 
 from conftest import REPO, pod_env, run_launcher
-from torchtitan_runai.launch import plan_launch, torchrun_args, trainer_args
+from torchtitan_runai.launcher.launch import plan_launch, torchrun_args, trainer_args
 
 CANARY = "hf_CANARYtokenDoNotLeak1234567890"
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from torchtitan_runai.checkpoint.manager import saved_keys
+from torchtitan_runai.training.checkpoint.manager import saved_keys
 from torchtitan_runai.goodput.ledger import read_records
 from torchtitan_runai.goodput.report import summarize
 

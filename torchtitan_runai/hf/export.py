@@ -51,7 +51,7 @@ from torchtitan_runai.checkpoint import folder
 from torchtitan_runai.config import EXPORT_DTYPES as DTYPES
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.llama import hf_config_dict
-from torchtitan_runai.training.model_lookup import lookup as spec_lookup
+from torchtitan_runai.model_lookup import lookup as spec_lookup
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -37,7 +37,7 @@ from typing import Any
 
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.llama import hf_compatibility_problems
-from torchtitan_runai.training.model_lookup import model_args
+from torchtitan_runai.model_lookup import model_args
 
 
 def hf_source_dir(job_config: Any) -> Path | None:

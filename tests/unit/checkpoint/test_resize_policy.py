@@ -135,7 +135,7 @@ def test_parse_for_a_resume_takes_the_checkpoints_batch(tmp_path):
 
 
 def test_preflight_checks_the_memory_fit_at_the_resumed_batch(tmp_path, capsys):
-    from torchtitan_runai import preflight
+    from torchtitan_runai.launcher import preflight
 
     lanes_checkpoint(tmp_path, 100, dp=16, global_batch=64)  # 2 nodes x 8, local batch 4
     argv = ["--config", "train_configs/llama3_8b.toml", "--nodes", "1", "--gpus-per-node", "8", "--dry-run",

@@ -17,7 +17,7 @@ pinned to the exact torchtitan version (``upstream``).
   the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset, ``training.seed``: the
   original example's first patch) and log ``seed: N``.
 - after torchtitan builds its ``CheckpointManager``, it becomes a ``RunaiCheckpointManager``
-  (``torchtitan_runai.checkpoint.manager``): newest *complete* checkpoint, completion markers, full
+  (``torchtitan_runai.training.checkpoint.manager``): newest *complete* checkpoint, completion markers, full
   final saves, world-size and schedule checks.
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
   parallelism, seed, config, tokenizer, resumed-from step) before the first step; what this path
@@ -56,13 +56,15 @@ import time
 import torch
 
 from torchtitan_runai import goodput, plots, storage, upstream
-from torchtitan_runai.checkpoint import ownership, staging
+from torchtitan_runai.checkpoint import ownership
+from torchtitan_runai.training.checkpoint import staging
 from torchtitan_runai.checkpoint.folder import read_json
-from torchtitan_runai.checkpoint.manager import Preempted, RunaiCheckpointManager
+from torchtitan_runai.training.checkpoint.manager import Preempted, RunaiCheckpointManager
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.hf.export import export_at_end
 from torchtitan_runai.job import parse_job_config
-from torchtitan_runai.training import data_position, device, logs, resilience, seed
+from torchtitan_runai.training import data_position, device, logs, resilience
+from torchtitan_runai import seed
 from torchtitan_runai.training import spec  # noqa: F401  registers our train specs (validation imports none)
 
 logger = upstream.logger

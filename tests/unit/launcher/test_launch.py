@@ -6,8 +6,8 @@ import pytest
 
 from conftest import DEBUG_CONFIG, pod_env, run_launcher
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.launch import worker_env
-from torchtitan_runai.launch import plan_launch, torchrun_args, trainer_args
+from torchtitan_runai.launcher.launch import worker_env
+from torchtitan_runai.launcher.launch import plan_launch, torchrun_args, trainer_args
 
 
 def kubeflow_pod(index: int, nodes: int = 2, nproc: str = "8", job: str = "llama") -> dict:
@@ -151,7 +151,7 @@ def test_arguments_pass_through_with_quoting_preserved():
 def test_worker_failures_become_one_line_and_the_right_exit_code():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from torchtitan_runai.launch import EXIT_HUNG, EXIT_WORKER_ERROR, EXIT_WORKER_HUNG, describe_failure
+    from torchtitan_runai.launcher.launch import EXIT_HUNG, EXIT_WORKER_ERROR, EXIT_WORKER_HUNG, describe_failure
 
     def failure(local_rank, exitcode):
         return ProcessFailure(local_rank=local_rank, pid=100 + local_rank, exitcode=exitcode, error_file="/nonexistent")
@@ -166,7 +166,7 @@ def test_worker_failures_become_one_line_and_the_right_exit_code():
 
 
 def test_shutdown_timeout_flag_only_where_torchrun_has_it():
-    from torchtitan_runai.launch import torchrun_supports
+    from torchtitan_runai.launcher.launch import torchrun_supports
 
     plan = plan_launch({"SHUTDOWN_TIMEOUT": "40"}, gpu_count=8)
     assert opt(torchrun_args(plan, []), "--shutdown_timeout") == "40"
@@ -177,7 +177,7 @@ def test_shutdown_timeout_flag_only_where_torchrun_has_it():
 def test_a_watchdog_verdict_wins_over_the_ranks_it_killed():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from torchtitan_runai.launch import EXIT_HUNG, describe_failure
+    from torchtitan_runai.launcher.launch import EXIT_HUNG, describe_failure
 
     killed = ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file="/nonexistent")
     verdict = ("hang detected by rank 0: ...; hung rank(s) 1 (pid 101 on vm, heartbeat stopped)", killed.timestamp - 3)
@@ -192,7 +192,7 @@ def test_preflight_counts_host_memory_per_node_not_per_job(monkeypatch, tmp_path
     import os
 
     from conftest import REPO, pod_env
-    from torchtitan_runai import launch, preflight
+    from torchtitan_runai.launcher import launch, preflight
 
     env = pod_env(MASTER_ADDR="job-master-0", MASTER_PORT="23456", RANK="0", WORLD_SIZE="4", PET_NNODES="2",
                   PET_NPROC_PER_NODE="2")
@@ -283,5 +283,5 @@ def test_the_launchers_validation_imports_no_model_compiler_or_datasets(tmp_path
                                                PYTHONPATH=path, MODULES_RECORD=str(record)))
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("torchrun "), proc.stderr[-3000:]
     imported = set(record.read_text().splitlines())
-    assert {"torch", "torchtitan.config", "torchtitan_runai.job", "torchtitan_runai.preflight"} <= imported
+    assert {"torch", "torchtitan.config", "torchtitan_runai.job", "torchtitan_runai.launcher.preflight"} <= imported
     assert sorted(m for m in imported if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES)) == []

@@ -14,11 +14,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from torchtitan_runai import manifest, storage
-from torchtitan_runai.errors import UserError
-from torchtitan_runai.manifest import JobSpec
+from torchtitan_runai import storage
 
-REPO = Path(__file__).resolve().parents[2]
+from torchtitan_runai.launcher import manifest
+from torchtitan_runai.errors import UserError
+from torchtitan_runai.launcher.manifest import JobSpec
+
+REPO = Path(__file__).resolve().parents[3]
 K8S_VERSION = kubernetes_validate.latest_version()
 FAKE_TOKEN = "hf_FAKEtokenFORtestsONLY0123456789"
 

@@ -16,14 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from torchtitan_runai import preflight
+from torchtitan_runai.launcher import preflight
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.checkpoint import ownership
 from torchtitan_runai.checkpoint.ownership import confirm_shared_folder
-from torchtitan_runai.memory_estimate import GIB, ModelShape, TrainSettings, estimate_memory, ffn_hidden_dim
-from torchtitan_runai.preflight import check_checkpoint_folder, check_dev_shm, check_fit, check_tokenizer
+from torchtitan_runai.launcher.memory_estimate import GIB, ModelShape, TrainSettings, estimate_memory, ffn_hidden_dim
+from torchtitan_runai.launcher.preflight import check_checkpoint_folder, check_dev_shm, check_fit, check_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LLAMA_8B = ModelShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
 LLAMA_405B = ModelShape(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_hidden=53248, vocab_size=128256)
 PROXY = ModelShape(dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
@@ -171,7 +171,7 @@ def _in_mount_namespace(setup: str, snippet: str) -> dict:
 def _probe(mount_opts: str, call: str, tmp_path: Path) -> dict:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    py = (f"import json, dataclasses; from torchtitan_runai.preflight import *; "
+    py = (f"import json, dataclasses; from torchtitan_runai.launcher.preflight import *; "
           f"print(json.dumps(dataclasses.asdict({call})))")
     return _in_mount_namespace(f"mount -t tmpfs -o {mount_opts} tmpfs {mnt}", py.replace("MNT", str(mnt)))
 
@@ -265,7 +265,7 @@ def test_run_preflight_dry_run_turns_machine_errors_into_notes(tmp_path):
 
 
 def test_enforce_prints_warnings_and_raises_the_first_error():
-    from torchtitan_runai.preflight import Finding, enforce
+    from torchtitan_runai.launcher.preflight import Finding, enforce
 
     lines: list[str] = []
     enforce([Finding("ok", "a", "fine"), Finding("warning", "/dev/shm", "small")], warn=lines.append)
@@ -387,7 +387,7 @@ def test_shared_folder_over_a_real_gloo_process_group(tmp_path):
 
 def test_gpu_memory_comes_from_nvidia_smi_without_touching_cuda(tmp_path, monkeypatch):
     # No GPU here: a stand-in nvidia-smi prints what the real one prints on an 80 GB H100 node.
-    from torchtitan_runai.preflight import detect_gpu_memory_gib
+    from torchtitan_runai.launcher.preflight import detect_gpu_memory_gib
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nprintf '81559\\n81559\\n'\n")
@@ -482,7 +482,7 @@ def test_grace_period_comes_from_the_spec_else_kubernetes_default():
 
 
 def test_shutdown_timeout_defaults_to_the_grace_period_less_a_margin():
-    from torchtitan_runai.launch import plan_launch
+    from torchtitan_runai.launcher.launch import plan_launch
 
     assert plan_launch({}, 0).shutdown_timeout == 25
     assert plan_launch({"TERMINATION_GRACE_PERIOD_SECONDS": "300"}, 0).shutdown_timeout == 295

@@ -1,4 +1,4 @@
-"""torchtitan_runai.checkpoint.upload: DCP's writing process started early and deaf to SIGTERM;
+"""torchtitan_runai.training.checkpoint.upload: DCP's writing process started early and deaf to SIGTERM;
 parallel writers; CPU staging options (checkpoint.staging).
 
 The signal test runs a real single-rank gloo process in its own session and sends SIGTERM to that
@@ -16,15 +16,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import REPO, free_port
-from torchtitan_runai.checkpoint import upload
-from torchtitan_runai.checkpoint.staging import build_stager, staging_options
+from torchtitan_runai.training.checkpoint import upload
+from torchtitan_runai.training.checkpoint.staging import build_stager, staging_options
 
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, time
     import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-    from torchtitan_runai.checkpoint import upload
-    from torchtitan_runai.checkpoint.staging import build_stager
+    from torchtitan_runai.training.checkpoint import upload
+    from torchtitan_runai.training.checkpoint.staging import build_stager
 
     # the writing process is a spawn child that re-imports this file: guard the script like train.py
     if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""torchtitan_runai.training.model_lookup: the one spec/flavor → model-args lookup."""
+"""torchtitan_runai.model_lookup: the one spec/flavor → model-args lookup."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.training import model_lookup
+from torchtitan_runai import model_lookup
 
 
 def config(name=TRAIN_SPEC_NAME, flavor="debugmodel", tp=1, custom_import=""):

@@ -1,6 +1,6 @@
 import pytest
 
-from torchtitan_runai.training.seed import SEED_LIMIT, agree_on_seed, check_seed, draw_seed
+from torchtitan_runai.seed import SEED_LIMIT, agree_on_seed, check_seed, draw_seed
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42, SEED_LIMIT - 1, None])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from torchtitan_runai.checkpoint import staging as ckpt_perf
+from torchtitan_runai.training.checkpoint import staging as ckpt_perf
 from torchtitan_runai.config import CheckpointPerf
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_runai import upstream
-from torchtitan_runai.checkpoint import upload
+from torchtitan_runai.training.checkpoint import upload
 from torchtitan_runai.checkpoint.folder import (
     StepFolder,
     folder_bytes,
@@ -61,7 +61,7 @@ from torchtitan_runai.checkpoint.resume import (
     schedule_changes,
     schedule_of,
 )
-from torchtitan_runai.checkpoint.staging import PINNED_MODE
+from torchtitan_runai.training.checkpoint.staging import PINNED_MODE
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.goodput.ledger import NullLedger
 from torchtitan_runai.upstream import logger

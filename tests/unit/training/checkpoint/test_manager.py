@@ -1,4 +1,4 @@
-"""torchtitan_runai.checkpoint.manager: RNG state in the checkpoint.
+"""torchtitan_runai.training.checkpoint.manager: RNG state in the checkpoint.
 
 Checkpoints here are real DCP checkpoints written by torch.distributed.checkpoint (one process).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckpt_util import config, write_ckpt
-from torchtitan_runai.checkpoint import manager
+from torchtitan_runai.training.checkpoint import manager
 from torchtitan_runai.errors import UserError
 
 

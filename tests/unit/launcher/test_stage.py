@@ -13,12 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers
 
 from fakehub import FakeHub  # noqa: E402
 from tokgen import write_tokenizer  # noqa: E402
 
-from torchtitan_runai import hub, stage  # noqa: E402
+from torchtitan_runai import hub  # noqa: E402
+
+from torchtitan_runai.launcher import stage
 from torchtitan_runai.config import Data, Hub  # noqa: E402
 from torchtitan_runai.training import tokenizer as tokenizer_mod  # noqa: E402
 from torchtitan_runai.training.data import load_local_dataset  # noqa: E402
@@ -26,7 +28,7 @@ from torchtitan_runai.errors import UserError  # noqa: E402
 
 REPO = "meta-llama/Llama-3.1-8B"
 TOKEN = "hf_STAGEcanary9876543210zyxwvuTOKEN"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
