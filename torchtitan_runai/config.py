@@ -48,6 +48,8 @@ MAX_SEQ_LEN = 131072  # Llama 3.1's trained context
 LOSS_CHUNK_TOKENS = 8192
 """Default tokens per chunk of the chunked and fused losses (``[perf] loss_chunk_tokens``)."""
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+PINNED_MODE = "async_with_pinned_mem"
+"""``checkpoint.async_mode`` that stages through pinned host memory (``training.checkpoint.staging``)."""
 """Weight dtypes a Hugging Face export can write (``[export] dtype``, ``export --dtype``)."""
 
 
@@ -512,6 +514,21 @@ def check_world_size(config, world_size: int) -> None:
     elif fixed != world_size:
         raise UserError("parallelism", shown, f"the degrees multiply to {fixed} but the world size is {world_size} (nodes x GPUs per node)",
                         f"make the product equal {world_size}, or set data_parallel_shard_degree = -1")
+
+
+def global_batch_of(training: Any, dp_degree: int) -> int:
+    """G, in sequences, as torchtitan derives it."""
+    gbs = training.global_batch_size
+    return gbs if gbs > 0 else training.local_batch_size * dp_degree
+
+
+def wants_pinned_staging(checkpoint_config: Any) -> bool:
+    """Whether torchtitan will stage checkpoints through pinned memory with this config."""
+    return (
+        bool(getattr(checkpoint_config, "enable", False))
+        and not bool(getattr(checkpoint_config, "load_only", False))
+        and str(getattr(checkpoint_config, "async_mode", "disabled")).lower() == PINNED_MODE
+    )
 
 
 def data_parallel_degree(config, world_size: int) -> int:

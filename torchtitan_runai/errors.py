@@ -11,6 +11,13 @@ import sys
 from typing import Callable, NoReturn
 
 EXIT_USER_ERROR = 2
+EXIT_HUNG = 142
+"""A hung job: a rank's watchdog exits with it and the launcher passes it on (128 + SIGALRM: retryable
+under Kubeflow's ExitCode restart policy)."""
+HANG_VERDICT_ENV = "TORCHTITAN_RUNAI_HANG_VERDICT"
+"""Set by the launcher for its workers: the file where a watchdog leaves its verdict. The ranks it
+SIGKILLs may be reported to torchrun before the detecting rank's own exit, so the launcher reads the
+verdict from there."""
 
 
 class UserError(Exception):

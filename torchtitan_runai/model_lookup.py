@@ -11,7 +11,7 @@ check against tensor parallelism, ``check_trainable_spec`` the launcher's refusa
 ``training.spec.build_train_spec``) reads the table with ``upstream.llama3_flavors``, without
 importing the model code: the launcher validates a config in ~1 s instead of ~6 s of imports that
 every rank repeats. Any other spec, a ``custom_import``, or a table the reader cannot read takes the
-registry (``training.spec``, imported on first need: importing it registers our specs).
+registry (our specs as ``llama3``: ``OUR_SPECS``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from torchtitan_runai.errors import UserError
 STOCK_SPECS = ("llama3",)
 """torchtitan's registered Llama 3 spec, which ours wraps (``training.spec.build_train_spec``)."""
 
-LLAMA3_TABLE_SPECS = (TRAIN_SPEC_NAME, FUSED_TRAIN_SPEC_NAME, *STOCK_SPECS)
+OUR_SPECS = (TRAIN_SPEC_NAME, FUSED_TRAIN_SPEC_NAME)
+"""This fork's specs: torchtitan's Llama 3 model and flavors with this fork's components. The ranks
+register them (``training.spec``); here they are looked up as ``llama3``, whose model and flavor table
+they share (the fused spec's output layer is an ``nn.Linear`` with the same weights), so the checks
+and the export need nothing of the ranks' side."""
+
+LLAMA3_TABLE_SPECS = (*OUR_SPECS, *STOCK_SPECS)
 """Specs whose flavors are torchtitan's ``llama3_args`` table."""
 
 
@@ -52,12 +58,10 @@ def _unknown_flavor(config: Any, flavors) -> UserError:
 def lookup(config: Any) -> tuple["upstream.TrainSpec", Any]:
     """(train spec, a copy of the model args) for ``config.model.name`` / ``.flavor``, as the
     trainer builds them. Raises UserError for an unknown spec or flavor."""
-    from torchtitan_runai.training import spec as _registers_our_specs  # noqa: F401
-
     name, flavor = config.model.name, config.model.flavor
     _import_custom_module(config)
     try:
-        spec = upstream.get_train_spec(name)
+        spec = upstream.get_train_spec(STOCK_SPECS[0] if name in OUR_SPECS else name)
     except Exception:  # torchtitan raises ValueError/ImportError for unknown names
         raise UserError("model.name", name, "no such train spec",
                         f"use '{TRAIN_SPEC_NAME}' (this fork's Llama 3.1 spec) or '{FUSED_TRAIN_SPEC_NAME}'") from None

@@ -53,7 +53,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.launcher.memory_estimate import BYTES_PER_PARAM_FULL_CHECKPOINT
+
+BYTES_PER_PARAM_FULL_CHECKPOINT = 12
+"""fp32 weights (4) + AdamW exp_avg (4) + exp_avg_sq (4): a full (resumable) checkpoint, and the
+host memory pinned staging holds (dataloader, scheduler and RNG state are negligible)."""
 
 OUTPUT_DIR_ENV = "OUTPUT_DIR"
 IMAGE_OUTPUT_DIR = "/outputs"

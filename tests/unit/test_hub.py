@@ -20,7 +20,7 @@ from tokgen import write_tokenizer  # noqa: E402
 
 from torchtitan_runai import hub  # noqa: E402
 from torchtitan_runai.config import Hub  # noqa: E402
-from torchtitan_runai.training.tokenizer import ensure_tokenizer  # noqa: E402
+from torchtitan_runai.inputs.tokenizer_files import ensure_tokenizer  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
 
 REPO = "meta-llama/Llama-3.1-8B"

@@ -1,8 +1,13 @@
-"""The package's layers point one way: no import cycle among torchtitan_runai's modules.
+"""The package's layers point one way, and the launcher's side never imports the ranks' side.
 
 Every module is parsed with ``ast`` (not imported), every ``import`` / ``from ... import`` in it,
-including function-level lazy ones, becomes an edge to the package modules it names, and the graph
-must have no cycle. The levels (longest import chain below each module) are printed with ``-s``.
+including function-level lazy ones, becomes an edge to the package modules it names, and:
+
+- the graph has no cycle (the levels, the longest import chain below each module, print with ``-s``);
+- the two sides: ``launcher/`` (one process per pod, must start fast) imports nothing of
+  ``training/`` (what torchrun starts on every rank), and ``training/`` nothing of ``launcher/``;
+- the base (every other module but the thin commands) imports neither side;
+- ``errors`` imports nothing of the package, ``config`` only ``errors``, ``upstream`` and the seed rule.
 """
 
 from __future__ import annotations
@@ -92,18 +97,62 @@ def levels(graph: dict[str, set[str]]) -> dict[str, int]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 20 and f"{PACKAGE}.checkpoint.manager" in graph
+    assert len(graph) > 20 and f"{PACKAGE}.training.checkpoint.manager" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     by_level = levels(graph)
     for n in range(max(by_level.values()) + 1):
         print(n, sorted(m.removeprefix(PACKAGE + ".") for m, lv in by_level.items() if lv == n))
 
 
+COMMANDS = {f"{PACKAGE}.{m}" for m in ("launch", "preflight", "manifest", "stage")}
+"""``python -m torchtitan_runai.X`` entry points of the launcher's side: a few lines each."""
+
+
+def side(module: str) -> str:
+    if module in COMMANDS:
+        return "command"
+    for name in ("launcher", "training"):
+        if module == f"{PACKAGE}.{name}" or module.startswith(f"{PACKAGE}.{name}."):
+            return name
+    return "base"
+
+
+def crossings(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes from one side to the other, or from the base up to a side."""
+    allowed = {"command": {"command", "launcher", "base"}, "launcher": {"launcher", "base"},
+               "training": {"training", "base"}, "base": {"base"}}
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if side(d) not in allowed[side(m)])
+
+
+def test_the_launchers_side_imports_nothing_of_the_ranks_side():
+    graph = import_graph()
+    assert {side(m) for m in graph} == {"command", "launcher", "training", "base"}
+    assert f"{PACKAGE}.launcher.launch" in graph and f"{PACKAGE}.training.trainer" in graph
+    assert crossings(graph) == []
+
+
+def test_a_crossing_is_caught_lazy_imports_included(tmp_path):
+    pkg = tmp_path / PACKAGE
+    for sub in ("launcher", "training"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "errors.py").write_text("")
+    (pkg / "training" / "tokenizer.py").write_text("from torchtitan_runai.errors import *\n")
+    (pkg / "launcher" / "launch.py").write_text("def main():\n    from torchtitan_runai.training import tokenizer\n")
+    (pkg / "storage.py").write_text("from .launcher import launch\n")
+    assert crossings(import_graph(pkg)) == [f"{PACKAGE}.launcher.launch -> {PACKAGE}.training",
+                                            f"{PACKAGE}.launcher.launch -> {PACKAGE}.training.tokenizer",
+                                            f"{PACKAGE}.storage -> {PACKAGE}.launcher",
+                                            f"{PACKAGE}.storage -> {PACKAGE}.launcher.launch"]
+
+
 def test_base_modules_import_no_feature():
     graph = import_graph()
-    base = {f"{PACKAGE}.{m}" for m in ("errors", "upstream", "memory_estimate", "training.seed")}
     assert graph[f"{PACKAGE}.errors"] == set()
-    assert graph[f"{PACKAGE}.config"] <= base, graph[f"{PACKAGE}.config"]
+    assert graph[f"{PACKAGE}.config"] <= {f"{PACKAGE}.{m}" for m in ("errors", "upstream", "seed")}, \
+        graph[f"{PACKAGE}.config"]
+    assert graph[f"{PACKAGE}.seed"] <= {f"{PACKAGE}.errors"}
 
 
 def test_the_old_config_export_circle_would_be_caught(tmp_path):

@@ -20,7 +20,8 @@ def config(name=TRAIN_SPEC_NAME, flavor="debugmodel", tp=1, custom_import=""):
 
 def test_lookup_returns_the_flavors_args_as_a_copy():
     found, args = model_lookup.lookup(config(flavor="8B"))
-    assert found is upstream.get_train_spec(TRAIN_SPEC_NAME)  # lookup registered our specs
+    stock = upstream.get_train_spec("llama3")  # our specs share its model and flavors (test_spec)
+    assert found.model_cls is stock.model_cls and found.model_args is stock.model_args
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads) == (4096, 32, 32, 8)
     args.dim = 1  # callers (the export sets vocab_size) must not change the registry's flavor
     assert model_lookup.model_args(config(flavor="8B")).dim == 4096

@@ -52,7 +52,7 @@ def fields_of(args) -> dict:
 
 def test_the_tables_read_from_source_are_the_imported_ones():
     """What validation reads without importing (flavors, named datasets) is torchtitan's own tables."""
-    from torchtitan_runai.training.data import LOCAL  # ours: registered into torchtitan's table by the ranks
+    from torchtitan_runai.inputs.data_files import LOCAL  # ours: registered into torchtitan's table by the ranks
 
     flavors = upstream.llama3_flavors()
     assert list(flavors) == list(upstream.llama3.llama3_args) and "8B" in flavors

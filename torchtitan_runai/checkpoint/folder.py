@@ -34,7 +34,6 @@ estimate, 12 bytes per parameter) both use this one rule.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -46,43 +45,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.jsonio import read_json, write_json_atomic
 
 MARKER = ".complete.json"
 QUARANTINE = ".incomplete"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 WRITE_ERRORS = {28: "the disk is full", 30: "it is on a read-only file system", 13: "permission denied"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Files written atomically
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some network file systems refuse fsync on a directory
-        pass
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint.folder import check_writable, read_json, write_json_atomic
+from torchtitan_runai.checkpoint.folder import check_writable
+from torchtitan_runai.jsonio import read_json, write_json_atomic
 from torchtitan_runai.errors import UserError
 
 OWNER = "job.json"

@@ -30,7 +30,14 @@ from torchtitan_runai import storage
 from torchtitan_runai.checkpoint.folder import (StepFolder, check_writable, examine, newest_resumable,
                                                 scan, step_folders)
 from torchtitan_runai.checkpoint.ownership import claim_folder
+from torchtitan_runai.config import data_parallel_degree, global_batch_of
 from torchtitan_runai.errors import UserError
+
+GLOBAL_ORDER = "lanes-1"
+"""The data position's format in the marker: one global order, resumable at any data-parallel size
+(``training.data_position``)."""
+PER_RANK = "per-rank"
+"""torchtitan's per-rank loader state: resumable at the same size only."""
 
 SCHEDULE_KEYS = (
     "training.steps",
@@ -169,8 +176,6 @@ class BatchPlan:
 
 def data_record(config: Any, dp_degree: int, data_format: str) -> dict[str, Any]:
     """The marker's "data" entry: what a resume at another size needs to keep."""
-    from torchtitan_runai.training.data_position import global_batch_of
-
     t, p = config.training, config.parallelism
     global_batch = global_batch_of(t, dp_degree)
     return {"format": data_format, "global_batch": global_batch, "local_batch": t.local_batch_size,
@@ -210,9 +215,7 @@ def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int)
                         f"{found.path} was written with tensor x pipeline x context parallel = {old_ws // old_dp}; "
                         "only the data-parallel size may change on resume",
                         "use the checkpoint's tensor/pipeline/context parallel degrees")
-    from torchtitan_runai.training.data_position import FORMAT
-
-    if data.get("format") != FORMAT:
+    if data.get("format") != GLOBAL_ORDER:
         if old_dp != dp_degree:
             raise per_rank_error(found, world_size, dp_degree)
         return None
@@ -245,8 +248,6 @@ def apply_plan(plan: BatchPlan, config: Any) -> None:
 
 def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
     """Set the global and local batch a resume from this folder runs with (before validation)."""
-    from torchtitan_runai.config import data_parallel_degree
-
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)

@@ -12,7 +12,7 @@ import os
 from typing import Any, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint.folder import write_json_atomic
+from torchtitan_runai.jsonio import write_json_atomic
 from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV, LaunchRecord, Ledger, NullLedger
 from torchtitan_runai.goodput.report import goodput_line, json_summary, summarize
 

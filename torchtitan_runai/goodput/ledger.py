@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from torchtitan_runai.checkpoint.folder import read_json, write_json_atomic
+from torchtitan_runai.jsonio import read_json, write_json_atomic
 
 VERSION = 1
 LAUNCH_ID_ENV = "TORCHTITAN_RUNAI_LAUNCH_ID"

@@ -104,15 +104,12 @@ from pathlib import Path
 from typing import Mapping
 
 from torchtitan_runai import goodput, storage
-from torchtitan_runai.errors import UserError, cli
-from torchtitan_runai.training.resilience import EXIT_HUNG as EXIT_WORKER_HUNG
-from torchtitan_runai.training.resilience import HANG_VERDICT_ENV
+from torchtitan_runai.errors import EXIT_HUNG, HANG_VERDICT_ENV, UserError, cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
 DEFAULT_CONFIG = "./train_configs/llama3_8b.toml"
 EXIT_WORKER_ERROR = 1
-EXIT_HUNG = 142  # 128 + SIGALRM: retryable under Kubeflow's ExitCode restart policy
 
 
 @dataclass(frozen=True)
@@ -404,7 +401,7 @@ def describe_failure(failures: Mapping[int, object], hang_verdict: tuple[str, fl
         return f"{where} was killed by {name}{hint}", 128 - code
     if code == 2:
         return f"{where} stopped on a configuration or input error (its message is above)", 2
-    if code == EXIT_WORKER_HUNG:
+    if code == EXIT_HUNG:
         message = getattr(failure, "message", "") or "see the log above"
         message = message.get("message", message) if isinstance(message, dict) else message
         return f"{where} stopped the job: {message}", EXIT_HUNG
@@ -494,8 +491,8 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
     from torchtitan_runai.checkpoint.resume import prestart
     from torchtitan_runai.config import data_parallel_degree
     from torchtitan_runai.hub import Hub
-    from torchtitan_runai.training import tokenizer
-    from torchtitan_runai.training.data import validate_data_config
+    from torchtitan_runai.inputs import tokenizer_files
+    from torchtitan_runai.inputs.data_files import validate_data_config
 
     def warn(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -508,7 +505,7 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
             # then read the folder or the cache, with no network. A dry run downloads nothing (the
             # check below reports what a real run would do).
             hub_section = getattr(config, "hub", None) or Hub()
-            tokenizer.verify_tokenizer(tokenizer.ensure_tokenizer(config), hub_section.tokenizer_format)
+            tokenizer_files.verify_tokenizer(tokenizer_files.ensure_tokenizer(config), hub_section.tokenizer_format)
     except UserError as error:
         if not dry_run:
             raise

@@ -46,11 +46,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+
 GIB = 1024**3
 
-BYTES_PER_PARAM_FULL_CHECKPOINT = 12
-"""fp32 weights (4) + AdamW exp_avg (4) + exp_avg_sq (4): a full (resumable) checkpoint, and the
-host memory pinned staging holds (dataloader, scheduler and RNG state are negligible)."""
 
 # ---------------------------------------------------------------------------------------------
 # Calibrated coefficients (bench/results/memory-estimate-*.md). Activations are bytes per token per

@@ -78,15 +78,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torchtitan_runai import hub, storage
+from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
 from torchtitan_runai.checkpoint.folder import lacks_room, probe_writable
-from torchtitan_runai.training.checkpoint.staging import wants_pinned_staging
+from torchtitan_runai.config import wants_pinned_staging
 from torchtitan_runai.config import Hub, check_world_size
 from torchtitan_runai.errors import UserError, cli
 from torchtitan_runai.job import parse_job_config
-from torchtitan_runai.training import tokenizer
+from torchtitan_runai.inputs import tokenizer_files
 from torchtitan_runai import model_lookup
 from torchtitan_runai.launcher.memory_estimate import (
-    BYTES_PER_PARAM_FULL_CHECKPOINT,
     GIB,
     MemoryEstimate,
     TrainSettings,
@@ -250,12 +250,12 @@ def check_tokenizer(config: Any, env: Mapping[str, str] | None = None) -> Findin
     try:
         if assets_path:
             folder = Path(assets_path).expanduser()
-            if folder.is_dir() and tokenizer.find_tokenizer_files(folder, hub_section.tokenizer_format):
+            if folder.is_dir() and tokenizer_files.find_tokenizer_files(folder, hub_section.tokenizer_format):
                 return Finding("ok", "tokenizer", f"in {folder}")
         if not hub_section.repo_id:
-            tokenizer.resolve_tokenizer(assets_path, hub_section, Path("."))  # raises the usual message
+            tokenizer_files.resolve_tokenizer(assets_path, hub_section, Path("."))  # raises the usual message
         cache = hub.resolve_cache_dir(hub_section, config.job.dump_folder)
-        if cache.is_dir() and tokenizer.cached_tokenizer(hub_section, cache) is not None:
+        if cache.is_dir() and tokenizer_files.cached_tokenizer(hub_section, cache) is not None:
             return Finding("ok", "tokenizer", f"{hub_section.repo_id} in the Hub cache {cache}")
     except UserError as error:
         return Finding("error", "tokenizer", error.line())

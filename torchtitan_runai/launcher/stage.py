@@ -29,8 +29,8 @@ from typing import Any
 
 from torchtitan_runai import errors, hub
 from torchtitan_runai.config import Data, Hub
-from torchtitan_runai.training import tokenizer
-from torchtitan_runai.training.data import LOCAL, check_dataset, find_data_files
+from torchtitan_runai.inputs import tokenizer_files
+from torchtitan_runai.inputs.data_files import LOCAL, check_dataset, find_data_files
 
 PROG = "torchtitan_runai.stage"
 C4_REPO = "allenai/c4"
@@ -44,9 +44,9 @@ def stage_tokenizer(job_config: Any, output_dir: Path | None) -> tuple[Path, lis
     hub_section: Hub = getattr(job_config, "hub", None) or Hub()
     assets_path = job_config.model.hf_assets_path
     if output_dir is None:
-        return tokenizer.ensure_tokenizer(job_config), []
+        return tokenizer_files.ensure_tokenizer(job_config), []
     local = Path(assets_path).expanduser() if assets_path else None
-    if local is not None and local.is_dir() and tokenizer.find_tokenizer_files(local, hub_section.tokenizer_format):
+    if local is not None and local.is_dir() and tokenizer_files.find_tokenizer_files(local, hub_section.tokenizer_format):
         target = output_dir / "tokenizer"
         for pattern in _TOKENIZER_GLOBS:
             for src in local.glob(pattern):
@@ -55,7 +55,7 @@ def stage_tokenizer(job_config: Any, output_dir: Path | None) -> tuple[Path, lis
                 shutil.copy2(src, dst)
         return target, [f"--model.hf_assets_path={target}"]
     cache = output_dir / "hf_cache"
-    folder = tokenizer.resolve_tokenizer(assets_path, hub_section, cache)
+    folder = tokenizer_files.resolve_tokenizer(assets_path, hub_section, cache)
     return folder, [f"--hub.cache_dir={cache}"]
 
 

@@ -48,20 +48,15 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
-FORMAT = "lanes-1"
-PER_RANK = "per-rank"
+from torchtitan_runai.checkpoint.resume import GLOBAL_ORDER as FORMAT
+from torchtitan_runai.checkpoint.resume import PER_RANK
+
 POSITION_KEY = "position"
 TRACE_ENV = "TORCHTITAN_RUNAI_DATA_TRACE"
 
 
 def lane_key(lane: int) -> str:
     return f"lane_{lane:06d}"
-
-
-def global_batch_of(training: Any, dp_degree: int) -> int:
-    """G, in sequences, as torchtitan derives it."""
-    gbs = training.global_batch_size
-    return gbs if gbs > 0 else training.local_batch_size * dp_degree
 
 
 def lanes_of(global_batch: int, dp_degree: int, dp_rank: int) -> range:

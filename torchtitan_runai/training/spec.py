@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
-from torchtitan_runai.training import data, device, fused_head, logs, loss, tokenizer
+from torchtitan_runai.training import data, device, fused_head, loss, metrics, tokenizer
 
 
 def parallelize(model, parallel_dims, job_config):
@@ -42,7 +42,7 @@ def build_train_spec() -> "upstream.TrainSpec":
         build_loss_fn=loss.build_loss_fn,
         build_tokenizer_fn=tokenizer.build_tokenizer,
         build_dataloader_fn=data.build_dataloader,
-        build_metrics_processor_fn=logs.build_metrics_processor,
+        build_metrics_processor_fn=metrics.build_metrics_processor,
     )
 
 

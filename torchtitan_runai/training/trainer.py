@@ -13,7 +13,7 @@ torchtitan's device globals for the CPU rehearsal (``upstream.use_cpu_device``).
 pinned to the exact torchtitan version (``upstream``).
 
 - ``init_distributed``: on gloo (CPU), create the process group with retries under a fresh store
-  prefix per attempt (``resilience.init_gloo``: stock restarts fail most of the time); then agree on
+  prefix per attempt (``gloo.init_gloo``: stock restarts fail most of the time); then agree on
   the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset, ``training.seed``: the
   original example's first patch) and log ``seed: N``.
 - after torchtitan builds its ``CheckpointManager``, it becomes a ``RunaiCheckpointManager``
@@ -21,8 +21,8 @@ pinned to the exact torchtitan version (``upstream``).
   final saves, world-size and schedule checks.
 - logging: node/rank on every line, no colours off a terminal, a startup summary (world, nodes,
   parallelism, seed, config, tokenizer, resumed-from step) before the first step; what this path
-  always prints and a reader does not need at debug level (``logs.PersonFilter``, ``LOG_LEVEL``,
-  ``logs.quiet_expected_noise``); at the end the
+  always prints and a reader does not need at debug level (``log_filter.PersonFilter``, ``LOG_LEVEL``,
+  ``log_filter.quiet_expected_noise``); at the end the
   optional Hugging Face export (``[export] at_end``, rank 0, after the process group is destroyed)
   and the loss/throughput PNG (``plots``);
 - goodput (``torchtitan_runai.goodput``): rank 0's ledger is built first, so every second from the
@@ -58,12 +58,13 @@ import torch
 from torchtitan_runai import goodput, plots, storage, upstream
 from torchtitan_runai.checkpoint import ownership
 from torchtitan_runai.training.checkpoint import staging
-from torchtitan_runai.checkpoint.folder import read_json
+from torchtitan_runai.jsonio import read_json
 from torchtitan_runai.training.checkpoint.manager import Preempted, RunaiCheckpointManager
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.hf.export import export_at_end
 from torchtitan_runai.job import parse_job_config
-from torchtitan_runai.training import data_position, device, logs, resilience
+from torchtitan_runai.training import (data_position, device, gloo, log_filter, log_format, metrics, signals,
+                                       step_trace, watchdog)
 from torchtitan_runai import seed
 from torchtitan_runai.training import spec  # noqa: F401  registers our train specs (validation imports none)
 
@@ -74,17 +75,17 @@ class RunaiTrainer(upstream.Trainer):
     def __init__(self, job_config):
         # first: from here (and from this process's start) every second of rank 0 is accounted for
         self.ledger = goodput.build_ledger(job_config)
-        logs.configure_logging_from_env()
+        log_format.configure_logging_from_env()
         self.resumed_from: int | None = None
-        self.stop_flag = resilience.StopFlag()
+        self.stop_flag = signals.StopFlag()
         self.stop_flag.before_first_step = self._leave_now
         self.stop_flag.install()
-        self.log_filter = logs.install_person_filter(
+        self.log_filter = log_filter.install_person_filter(
             cpu=not device.has_accelerator(), step=lambda: getattr(self, "step", None),
             stopping=lambda: bool(self.stop_flag.signum))
         res = getattr(job_config, "resilience", None) or Resilience()
-        self.watchdog = resilience.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
-        self.step_trace = resilience.StepTrace()
+        self.watchdog = watchdog.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
+        self.step_trace = step_trace.StepTrace()
         self.data_trace = data_position.StepRecorder()
         self._step_loss = None
         super().__init__(job_config)
@@ -111,7 +112,7 @@ class RunaiTrainer(upstream.Trainer):
     def init_distributed(self):
         if not device.has_accelerator() and "TORCHELASTIC_RESTART_COUNT" in os.environ \
                 and not torch.distributed.is_initialized():
-            resilience.init_gloo(self.job_config.comm.init_timeout_seconds)
+            gloo.init_gloo(self.job_config.comm.init_timeout_seconds)
         parallel_dims = super().init_distributed()
         debug = self.job_config.debug
         debug.seed = seed.agree_on_seed(debug.seed, self.device)
@@ -131,7 +132,7 @@ class RunaiTrainer(upstream.Trainer):
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
         jc = self.job_config
-        logs.log_startup_summary(logs.startup_summary(
+        metrics.log_startup_summary(metrics.startup_summary(
             jc, world_size=self.parallel_dims.world_size, nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")),
             parallel_dims=self.parallel_dims, seed=jc.debug.seed, config_file=jc.job.config_file,
             resumed_from_step=self.resumed_from, device=self.device.type,
@@ -180,7 +181,7 @@ class RunaiTrainer(upstream.Trainer):
             self.ledger.step_done(self.step)
         self._boundaries = getattr(self, "_boundaries", 0) + 1
         self.checkpointer.finish_async(block=False)
-        signum = resilience.agree(self.stop_flag.signum, self.device)
+        signum = signals.agree(self.stop_flag.signum, self.device)
         if signum:
             logger.warning(f"stopping at step {self.step} (signal {signum}): finishing the upload in flight, "
                            "then saving a full checkpoint")
@@ -242,7 +243,7 @@ def _teardown(trainer) -> None:
 
 
 def run(argv: list[str]) -> int:
-    logs.quiet_expected_noise()
+    log_filter.quiet_expected_noise()
     upstream.init_logger()
     device.select_device()
     # with the world size: a resume on another node count keeps its global batch (checkpoint.resume)

@@ -65,13 +65,6 @@ def test_model_only_checkpoint_is_not_resumed(tmp_path):
     assert ckfolder.newest_resumable(ckfolder.scan(tmp_path)).step == 5
 
 
-def test_marker_write_is_atomic(tmp_path):
-    ckfolder.write_json_atomic(tmp_path / "x.json", {"a": 1})
-    ckfolder.write_json_atomic(tmp_path / "x.json", {"a": 2})
-    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
-
-
 def test_full_folder_is_refused(tmp_path, monkeypatch):
     folder = tmp_path / "ckpt"
     write_ckpt(folder, 5)

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 
 from ckpt_util import config, write_ckpt
 from torchtitan_runai.checkpoint import ownership
-from torchtitan_runai.checkpoint.folder import read_json, write_json_atomic
+from torchtitan_runai.jsonio import read_json, write_json_atomic
 from torchtitan_runai.errors import UserError
 
 REPO = Path(__file__).resolve().parents[3]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torchtitan_runai.checkpoint.folder import write_json_atomic
+from torchtitan_runai.jsonio import write_json_atomic
 
 from test_report import launch, segment
 

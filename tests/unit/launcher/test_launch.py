@@ -151,7 +151,8 @@ def test_arguments_pass_through_with_quoting_preserved():
 def test_worker_failures_become_one_line_and_the_right_exit_code():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from torchtitan_runai.launcher.launch import EXIT_HUNG, EXIT_WORKER_ERROR, EXIT_WORKER_HUNG, describe_failure
+    from torchtitan_runai.errors import EXIT_HUNG
+    from torchtitan_runai.launcher.launch import EXIT_WORKER_ERROR, describe_failure
 
     def failure(local_rank, exitcode):
         return ProcessFailure(local_rank=local_rank, pid=100 + local_rank, exitcode=exitcode, error_file="/nonexistent")
@@ -162,7 +163,8 @@ def test_worker_failures_become_one_line_and_the_right_exit_code():
     assert describe_failure({0: failure(0, 143)})[1] == 143
     line, code = describe_failure({1: failure(1, 1)})
     assert code == EXIT_WORKER_ERROR == 1 and "rank 1" in line
-    assert describe_failure({1: failure(1, EXIT_WORKER_HUNG)})[1] == EXIT_HUNG == 142
+    # one value for a hang: the rank's watchdog exits with it and the launcher passes it on
+    assert describe_failure({1: failure(1, EXIT_HUNG)})[1] == EXIT_HUNG == 142
 
 
 def test_shutdown_timeout_flag_only_where_torchrun_has_it():
@@ -177,7 +179,8 @@ def test_shutdown_timeout_flag_only_where_torchrun_has_it():
 def test_a_watchdog_verdict_wins_over_the_ranks_it_killed():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from torchtitan_runai.launcher.launch import EXIT_HUNG, describe_failure
+    from torchtitan_runai.errors import EXIT_HUNG
+    from torchtitan_runai.launcher.launch import describe_failure
 
     killed = ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file="/nonexistent")
     verdict = ("hang detected by rank 0: ...; hung rank(s) 1 (pid 101 on vm, heartbeat stopped)", killed.timestamp - 3)

@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers
 from fakehub import FakeHub  # noqa: E402
 from tokgen import write_tokenizer  # noqa: E402
 
+from torchtitan_runai.inputs import data_files  # noqa: E402
 from torchtitan_runai.training import data as data_mod  # noqa: E402
 from torchtitan_runai.config import Data  # noqa: E402
-from torchtitan_runai.training.data import load_local_dataset, validate_data_config  # noqa: E402
+from torchtitan_runai.inputs.data_files import validate_data_config  # noqa: E402
+from torchtitan_runai.training.data import load_local_dataset  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
 
 TEXTS = [f"sample number {i}: the llama reads text {i * 7} times." for i in range(40)]
@@ -126,7 +128,7 @@ def test_clear_errors(tmp_path, cfg, setup, setting, words):
     setup(tmp_path)
     target = tmp_path / ("x.jsonl" if (tmp_path / "x.jsonl").exists() else "x")
     for check in (lambda: load_local_dataset(str(target), cfg),
-                  lambda: data_mod.check_dataset("local", str(target), cfg)):
+                  lambda: data_files.check_dataset("local", str(target), cfg)):
         with pytest.raises(UserError) as err:
             check()
         assert err.value.setting == setting and words in err.value.line()
@@ -138,20 +140,20 @@ def test_parquet_missing_column_found_cheaply(tmp_path, cfg):
 
     pq.write_table(pa.table({"content": TEXTS}), tmp_path / "a.parquet")
     with pytest.raises(UserError, match="data.text_column"):
-        data_mod.check_dataset("local", str(tmp_path / "a.parquet"), cfg)
+        data_files.check_dataset("local", str(tmp_path / "a.parquet"), cfg)
 
 
 def test_config_level_errors(tmp_path, cfg):
     with pytest.raises(UserError, match="training.dataset = 'nope'"):
-        data_mod.check_dataset("nope", None, cfg)
+        data_files.check_dataset("nope", None, cfg)
     with pytest.raises(UserError, match="training.dataset_path"):
-        data_mod.check_dataset("local", None, cfg)
+        data_files.check_dataset("local", None, cfg)
     with pytest.raises(UserError, match="training.dataset_path = 'tests/assets/c4_test'"):
-        data_mod.check_dataset("c4_test", None, cfg)
+        data_files.check_dataset("c4_test", None, cfg)
     with pytest.raises(UserError, match="data.format"):
-        data_mod.check_dataset("local", str(write_jsonl(tmp_path / "a.jsonl", TEXTS)),
+        data_files.check_dataset("local", str(write_jsonl(tmp_path / "a.jsonl", TEXTS)),
                                Data(format="csv"))
-    data_mod.check_dataset("c4", None, cfg)  # streams from the Hub: nothing local to check
+    data_files.check_dataset("c4", None, cfg)  # streams from the Hub: nothing local to check
 
 
 def test_validate_data_config_checks_training_and_validation(tmp_path, cfg):

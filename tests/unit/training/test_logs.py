@@ -17,7 +17,7 @@ import pytest
 import torch.distributed as dist
 
 from torchtitan_runai import plots, upstream
-from torchtitan_runai.training import logs
+from torchtitan_runai.training import log_filter, log_format, metrics
 
 # What existing torchtitan log parsers and dashboards match.
 # torchtitan's metrics module: where the trainer's memory monitor is built (device.py swaps it).
@@ -92,7 +92,7 @@ def cpu_monitor():
 
 def test_lines_carry_node_and_rank_and_no_ansi_off_a_terminal(console):
     stream, _ = console
-    assert logs.configure_logging(rank=3, node_rank=1) is False  # StringIO is not a TTY
+    assert log_format.configure_logging(rank=3, node_rank=1) is False  # StringIO is not a TTY
     upstream.logger.info(f"{upstream.Color.red}hello{upstream.Color.reset}")
     line = stream.getvalue()
     assert re.match(r"\[titan\] \S+ \S+ - node1/rank3 - INFO - hello\n$", line), line
@@ -104,25 +104,25 @@ def test_colour_kept_for_a_terminal_unless_no_color(console, monkeypatch):
     tty = Tty()
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.delenv("FORCE_COLOR", raising=False)
-    assert logs.configure_logging(rank=0, stream=tty) is True
+    assert log_format.configure_logging(rank=0, stream=tty) is True
     upstream.logger.info(f"{upstream.Color.red}hello{upstream.Color.reset}")
     assert "\x1b[31mhello" in tty.getvalue()
     monkeypatch.setenv("NO_COLOR", "1")
-    assert logs.wants_color(tty) is False
+    assert log_format.wants_color(tty) is False
 
 
 def test_configure_from_torchrun_env(console):
     stream, _ = console
-    logs.configure_logging_from_env({"RANK": "9", "GROUP_RANK": "1", "LOCAL_RANK": "1"})
+    log_format.configure_logging_from_env({"RANK": "9", "GROUP_RANK": "1", "LOCAL_RANK": "1"})
     upstream.logger.info("x")
     assert " - node1/rank9 - INFO - x" in stream.getvalue()
 
 
 def test_format_eta():
-    assert logs.format_eta(0) == "0:00:00"
-    assert logs.format_eta(3725.4) == "1:02:05"
-    assert logs.format_eta(100 * 3600) == "100:00:00"
-    assert logs.format_eta(None) == "n/a" and logs.format_eta(float("inf")) == "n/a"
+    assert metrics.format_eta(0) == "0:00:00"
+    assert metrics.format_eta(3725.4) == "1:02:05"
+    assert metrics.format_eta(100 * 3600) == "100:00:00"
+    assert metrics.format_eta(None) == "n/a" and metrics.format_eta(float("inf")) == "n/a"
 
 
 # ----------------------------------------------------------------------- metrics processor
@@ -143,9 +143,9 @@ def run_two_log_steps(config, processor):
 def test_cpu_step_line_keeps_torchtitan_fields(tmp_path, console, process_group, monkeypatch):
     monkeypatch.setattr(METRICS_MODULE, "build_device_memory_monitor", cpu_monitor)
     stream, _ = console
-    logs.configure_logging(rank=0, node_rank=0)
+    log_format.configure_logging(rank=0, node_rank=0)
     config = job_config(tmp_path)
-    processor = logs.build_metrics_processor(config, parallel_dims(), None)
+    processor = metrics.build_metrics_processor(config, parallel_dims(), None)
     assert isinstance(processor.color, upstream.NoColor)
     run_two_log_steps(config, processor)
 
@@ -171,9 +171,9 @@ def test_cpu_step_line_keeps_torchtitan_fields(tmp_path, console, process_group,
 def test_gpu_step_line_has_memory_and_mfu(tmp_path, console, process_group, monkeypatch):
     monkeypatch.setattr(METRICS_MODULE, "build_device_memory_monitor", FakeCudaMonitor)
     stream, _ = console
-    logs.configure_logging(rank=0)
+    log_format.configure_logging(rank=0)
     config = job_config(tmp_path, enable_tensorboard=False)
-    processor = logs.build_metrics_processor(config, parallel_dims(), None)
+    processor = metrics.build_metrics_processor(config, parallel_dims(), None)
     run_two_log_steps(config, processor)
     last = [l for l in stream.getvalue().splitlines() if "step:" in l][-1]
     assert TORCHTITAN_STEP.search(last).groups() == ("5", "6.25000", "0.5000")
@@ -191,7 +191,7 @@ def test_startup_summary(tmp_path):
     config.model.flavor = "8B"
     config.debug.seed = 1234
     config.checkpoint.enable = True
-    lines = logs.startup_summary(config, world_size=16, nodes=2, seed=1234,
+    lines = metrics.startup_summary(config, world_size=16, nodes=2, seed=1234,
                                  config_file="train_configs/llama3_8b.toml",
                                  resumed_from_step=500, device="cuda")
     text = "\n".join(lines)
@@ -200,7 +200,7 @@ def test_startup_summary(tmp_path):
     assert "seed: 1234" in text and "config: train_configs/llama3_8b.toml" in text
     assert f"tokenizer: {config.model.hf_assets_path}" in text
     assert "resumed from step 500" in text and "tensorboard: " in text
-    fresh = logs.startup_summary(config, world_size=1, nodes=1, parallel_dims=parallel_dims())
+    fresh = metrics.startup_summary(config, world_size=1, nodes=1, parallel_dims=parallel_dims())
     assert any("starting fresh (no complete checkpoint)" in l for l in fresh)
     assert any("dp_shard=1" in l for l in fresh)
     # the resolved global batch, not the config's -1 (main printed global_batch_size=-1, the trainer 8)
@@ -212,7 +212,7 @@ def test_startup_summary(tmp_path):
 # --- issue 16: a person's log --------------------------------------------------------------------
 
 
-def _shown(person: logs.PersonFilter, *messages: str, level=logging.INFO) -> list[tuple[str, str]]:
+def _shown(person: log_filter.PersonFilter, *messages: str, level=logging.INFO) -> list[tuple[str, str]]:
     out = []
     for message in messages:
         record = logging.LogRecord("root", level, __file__, 1, message, None, None)
@@ -223,7 +223,7 @@ def _shown(person: logs.PersonFilter, *messages: str, level=logging.INFO) -> lis
 
 def test_person_filter_keeps_what_a_reader_needs():
     step = {"now": 10}
-    person = logs.PersonFilter(logging.INFO, cpu=True, step=lambda: step["now"])
+    person = log_filter.PersonFilter(logging.INFO, cpu=True, step=lambda: step["now"])
     noise = ["torch.distributed is already initialized. Skipping init_distributed.",
              "Building device mesh with parallelism: pp=1", "[GC] Initial GC collection took 0.00 seconds",
              'Building llama3_runai debugmodelwith {\n  "dim": 256\n}', "Peak flops undefined for: cpu, fallback to A100",
@@ -236,13 +236,13 @@ def test_person_filter_keeps_what_a_reader_needs():
     assert _shown(person, *kept) == [("INFO", m) for m in kept]
     assert _shown(person, "Finished saving the checkpoint (or staging if async is enabled)in 0.361 seconds.") == [
         ("INFO", "checkpoint at step 10 saved in 0.36 s")]
-    gpu = logs.PersonFilter(logging.INFO, cpu=False)
+    gpu = log_filter.PersonFilter(logging.INFO, cpu=False)
     twice = ["Peak flops undefined for: NVIDIA B300, fallback to A100"] * 2  # looked up twice by torchtitan
     assert _shown(gpu, *twice, level=logging.WARNING) == [("WARNING", twice[0])]
 
 
 def test_person_filter_at_debug_shows_everything_with_fixed_labels():
-    person = logs.PersonFilter(logging.DEBUG, cpu=True, stopping=lambda: True)
+    person = log_filter.PersonFilter(logging.DEBUG, cpu=True, stopping=lambda: True)
     shown = _shown(person, "Building device mesh with parallelism: pp=1", 'Building llama3_runai debugmodelwith {}',
                    "Saving a full checkpoint at last step, step 16.")
     assert shown == [("DEBUG", "Building device mesh with parallelism: pp=1"),
@@ -251,5 +251,5 @@ def test_person_filter_at_debug_shows_everything_with_fixed_labels():
 
 
 def test_log_level_from_the_environment():
-    assert logs.log_level({"LOG_LEVEL": "debug"}) == logging.DEBUG
-    assert logs.log_level({}) == logging.INFO
+    assert log_filter.log_level({"LOG_LEVEL": "debug"}) == logging.DEBUG
+    assert log_filter.log_level({}) == logging.INFO

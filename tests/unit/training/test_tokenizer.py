@@ -20,6 +20,7 @@ from tokgen import TEST_TEXT, write_tokenizer  # noqa: E402
 
 from torchtitan_runai import hub as hub_mod  # noqa: E402
 from torchtitan_runai.config import Hub  # noqa: E402
+from torchtitan_runai.inputs import tokenizer_files  # noqa: E402
 from torchtitan_runai.training import tokenizer as tokenizer_mod  # noqa: E402
 from torchtitan_runai.training.tokenizer import TiktokenTokenizer  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
@@ -72,14 +73,14 @@ def closed_port() -> int:
 def test_local_folder_is_used_without_network(env, tmp_path, tok_dir):
     env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     cfg = job(tmp_path, str(tok_dir), repo_id=REPO)
-    assert tokenizer_mod.ensure_tokenizer(cfg) == tok_dir
+    assert tokenizer_files.ensure_tokenizer(cfg) == tok_dir
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_folder_without_repo_names_the_setting(env, tmp_path):
     cfg = job(tmp_path, str(tmp_path / "nope"))
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(cfg)
+        tokenizer_files.ensure_tokenizer(cfg)
     assert err.value.setting == "model.hf_assets_path"
     assert str(tmp_path / "nope") in err.value.line()
 
@@ -87,7 +88,7 @@ def test_missing_folder_without_repo_names_the_setting(env, tmp_path):
 def test_folder_without_tokenizer_files_is_an_error(env, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no tokenizer.json"):
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, str(tmp_path / "empty")))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, str(tmp_path / "empty")))
 
 
 def test_cache_dir_precedence(env, tmp_path):
@@ -107,7 +108,7 @@ def test_hub_section_has_no_secret_field():
 
 
 def test_download_fetches_tokenizer_files_only_with_bearer_token(hub, tmp_path):
-    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    folder = tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert (folder / "tokenizer.json").is_file()
     assert (folder / "original" / "tokenizer.model").is_file()
     assert str(folder).startswith(str(tmp_path / "out" / "hf_cache"))
@@ -119,34 +120,34 @@ def test_download_fetches_tokenizer_files_only_with_bearer_token(hub, tmp_path):
 
 
 def test_cached_tokenizer_needs_no_network(hub, tmp_path):
-    first = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    first = tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     hub.stop()
-    assert tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == first
+    assert tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == first
 
 
 def test_offline_mode_uses_cache_or_fails_clearly(hub, env, tmp_path):
     env.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert err.value.setting == "HF_HUB_OFFLINE" and "not in the cache" in err.value.why
     assert hub.requests == []
     env.delenv("HF_HUB_OFFLINE")
-    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+    folder = tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     env.setenv("HF_HUB_OFFLINE", "1")
     hub.requests.clear()
-    assert tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == folder
+    assert tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO)) == folder
     assert hub.requests == []
 
 
 def test_allow_download_false_is_cache_only(hub, tmp_path):
     with pytest.raises(UserError, match="hub.allow_download"):
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, allow_download=False))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO, allow_download=False))
 
 
 def test_missing_token_is_401(hub, env, tmp_path):
     env.delenv("HF_TOKEN")
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert err.value.setting == "HF_TOKEN" and "401" in err.value.why
     assert "not set" in err.value.why
 
@@ -154,7 +155,7 @@ def test_missing_token_is_401(hub, env, tmp_path):
 def test_wrong_token_is_401_and_redacted(hub, env, tmp_path):
     env.setenv("HF_TOKEN", "hf_wrongWRONGwrong")
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert "401" in err.value.why and "hf_wrongWRONGwrong" not in err.value.line()
 
 
@@ -162,36 +163,36 @@ def test_licence_not_accepted_is_403(hub, env, tmp_path):
     hub.ungated_tokens.add("hf_noLicence")
     env.setenv("HF_TOKEN", "hf_noLicence")
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO))
     assert "403" in err.value.why and "licence" in err.value.why
     assert f"https://huggingface.co/{REPO}" in err.value.fix
 
 
 def test_unknown_repo_and_revision_are_404(hub, tmp_path):
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id="meta-llama/Nope"))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id="meta-llama/Nope"))
     assert err.value.setting == "hub.repo_id" and "404" in err.value.why
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, revision="v9"))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO, revision="v9"))
     assert err.value.setting == "hub.revision"
 
 
 def test_repo_without_tokenizer_files(hub, tmp_path):
     hub.add_file("org/weights-only", "config.json", b"{}")
     with pytest.raises(UserError, match="none of the tokenizer files"):
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id="org/weights-only"))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id="org/weights-only"))
 
 
 def test_no_network_fails_clearly(env, tmp_path):
     env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
     assert err.value.setting == "HF_ENDPOINT" and "cannot reach" in err.value.why
 
 
 def test_rate_limit_is_retried_with_backoff(hub, tmp_path):
     hub.fail(429, times=3)
-    folder = tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=4))
+    folder = tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=4))
     assert (folder / "tokenizer.json").is_file()
     assert sum(1 for m, p, _ in hub.requests if m == "HEAD" and p.endswith("/tokenizer.json")) == 5
 
@@ -199,7 +200,7 @@ def test_rate_limit_is_retried_with_backoff(hub, tmp_path):
 def test_persistent_rate_limit_fails_clearly(hub, tmp_path):
     hub.fail(429, times=100)
     with pytest.raises(UserError) as err:
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=2))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=2))
     assert "429" in err.value.why and "3 attempts" in err.value.why
     assert "stage" in err.value.fix
 
@@ -207,7 +208,7 @@ def test_persistent_rate_limit_fails_clearly(hub, tmp_path):
 def test_hub_outage_fails_clearly(hub, tmp_path):
     hub.fail(503, times=100)
     with pytest.raises(UserError, match="503"):
-        tokenizer_mod.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
+        tokenizer_files.ensure_tokenizer(job(tmp_path, repo_id=REPO, retries=1))
 
 
 def test_backoff_doubles_and_is_capped():
@@ -229,7 +230,7 @@ def test_one_download_per_cache_across_processes(hub, tmp_path):
     script = textwrap.dedent(f"""
         import sys; from types import SimpleNamespace as N
         from torchtitan_runai.config import Hub
-        from torchtitan_runai.training.tokenizer import ensure_tokenizer
+        from torchtitan_runai.inputs.tokenizer_files import ensure_tokenizer
         cfg = N(model=N(hf_assets_path=""), job=N(dump_folder=sys.argv[1]),
                 hub=Hub(repo_id={REPO!r}, backoff_s=0.01))
         print(ensure_tokenizer(cfg))
@@ -251,7 +252,7 @@ def test_token_never_leaks_to_output_or_files(hub, tmp_path):
         import logging, os, sys; from types import SimpleNamespace as N
         logging.basicConfig(level=logging.DEBUG)
         from torchtitan_runai.config import Hub
-        from torchtitan_runai.training.tokenizer import ensure_tokenizer
+        from torchtitan_runai.inputs.tokenizer_files import ensure_tokenizer
         from torchtitan_runai.errors import UserError
         def run(repo, **kw):
             cfg = N(model=N(hf_assets_path=""), job=N(dump_folder=sys.argv[1]),

@@ -61,7 +61,7 @@ from torchtitan_runai.checkpoint.resume import (
     schedule_changes,
     schedule_of,
 )
-from torchtitan_runai.training.checkpoint.staging import PINNED_MODE
+from torchtitan_runai.config import PINNED_MODE
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.goodput.ledger import NullLedger
 from torchtitan_runai.upstream import logger

@@ -49,24 +49,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from torchtitan_runai.config import CheckpointPerf
+from torchtitan_runai.config import CheckpointPerf, wants_pinned_staging
 
 logger = logging.getLogger(__name__)
 
-PINNED_MODE = "async_with_pinned_mem"
 PIN_MIN_BYTES = 5  # DCP pins storages from this size on (StateDictStager.pin_memory_min_bytes)
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in without touching it from user space
 POPULATE_CHUNK = 64 * 1024**2
 ADAM_MOMENTS = {"adam": 2, "adamw": 2}  # optimizer name -> state tensors shaped like each parameter
-
-
-def wants_pinned_staging(checkpoint_config: Any) -> bool:
-    """Whether torchtitan will stage checkpoints through pinned memory with this config."""
-    return (
-        bool(getattr(checkpoint_config, "enable", False))
-        and not bool(getattr(checkpoint_config, "load_only", False))
-        and str(getattr(checkpoint_config, "async_mode", "disabled")).lower() == PINNED_MODE
-    )
 
 
 def staging_options():

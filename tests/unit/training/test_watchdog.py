@@ -2,7 +2,8 @@
 
 import time
 
-from torchtitan_runai.training.resilience import StepTrace, Watchdog
+from torchtitan_runai.training.step_trace import StepTrace
+from torchtitan_runai.training.watchdog import Watchdog
 
 
 def test_no_hang_verdict_while_a_save_runs():
