@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Container entrypoint: turn the pod's environment into a torchrun job and train.
-# All logic (environment shapes, validation, exit codes) lives in torchtitan_runai/launch.py;
+# All logic (environment shapes, validation, exit codes) lives in torchtitan_runai/launcher/launch.py;
 # its module docstring lists every variable. Usage:
 #   CONFIG_FILE=./train_configs/llama3_8b.toml ./run_llama_train.sh [--dry-run] [torchtitan args...]
 # Never enable shell tracing here: HF_TOKEN is in the environment.

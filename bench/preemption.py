@@ -52,7 +52,7 @@ from bench.child import REPO, child_env, run_command
 RECIPE = "./train_configs/llama3_8b.toml"
 TS_RE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naife]+)")
-# torchtitan's own line (stock, LOG_LEVEL=debug) or ours as training/logs rewrites it for a person's log
+# torchtitan's own line (stock, LOG_LEVEL=debug) or ours as training/log_filter rewrites it for a person's log
 STAGED_RE = re.compile(r"Finished saving the checkpoint.*?in ([\d.]+) seconds|checkpoint(?: at step \d+)? saved in ([\d.]+) s")
 PREEMPT_RE = re.compile(r"preemption: .*")
 RESUMED_RE = re.compile(r"resuming from step (\d+)|Training starts at step (\d+)")  # ours | stock's

@@ -246,7 +246,7 @@ class JobConfig:
     """The sections this fork adds to torchtitan's JobConfig (merged by torchtitan's ConfigManager)."""
 
     resilience: Resilience = field(default_factory=Resilience)
-    """Preemption, hang detection and checkpoint-folder ownership (``torchtitan_runai.training.resilience``)."""
+    """Preemption, hang detection and checkpoint-folder ownership (``training.signals``, ``training.watchdog``, ``checkpoint.ownership``)."""
 
     hub: Hub = field(default_factory=Hub)
     """Where the tokenizer comes from on the Hugging Face Hub, and its cache (``torchtitan_runai.hub``, ``torchtitan_runai.training.tokenizer``)."""

@@ -2,7 +2,7 @@
 
 ``parse_job_config(args, world_size)`` = ``config.parse_config`` (the file, the flags, the values)
 + the checks that need the model: the train spec and flavor exist and their head counts divide the
-tensor-parallel degree (``training.model_lookup.check_model``), and a Hugging Face initial load matches the
+tensor-parallel degree (``model_lookup.check_model``), and a Hugging Face initial load matches the
 flavor (``hf.initial_load.validate_hf_import``). The launcher runs it once per pod before torchrun,
 every rank runs it again, so a config the launcher accepted is the config the ranks train with.
 With ``resume`` (the launcher and every rank), a resume from the checkpoint folder on another node

@@ -70,7 +70,7 @@ NON_MODEL_PREFIXES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 
 
 def model_args_for(job_config: Any) -> tuple[Any, Any]:
-    """(train spec, model args) of the config (``training.model_lookup.lookup``), llama3 family only."""
+    """(train spec, model args) of the config (``model_lookup.lookup``), llama3 family only."""
     spec, args = spec_lookup(job_config)
     if not hasattr(args, "rope_scaling_args"):
         raise UserError("model.name", job_config.model.name, "export supports llama3-family models only",

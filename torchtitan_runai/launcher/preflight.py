@@ -60,7 +60,7 @@ measured here by a short probe (``probe_write_speed``: ``checkpoint_perf.writer_
 When that exceeds the budget the launcher prints one warning with the fixes. Every preemption also
 logs what it took: ``preemption: signal -> step N checkpoint marked in X s (...)``.
 
-The memory estimate (``estimate_memory``) is ``torchtitan_runai.memory_estimate``.
+The memory estimate (``estimate_memory``) is ``torchtitan_runai.launcher.memory_estimate``.
 """
 
 from __future__ import annotations

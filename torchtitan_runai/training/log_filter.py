@@ -35,7 +35,7 @@ EXPECTED_WARNINGS = (
 
 QUIET = (
     # setup steps the startup summary or a later line already states
-    r"torch\.distributed is already initialized",  # we create the gloo group (resilience.init_gloo)
+    r"torch\.distributed is already initialized",  # we create the gloo group (gloo.init_gloo)
     r"Building device mesh with parallelism", r"Successfully created meshes", r"\[GC\] ",
     r"Loading tokenizer from", r"Applied .* to the model",
     r"Compiling (each|the)", r"model\.safetensors\.index\.json not found at hf_assets_path",

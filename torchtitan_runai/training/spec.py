@@ -1,5 +1,5 @@
 """Our train specs, ``llama3_runai`` and ``llama3_runai_fused`` (the lookup of a config's model:
-``training.model_lookup``).
+``model_lookup``).
 
 Our spec is ``llama3_runai``: torchtitan's Llama 3 with the fork's changes plugged in.
 
@@ -13,7 +13,7 @@ torchtitan's ``llama3`` untouched. Relative to ``llama3`` it changes:
 - ``build_dataloader_fn``: torchtitan's text dataloader plus local/PVC files and a retrying C4
   stream (``training.data``);
 - ``build_metrics_processor_fn``: torchtitan's step line plus an ETA, no colours off a terminal,
-  memory/MFU reported as n/a on CPU (``training.logs``);
+  memory/MFU reported as n/a on CPU (``training.metrics``);
 - ``parallelize_fn``: torchtitan's ``parallelize_llama``, then, on gloo (CPU), FSDP told to
   reduce gradients by SUM (``device.force_sum_reduction``), since gloo has no AVG.
 

@@ -6,7 +6,7 @@ train. ``RunaiTrainer`` overrides these methods of torchtitan 0.2.2's ``Trainer`
 which its own ``train`` loop calls: ``init_distributed``, ``load_state_dict``, ``close``,
 ``batch_generator``, ``forward_backward_step``, ``train_step``, ``should_continue_training``) and uses no private
 Trainer method. The one place that reaches into torchtitan's internals is the checkpoint manager:
-``checkpoint.manager.RunaiCheckpointManager.adopt`` swaps the ``__class__`` of the manager the
+``training.checkpoint.manager.RunaiCheckpointManager.adopt`` swaps the ``__class__`` of the manager the
 Trainer built (there is no hook to choose its class) and overrides its private ``_find_load_step``
 and ``_save_last_step`` (see that module's docstring for why); ``training.device`` rebinds
 torchtitan's device globals for the CPU rehearsal (``upstream.use_cpu_device``). All of it is
@@ -14,7 +14,7 @@ pinned to the exact torchtitan version (``upstream``).
 
 - ``init_distributed``: on gloo (CPU), create the process group with retries under a fresh store
   prefix per attempt (``gloo.init_gloo``: stock restarts fail most of the time); then agree on
-  the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset, ``training.seed``: the
+  the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset, ``seed``: the
   original example's first patch) and log ``seed: N``.
 - after torchtitan builds its ``CheckpointManager``, it becomes a ``RunaiCheckpointManager``
   (``torchtitan_runai.training.checkpoint.manager``): newest *complete* checkpoint, completion markers, full
@@ -31,7 +31,7 @@ pinned to the exact torchtitan version (``upstream``).
   times the data loader, the checkpoint manager charges saves; a goodput line, TensorBoard's
   ``goodput/`` scalars and ``goodput.json`` every ``goodput.log_freq`` steps and at the end; the
   ledger's outcome (finished, preempted, failed, hung) at exit.
-- checkpoint staging: ``checkpoint.staging.install`` keeps pinned staging buffers across async saves and
+- checkpoint staging: ``training.checkpoint.staging.install`` keeps pinned staging buffers across async saves and
   prepares them in the background from the start;
 - ``init_distributed`` also confirms every rank sees the same checkpoint folder (a node-local folder
   on a multi-node job is a clear error, ``checkpoint.ownership.confirm_shared_folder``).

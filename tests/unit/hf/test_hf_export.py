@@ -112,7 +112,7 @@ def trained(tmp_path_factory):
     """A full (resumable) torchtitan checkpoint at step 3 of the debug model, and its logits.
 
     Saved by torchtitan's CheckpointManager and then marked complete, as our manager does after
-    every save (``checkpoint.manager``): the export only takes complete step folders."""
+    every save (``training.checkpoint.manager``): the export only takes complete step folders."""
     tmp = tmp_path_factory.mktemp("export")
     assets = tmp / "assets"
     write_tokenizer(assets)

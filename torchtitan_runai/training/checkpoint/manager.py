@@ -9,7 +9,7 @@ resumed), and every rank's RNG state in the checkpoint.
 What a save costs the training loop: a synchronous save blocks for the whole write plus a barrier;
 an async one (``checkpoint.async_mode``) blocks only for the copy to host memory, and its marker is
 written at the next step boundary once the upload has finished (``finish_async``). Pinned staging
-(``checkpoint.staging``) makes the first pinned save cost what later ones do; the upload process is
+(``training.checkpoint.staging``) makes the first pinned save cost what later ones do; the upload process is
 started at trainer start and survives the pod's signal (``checkpoint.upload``); every save writes
 with ``checkpoint_perf.writer_threads`` threads (``dcp_save``). Each save charges its time to the
 trainer's goodput ledger (``ledger``): the wait for the previous upload as ``upload_wait``, the rest
