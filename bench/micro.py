@@ -61,15 +61,15 @@ def attention(results: dict) -> None:
 
 def loss_head(results: dict) -> None:
     from torchtitan_runai.training.fused_head import HeadInput, ce_sum_and_grad, fused_linear_cross_entropy
-    from torchtitan_runai.training.loss import reshaped_cross_entropy
+    from torchtitan_runai.upstream import cross_entropy_loss
 
     n, dim, vocab = 16384, 4096, 128256
     h = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(vocab, dim, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_(True)
     y = torch.randint(0, vocab, (n,), device="cuda")
-    plain = torch.compile(reshaped_cross_entropy)
+    plain = torch.compile(cross_entropy_loss)  # the plain loss: torchtitan's, on [1, n, vocab] logits
     ce = torch.compile(ce_sum_and_grad)
-    variants = {"plain_compiled": lambda: plain(h @ w.t(), y)}
+    variants = {"plain_compiled": lambda: plain((h @ w.t()).unsqueeze(0), y.unsqueeze(0))}
     for chunk in (4096, 8192, 16384):
         variants[f"fused_chunk{chunk}"] = (
             lambda c=chunk: fused_linear_cross_entropy(HeadInput(h, w), y, chunk_tokens=c, ce_fn=ce))

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint.folder import (StepFolder, check_writable, examine, newest_resumable,
-                                                scan, step_folders)
+from torchtitan_runai.checkpoint.folder import StepFolder, check_writable, examine, scan, step_folders
 from torchtitan_runai.checkpoint.ownership import claim_folder
 from torchtitan_runai.config import data_parallel_degree, global_batch_of
 from torchtitan_runai.errors import UserError
@@ -49,18 +48,23 @@ SCHEDULE_KEYS = (
 )
 
 
-def choose(found: list[StepFolder], load_step: int, folder: Path, initial_load: bool = False) -> StepFolder | None:
+def choose(found: Iterable[StepFolder], load_step: int, folder: Path, initial_load: bool = False) -> StepFolder | None:
     """The checkpoint to resume from among ``found`` (``scan``, newest first); None: start fresh.
 
     ``load_step >= 0`` names one, which must exist and be complete (UserError otherwise); else the
     newest resumable one. With none resumable but a complete model-only one (and no
-    ``initial_load``): UserError pointing to ``checkpoint.initial_load_path``."""
+    ``initial_load``): UserError pointing to ``checkpoint.initial_load_path``. ``found`` is read only
+    as far as the answer needs: a lazy one (``examine`` on demand) examines no older checkpoint."""
     if load_step < 0:
-        chosen = newest_resumable(found)
-        weights = next((f for f in found if f.complete and not f.resumable), None)
-        if chosen is None and weights is not None and not initial_load:
+        weights = None
+        for f in found:
+            if f.resumable:
+                return f
+            if f.complete and weights is None:
+                weights = f
+        if weights is not None and not initial_load:
             raise model_only_error(weights)
-        return chosen
+        return None
     chosen = next((f for f in found if f.step == load_step), None)
     if chosen is None or not chosen.complete:
         raise UserError("checkpoint.load_step", load_step,
@@ -251,11 +255,11 @@ def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
-    if config.checkpoint.load_step >= 0:
-        chosen = choose(scan(folder), config.checkpoint.load_step, folder)
-    else:  # every rank runs this at start: examine newest first, stop at the first resumable one
-        chosen = next((f for f in (examine(path, step) for step, path in step_folders(folder)) if f.resumable),
-                      None)
+    # every rank runs this at start: examined newest first, only as far as the choice needs; a folder with
+    # only model-only checkpoints keeps the configured batch here (initial_load=True): that refusal is the
+    # launcher's (prestart) and the loading manager's, which know the real checkpoint.initial_load_path
+    lazily = (examine(path, step) for step, path in step_folders(folder))
+    chosen = choose(lazily, config.checkpoint.load_step, folder, initial_load=True)
     if chosen is None:
         return None
     plan = plan_resume(chosen, config, world_size, data_parallel_degree(config, world_size))

@@ -30,17 +30,22 @@ while one rank waits for the Hub, the others wait for it in their next collectiv
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict
 from functools import partial
 from typing import Any
 
+import datasets.config as ds_config
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
 from torchtitan_runai.config import Data, global_batch_of
 from torchtitan_runai.inputs.data_files import (FORMATS, LOCAL, ORDERS, check_column, check_dataset, data_config,
                                                 find_data_files, sniff_columns)
-from torchtitan_runai.hub import is_transient, redact, with_backoff
+from torchtitan_runai.hub import with_backoff
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.training import data_position as dp
+from torchtitan_runai.training.stream import RetryingStream
+from torchtitan_runai.upstream import DatasetConfig, HuggingFaceTextDataset, ParallelAwareDataloader, text_datasets
 
 
 
@@ -60,8 +65,6 @@ from torchtitan_runai.errors import UserError
 
 def load_local_dataset(path: str, data: Data):
     """A local dataset as a datasets Dataset (or IterableDataset with data.streaming)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
     fmt, files = find_data_files(path, data)
     if fmt == "disk":
         ds = load_from_disk(str(files[0]))
@@ -106,10 +109,6 @@ def register_datasets(data: Data) -> None:
     torchtitan's own validation dataloader also knows "local"; the entry carries this job's [data]
     settings.
     """
-    import datasets.config as ds_config
-
-    from torchtitan_runai.upstream import DatasetConfig, text_datasets
-
     registry = text_datasets.DATASETS
     registry[LOCAL] = DatasetConfig(
         path="",
@@ -140,67 +139,25 @@ def _retrying_loader(loader, data: Data):
     return load
 
 
-@functools.cache
-def _resilient_dataset_class() -> type:
-    # Defined on first use: its base class imports torch; the launcher imports this module for
-    # validate_data_config alone.
-    from torchtitan_runai.upstream import HuggingFaceTextDataset
+class ResilientTextDataset(HuggingFaceTextDataset):
+    """torchtitan's HuggingFaceTextDataset whose stream survives transient Hub errors.
 
-    class ResilientTextDataset(HuggingFaceTextDataset):
-        """torchtitan's HuggingFaceTextDataset whose stream survives transient Hub errors.
+    Only the source iterator is replaced: a stream is read through ``training.stream.RetryingStream``
+    (on a 429 / 5xx / dropped connection it is put back to the state it had before the failed read and
+    reopened after a backoff, so no sample is lost or repeated). Map-style data is untouched.
+    Checkpoint state (sample index, token buffer, stream state) is torchtitan's.
+    """
 
-        Only the source iterator is replaced: on a 429 / 5xx / dropped connection the stream is put
-        back to the state it had before the failed read (datasets' checkpointable stream state) and
-        reopened after a backoff, so no sample is lost or repeated. Map-style data is untouched.
-        Checkpoint state (sample index, token buffer, stream state) is torchtitan's.
-        """
+    def __init__(self, *args, data: Data | None = None, sleep=time.sleep, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._retry = data or Data()
+        self._sleep = sleep
 
-        def __init__(self, *args, data: Data | None = None, sleep=time.sleep, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._retry = data or Data()
-            self._sleep = sleep
-
-        def _get_data_iter(self):
-            from datasets import Dataset
-
-            if isinstance(self._data, Dataset):
-                return super()._get_data_iter()
-            return self._resilient_iter()
-
-        def _resilient_iter(self):
-            from torchtitan_runai.upstream import logger
-
-            failures, wait = 0, self._retry.backoff_s
-            state = self._data.state_dict()
-            iterator = iter(self._data)
-            while True:
-                try:
-                    sample = next(iterator)
-                except StopIteration:
-                    return
-                except Exception as error:  # noqa: BLE001
-                    if failures >= self._retry.retries or not is_transient(error):
-                        raise
-                    failures += 1
-                    logger.warning(f"dataset {self.dataset_name}: {type(error).__name__}: "
-                                   f"{redact(str(error)).splitlines()[0] if str(error) else ''}; "
-                                   f"resuming the stream in {wait:.1f}s ({failures}/{self._retry.retries})")
-                    self._sleep(wait)
-                    wait = min(self._retry.max_backoff_s, wait * 2)
-                    self._data.load_state_dict(state)
-                    iterator = iter(self._data)
-                    continue
-                failures, wait = 0, self._retry.backoff_s
-                yield sample
-                state = self._data.state_dict()
-
-    return ResilientTextDataset
-
-
-def __getattr__(name: str):
-    if name == "ResilientTextDataset":
-        return _resilient_dataset_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def _get_data_iter(self):
+        if isinstance(self._data, Dataset):
+            return super()._get_data_iter()
+        return iter(RetryingStream(self._data, self.dataset_name, self._retry.retries, self._retry.backoff_s,
+                                   self._retry.max_backoff_s, self._sleep))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,15 +176,13 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: An
                      infinite: bool = True):
     """TrainSpec.build_dataloader_fn: the global-order loader (``data_position``), or torchtitan's
     per-rank text dataloader; either over our dataset registry. Nothing is read until first use."""
-    from torchtitan_runai.training import data_position
-
     data = data_config(job_config)
     if data.order not in ORDERS:
         raise UserError("data.order", data.order, "unknown order", f"use one of {list(ORDERS)}")
     register_datasets(data)
     training = job_config.training
     check_dataset(training.dataset, training.dataset_path, data, "training")
-    loader = data_position.make_runai_dataloader(
+    loader = dp.RunaiDataloader(
         partial(_build_lanes, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
         partial(_build_per_rank, dp_world_size, dp_rank, tokenizer, job_config, data, infinite))
     if data.order == "per-rank":
@@ -236,11 +191,6 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: An
 
 
 def _build_lanes(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, data: Data, infinite: bool):
-    from datasets import Dataset
-
-    from torchtitan_runai.training import data_position as dp
-    from torchtitan_runai.upstream import text_datasets
-
     training = job_config.training
     name = training.dataset.lower()
     entry = text_datasets.DATASETS[name]
@@ -259,10 +209,8 @@ def _build_lanes(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, d
 
 
 def _build_per_rank(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, data: Data, infinite: bool):
-    from torchtitan_runai.upstream import ParallelAwareDataloader
-
     training = job_config.training
-    dataset = _resilient_dataset_class()(
+    dataset = ResilientTextDataset(
         dataset_name=training.dataset,
         dataset_path=training.dataset_path,
         tokenizer=tokenizer,

@@ -41,15 +41,19 @@ change of size with it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
+import torch
+
 from torchtitan_runai.checkpoint.resume import GLOBAL_ORDER as FORMAT
 from torchtitan_runai.checkpoint.resume import PER_RANK
+from torchtitan_runai.training.stream import RetryingStream
+from torchtitan_runai.upstream import BaseDataLoader, logger
 
 POSITION_KEY = "position"
 TRACE_ENV = "TORCHTITAN_RUNAI_DATA_TRACE"
@@ -111,23 +115,21 @@ class StreamDocuments:
     """Document ``i`` of a stream, for the lanes of one rank.
 
     Reads forward from the earliest state its lanes need; keeps documents of its own lanes that are
-    still to come, drops the rest. Transient Hub errors (429 / 5xx / dropped connection) put the
-    stream back to the state before the failed read and retry after a backoff, so no document is
-    lost or read twice.
+    still to come, drops the rest. The stream is read through ``training.stream.RetryingStream``:
+    transient Hub errors (429 / 5xx / dropped connection) put it back to the state before the failed
+    read and retry after a backoff, so no document is lost or read twice.
     """
 
     def __init__(self, dataset, text_of: Callable[[dict], str], retries: int = 5, backoff_s: float = 1.0,
                  max_backoff_s: float = 16.0, sleep: Callable[[float], None] | None = None, name: str = "",
                  infinite: bool = True):
-        import time
-
         self.infinite = infinite
         self.dataset, self.text_of, self.name = dataset, text_of, name
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.sleep = sleep or time.sleep
         self.initial = dataset.state_dict()
         self.buffer: dict[int, tuple[str, Any]] = {}
-        self.iterator: Iterator | None = None
+        self.stream: RetryingStream | None = None
 
     def start(self, states: dict[int, LaneState], global_batch: int) -> None:
         self.global_batch = global_batch
@@ -135,20 +137,16 @@ class StreamDocuments:
         first = min(states.values(), key=lambda st: st.snap_doc)
         self.dataset.load_state_dict(first.snap if first.snap is not None else self.initial)
         self.index = first.snap_doc
-        self.state = self.dataset.state_dict()
-        self.iterator = iter(self.dataset)
+        self.stream = RetryingStream(self.dataset, self.name, self.retries, self.backoff_s, self.max_backoff_s,
+                                     self.sleep)
         self.buffer.clear()
 
     def _read(self) -> tuple[dict, Any]:
         """The next example and the stream state before it."""
-        from torchtitan_runai.hub import is_transient, redact
-        from torchtitan_runai.upstream import logger
-
-        failures, wait, looped = 0, self.backoff_s, False
+        looped = False
         while True:
-            before = self.state
             try:
-                sample = next(self.iterator)
+                return self.stream.read()
             except StopIteration:
                 if not self.infinite:
                     raise EndOfData(self.index) from None
@@ -157,24 +155,7 @@ class StreamDocuments:
                 # a new epoch: the stream again from its start; the document index goes on
                 logger.warning(f"dataset {self.name} is being re-looped")
                 looped = True
-                self.dataset.load_state_dict(self.initial)
-                self.state = self.dataset.state_dict()
-                self.iterator = iter(self.dataset)
-                continue
-            except Exception as error:  # noqa: BLE001
-                if failures >= self.retries or not is_transient(error):
-                    raise
-                failures += 1
-                logger.warning(f"dataset {self.name}: {type(error).__name__}: "
-                               f"{redact(str(error)).splitlines()[0] if str(error) else ''}; "
-                               f"resuming the stream in {wait:.1f}s ({failures}/{self.retries})")
-                self.sleep(wait)
-                wait = min(self.max_backoff_s, wait * 2)
-                self.dataset.load_state_dict(self.state)
-                self.iterator = iter(self.dataset)
-                continue
-            self.state = self.dataset.state_dict()
-            return sample, before
+                self.stream.restart(self.initial)
 
     def fetch(self, i: int) -> tuple[str, int, Any]:
         while i not in self.buffer:
@@ -316,8 +297,6 @@ class LaneLoader:
         self.order, self.local_batch = order, local_batch
 
     def __iter__(self):
-        import torch
-
         rounds = self.order.rounds()
         while True:
             rows = [window for _, window in zip(range(self.local_batch), rounds)]
@@ -334,44 +313,33 @@ class LaneLoader:
             self.order.load_state_dict(state)
 
 
-@functools.cache
-def _runai_dataloader_class() -> type:
-    # Defined on first use: the base class imports torchtitan (and torch).
-    from torchtitan_runai.upstream import BaseDataLoader
+class RunaiDataloader(BaseDataLoader):
+    """Global lanes, unless the checkpoint it resumes from has torchtitan's per-rank state.
 
-    class RunaiDataloader(BaseDataLoader):
-        """Global lanes, unless the checkpoint it resumes from has torchtitan's per-rank state.
+    The loader is built on first use, so that the checkpoint manager can pick the format
+    (``use_per_rank``) before anything is read.
+    """
 
-        The loader is built on first use, so that the checkpoint manager can pick the format
-        (``use_per_rank``) before anything is read.
-        """
+    def __init__(self, build_lanes: Callable[[], Any], build_per_rank: Callable[[], Any]):
+        self._build = {FORMAT: build_lanes, PER_RANK: build_per_rank}
+        self.format = FORMAT
+        self._impl = None
 
-        def __init__(self, build_lanes: Callable[[], Any], build_per_rank: Callable[[], Any]):
-            self._build = {FORMAT: build_lanes, PER_RANK: build_per_rank}
-            self.format = FORMAT
-            self._impl = None
+    @property
+    def impl(self):
+        if self._impl is None:
+            self._impl = self._build[self.format]()
+        return self._impl
 
-        @property
-        def impl(self):
-            if self._impl is None:
-                self._impl = self._build[self.format]()
-            return self._impl
+    def use_per_rank(self) -> None:
+        """torchtitan's per-rank order (``data.order = "per-rank"``, or an old checkpoint)."""
+        self.format, self._impl = PER_RANK, None
 
-        def use_per_rank(self) -> None:
-            """torchtitan's per-rank order (``data.order = "per-rank"``, or an old checkpoint)."""
-            self.format, self._impl = PER_RANK, None
+    def __iter__(self):
+        return iter(self.impl)
 
-        def __iter__(self):
-            return iter(self.impl)
+    def state_dict(self) -> dict[str, Any]:
+        return self.impl.state_dict()
 
-        def state_dict(self) -> dict[str, Any]:
-            return self.impl.state_dict()
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            self.impl.load_state_dict(state_dict)
-
-    return RunaiDataloader
-
-
-def make_runai_dataloader(build_lanes: Callable[[], Any], build_per_rank: Callable[[], Any]):
-    return _runai_dataloader_class()(build_lanes, build_per_rank)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.impl.load_state_dict(state_dict)

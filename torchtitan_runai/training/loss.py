@@ -9,7 +9,8 @@ by the global count of valid tokens across data-parallel ranks and microbatches.
 Variants (``[perf] loss``, see ``config.Perf``); all return the same value and gradients up to rounding
 (tests/unit/training/test_loss.py checks each against a direct fp64 reference, ignored positions included):
 
-* ``plain``: ``F.cross_entropy`` on the full logits upcast to fp32 (stock behaviour).
+* ``plain``: torchtitan's own ``cross_entropy_loss`` (``F.cross_entropy`` on the full logits upcast to
+  fp32): stock behaviour.
 * ``chunked``: the same on slices of the logits, each slice's fp32 copy recomputed in backward
   instead of kept, so eager mode never holds fp32 logits. The bf16 logits still exist.
 * ``fused``: (memory lever, not a speed lever: see ``config.Perf.loss``) the model's output layer hands over hidden states and weight (see
@@ -32,20 +33,9 @@ from torchtitan_runai.training.fused_head import (
     ce_sum_and_grad,
     fused_linear_cross_entropy,
 )
-from torchtitan_runai.upstream import IGNORE_INDEX, JobConfig, logger
+from torchtitan_runai.upstream import IGNORE_INDEX, JobConfig, cross_entropy_loss, logger
 
 LOSS_VARIANTS = ("plain", "chunked", "fused")
-
-
-def reshaped_cross_entropy(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies; logits are upcast to fp32 for a stable log-softmax."""
-    vocab = pred.shape[-1]
-    return F.cross_entropy(
-        pred.reshape(-1, vocab).float(),
-        labels.reshape(-1),
-        reduction="sum",
-        ignore_index=IGNORE_INDEX,
-    )
 
 
 def _chunk_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,7 +45,7 @@ def _chunk_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def chunked_cross_entropy(
     pred: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
-    """``reshaped_cross_entropy`` over row slices; each slice's fp32 copy is recomputed in backward."""
+    """torchtitan's ``cross_entropy_loss`` over row slices; each slice's fp32 copy is recomputed in backward."""
     vocab = pred.shape[-1]
     flat, flat_labels = pred.reshape(-1, vocab), labels.reshape(-1)
     total = flat.new_zeros((), dtype=torch.float32)
@@ -88,7 +78,7 @@ class LossFn:
             raise ValueError(f"loss_chunk_tokens must be positive, got {chunk_tokens}")
         self.variant, self.chunk_tokens = variant, chunk_tokens
         self.ce_fn = ce_fn or ce_sum_and_grad
-        self.plain_fn = plain_fn or reshaped_cross_entropy
+        self.plain_fn = plain_fn or cross_entropy_loss
 
     def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
         if self.variant == "fused" and isinstance(pred, HeadInput):
@@ -117,10 +107,10 @@ def build_loss_fn(job_config: JobConfig, **kwargs):
 
 def build_loss(variant: str, chunk_tokens: int, job_config: JobConfig) -> LossFn:
     compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
-    ce_fn, plain_fn = ce_sum_and_grad, reshaped_cross_entropy
+    ce_fn, plain_fn = ce_sum_and_grad, cross_entropy_loss
     if compile_loss:
         logger.debug(f"Compiling the loss function ({variant}) with torch.compile")
         compile_ = partial(torch.compile, backend=job_config.compile.backend)
-        ce_fn, plain_fn = compile_(ce_sum_and_grad), compile_(reshaped_cross_entropy)
+        ce_fn, plain_fn = compile_(ce_sum_and_grad), compile_(cross_entropy_loss)
     logger.debug(f"Loss: {variant} cross-entropy (chunk {chunk_tokens} tokens)")
     return LossFn(variant, chunk_tokens, ce_fn=ce_fn, plain_fn=plain_fn)

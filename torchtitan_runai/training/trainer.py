@@ -7,8 +7,8 @@ which its own ``train`` loop calls: ``init_distributed``, ``load_state_dict``, `
 ``batch_generator``, ``forward_backward_step``, ``train_step``, ``should_continue_training``) and uses no private
 Trainer method. The one place that reaches into torchtitan's internals is the checkpoint manager:
 ``training.checkpoint.manager.RunaiCheckpointManager.adopt`` swaps the ``__class__`` of the manager the
-Trainer built (there is no hook to choose its class) and overrides its private ``_find_load_step``
-and ``_save_last_step`` (see that module's docstring for why); ``training.device`` rebinds
+Trainer built (there is no hook to choose its class) and overrides its ``load`` and private
+``_save_last_step`` (see that module's docstring for why); ``training.device`` rebinds
 torchtitan's device globals for the CPU rehearsal (``upstream.use_cpu_device``). All of it is
 pinned to the exact torchtitan version (``upstream``).
 

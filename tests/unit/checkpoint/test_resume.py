@@ -80,3 +80,31 @@ def test_only_a_model_only_checkpoint_points_to_initial_load_path(tmp_path):
     stock_ckpt(tmp_path, 2)
     chosen = resume.choose(ckfolder.scan(tmp_path), -1, tmp_path)
     assert chosen.step == 2 and chosen.adopted  # an older full one resumes; the model-only one stays
+
+
+def test_choose_examines_only_as_far_as_its_answer_needs(tmp_path):
+    """One decision for every caller: the ranks' start-up (adapt_to_checkpoint) hands choose a lazy scan."""
+    write_ckpt(tmp_path, 2)
+    write_ckpt(tmp_path, 6)
+    stock_ckpt(tmp_path, 8, full=False)
+    examined = []
+
+    def lazily():
+        for step, path in ckfolder.step_folders(tmp_path):
+            examined.append(step)
+            yield ckfolder.examine(path, step)
+
+    assert resume.choose(lazily(), -1, tmp_path).step == 6 and examined == [8, 6]
+    examined.clear()
+    assert resume.choose(lazily(), 6, tmp_path).step == 6 and examined == [8, 6]
+
+
+def test_adapt_to_checkpoint_leaves_a_model_only_folder_to_the_launcher_and_the_manager(tmp_path):
+    cfg = config(dump=str(tmp_path))
+    stock_ckpt(tmp_path / "ckpt", 4, full=False)
+    assert resume.adapt_to_checkpoint(cfg, 2) is None  # the configured batch; no error here
+    with pytest.raises(UserError, match="model weights only"):
+        resume.prestart(cfg, {}, 2, 2)
+    cfg.checkpoint.load_step = 3
+    with pytest.raises(UserError, match="step-3 does not exist"):
+        resume.adapt_to_checkpoint(cfg, 2)

@@ -23,8 +23,9 @@ barrier, the marker. It returns the one line that says how long signal -> marked
 
 torchtitan's Trainer has no hook to choose the manager class, so ``adopt`` swaps the ``__class__``
 of the manager torchtitan built (its construction stays exactly torchtitan's), and the subclass
-overrides torchtitan's private ``_find_load_step`` (our resume choice for the folder's own
-checkpoints) and ``_save_last_step`` (a full final save instead of a model-only one), its public
+overrides its public ``load`` (which checkpoint resumes is ``checkpoint.resume.choose``'s alone:
+torchtitan is then asked for that step, so its own newest-first ``_find_load_step`` never runs on
+the folder), its private ``_save_last_step`` (a full final save instead of a model-only one), its public
 ``dcp_save`` (the same three DCP calls with our writer; Hugging Face saves go to torchtitan's) and
 ``close`` (the upload process first) and ``maybe_wait_for_staging`` (timed), and calls its private ``_should_save`` and
 ``_create_checkpoint_id`` (when to mark, where the step folder is).
@@ -47,7 +48,6 @@ from torchtitan_runai.checkpoint.folder import (
     folder_bytes,
     mark_complete,
     marker_record,
-    newest_resumable,
     quarantine,
     scan,
 )
@@ -287,12 +287,6 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _find_load_step(self, folder: str = "") -> int:
-        if folder and folder != self.folder:
-            return super()._find_load_step(folder)
-        chosen = newest_resumable(scan(Path(self.folder)))
-        return chosen.step if chosen else -1
-
     def choose(self, load_step: int) -> tuple[StepFolder | None, list[str]]:
         """Rank 0 decides what to load (moving incomplete checkpoints aside); every rank learns it."""
         decision: tuple[StepFolder | None, list[str], UserError | None] = (None, [], None)
@@ -325,6 +319,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         return chosen, notes
 
     def load(self, step: int = -1) -> bool:
+        # torchtitan's newest-first _find_load_step never runs: super().load gets a step, or -1 and a missing folder
         if not self.enable:
             return super().load(step)
         chosen, _ = self.choose(step)

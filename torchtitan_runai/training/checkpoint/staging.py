@@ -49,6 +49,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
+import torch.multiprocessing
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
 from torchtitan_runai.config import CheckpointPerf, wants_pinned_staging
 
 logger = logging.getLogger(__name__)
@@ -62,57 +67,61 @@ ADAM_MOMENTS = {"adam": 2, "adamw": 2}  # optimizer name -> state tensors shaped
 def staging_options():
     """torchtitan's pinned-mode staging options (pinned, shared, async, non-blocking) where an
     accelerator is present; shared and async only (no pinning, blocking copies) where none is."""
-    import torch
-    from torch.distributed.checkpoint.staging import StagingOptions
-
     has = getattr(torch, "accelerator", None)
     gpu = has.is_available() if has is not None else torch.cuda.is_available()
     return StagingOptions(use_pinned_memory=gpu, use_shared_memory=True, use_async_staging=True,
                           use_non_blocking_copy=gpu)
 
 
-def build_stager(options=None, pool: "StagingPool | None" = None):
+class KeptStateDictStager(StateDictStager):
+    """DCP's deep-copying stager, keeping its buffers and copy rules until ``release``; storages it
+    has not staged yet take a ready buffer of their size from ``pool`` when there is one."""
+
+    def __init__(self, *args, pool: StagingPool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = pool
+
+    def close(self) -> None:  # called by DefaultStager._stage after every staging (torch 2.11)
+        pass
+
+    def release(self) -> None:
+        StateDictStager.close(self)
+
+    def _stage_untyped_storage(self, storage, *args, **kwargs):  # signature varies across torch
+        if self.pool is not None and storage not in self._cached_storage_mapping:
+            ready = self.pool.take(storage.nbytes())
+            if ready is not None:
+                ready.copy_(storage, non_blocking=bool(kwargs.get("non_blocking", args[0] if args else False)))
+                self._cached_storage_mapping[storage] = ready  # later saves reuse it, as DCP would
+                return ready
+        return super()._stage_untyped_storage(storage, *args, **kwargs)
+
+
+class ReusableStager(DefaultStager):
+    """DCP's ``DefaultStager`` over a ``KeptStateDictStager``: released (with ``pool``) only at ``close``."""
+
+    def __init__(self, config: StagingOptions, pool: StagingPool | None = None):
+        super().__init__(config)
+        self.pool = pool
+        self._state_dict_stager = KeptStateDictStager(pin_memory=config.use_pinned_memory,
+                                                      share_memory=config.use_shared_memory, pool=pool)
+
+    def close(self) -> None:  # end of run (torchtitan's CheckpointManager.close)
+        super().close()
+        self._state_dict_stager.release()
+        if self.pool is not None:
+            self.pool.release()
+
+
+def build_stager(options: StagingOptions | None = None, pool: StagingPool | None = None) -> ReusableStager:
     """torchtitan's async_with_pinned_mem stager (pinned, shared, async, non-blocking copies) whose
     staged buffers and copy rules survive DCP's per-staging ``close()`` (torch 2.11), and whose
     first staging takes ready buffers from ``pool``."""
-    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
-    from torch.distributed.checkpoint.staging import DefaultStager
-
-    class KeptStateDictStager(StateDictStager):
-        def close(self) -> None:  # called by DefaultStager._stage after every staging (torch 2.11)
-            pass
-
-        def release(self) -> None:
-            StateDictStager.close(self)
-
-        def _stage_untyped_storage(self, storage, *args, **kwargs):  # signature varies across torch
-            if pool is not None and storage not in self._cached_storage_mapping:
-                ready = pool.take(storage.nbytes())
-                if ready is not None:
-                    ready.copy_(storage, non_blocking=bool(kwargs.get("non_blocking", args[0] if args else False)))
-                    self._cached_storage_mapping[storage] = ready  # later saves reuse it, as DCP would
-                    return ready
-            return super()._stage_untyped_storage(storage, *args, **kwargs)
-
-    class ReusableStager(DefaultStager):
-        def __init__(self, config):
-            super().__init__(config)
-            self._state_dict_stager = KeptStateDictStager(pin_memory=config.use_pinned_memory,
-                                                          share_memory=config.use_shared_memory)
-
-        def close(self) -> None:  # end of run (torchtitan's CheckpointManager.close)
-            super().close()
-            self._state_dict_stager.release()
-            if pool is not None:
-                pool.release()
-
-    return ReusableStager(options or staging_options())
+    return ReusableStager(options or staging_options(), pool)
 
 
 def pool_supported() -> bool:
     """The pool hands buffers over through DCP's per-storage staging hook and its storage cache."""
-    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
-
     return (hasattr(StateDictStager, "_stage_untyped_storage")
             and hasattr(StateDictStager(), "_cached_storage_mapping"))
 
@@ -141,9 +150,6 @@ def new_shared_storage(nbytes: int) -> Any:
     releases the GIL) and wrapped by torch is the same kind of storage: shared by file descriptor,
     as the saving process receives it. Other sharing strategies get torch's own call.
     """
-    import torch
-    import torch.multiprocessing
-
     if not hasattr(os, "memfd_create") or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
         return torch.UntypedStorage._new_shared(nbytes, device="cpu")
     fd = os.memfd_create("checkpoint-staging", os.MFD_CLOEXEC)
@@ -194,8 +200,6 @@ class StagingPool:
         return self
 
     def _prepare(self) -> None:
-        import torch
-
         began = time.monotonic()
         try:
             if self.pin:
@@ -249,8 +253,6 @@ def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" 
     if getattr(manager, "stager", None) is not None:
         return None  # someone else's stager: leave it
     if not perf.reuse_staging:
-        from torch.distributed.checkpoint.staging import DefaultStager
-
         manager.stager = DefaultStager(staging_options())  # torchtitan's, minus what a CPU refuses
         return None
     pool = None
@@ -258,8 +260,6 @@ def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" 
         logger.warning("checkpoint_perf.prepare_at_start: this torch's DCP stager has no per-storage hook; "
                        "the first checkpoint allocates its staging memory itself")
     elif perf.prepare_at_start:
-        import torch
-
         moments = ADAM_MOMENTS.get(optimizer_name.lower(), 0)
         pin = torch.cuda.is_available()
         pool = StagingPool(staging_sizes(model_parts, moments), pin=pin,

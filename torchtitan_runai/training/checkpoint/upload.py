@@ -53,11 +53,13 @@ import threading
 import time
 from typing import Any
 
+# torch's DCP pieces are imported where used: _async_process_executor is private (``supported`` asks
+# whether this torch has it), and importing this module must not fail on a torch without it.
+
 logger = logging.getLogger(__name__)
 
 BLOCKED = (signal.SIGTERM, signal.SIGINT)
 SHUTDOWN_WAIT_S = 5.0
-INIT_TIMEOUT_S = 1800  # DCP's own wait for the saving process (the gloo default)
 
 
 def supported() -> bool:

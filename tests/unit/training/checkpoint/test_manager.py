@@ -31,3 +31,32 @@ def test_rng_state_round_trips_through_dcp(tmp_path):
     rng.load_state_dict(state["rng"])
     assert torch.equal(torch.rand(5), expected)
     assert "rng.rank0.cpu" in manager.saved_keys(tmp_path / "step-1")
+
+
+def bare_manager(folder: Path, initial_load_path: str | None = None) -> manager.RunaiCheckpointManager:
+    """A RunaiCheckpointManager with what ``load`` reads and torchtitan's own ``load`` behind it."""
+    m = object.__new__(manager.RunaiCheckpointManager)
+    m.enable, m.enable_ft_dataloader_checkpoints, m.folder = True, False, str(folder)
+    m.initial_load_path, m.initial_load_in_hf, m.initial_load_model_only = initial_load_path, False, False
+    m.initial_load_in_hf_quantized, m.sd_adapter, m.exclude_from_loading = False, None, []
+    m.states = {"w": torch.zeros(1000), "b": torch.zeros(10)}
+    m.job_config, m.world_size, m.dp_degree, m.last_complete_step = config(), 2, 2, -1
+    return m
+
+
+def test_only_resume_choose_picks_the_checkpoint_torchtitans_newest_first_pick_never_runs(tmp_path, monkeypatch):
+    """The own-folder branch of ``_find_load_step`` was dropped as unreachable: ``load`` hands torchtitan a
+    step, or -1 with ``folder`` pointed at a path that does not exist. Here torchtitan's pick would be step 5
+    (a stock model-only save: it has .metadata), ours is step 3."""
+    called = []
+    monkeypatch.setattr(manager.upstream.CheckpointManager, "_find_load_step",
+                        lambda self, folder="": called.append(folder) or -1)
+    write_ckpt(tmp_path, 3)
+    write_ckpt(tmp_path, 5, mark=False)
+    m = bare_manager(tmp_path)
+    assert m.load() and m.last_complete_step == 3
+    assert torch.equal(m.states["w"], torch.arange(1000, dtype=torch.float32) * 3)
+    fresh = bare_manager(tmp_path / "empty", initial_load_path=str(tmp_path / "step-3"))
+    (tmp_path / "empty").mkdir()
+    assert fresh.load() and torch.equal(fresh.states["b"], torch.ones(10))
+    assert called == []
