@@ -37,9 +37,9 @@ recipe   parameters          one checkpoint
 405B     405,853,388,800     ~4.9 TB
 ======== =================== ================
 
-torchtitan deletes old checkpoints only after a new one is written, so the PVC must hold
-``keep_latest_k + 1`` of them at the peak (the final model-only save is a third of a full one and fits
-in that slack). :func:`recommend_keep_latest_k` turns a PVC size into the largest safe
+Old checkpoints are removed only once a new one is complete (``checkpoint.folder.retain``: at most
+``keep_latest_k`` complete ones, whatever wrote them), so the PVC must hold ``keep_latest_k + 1`` of
+them at the peak (``checkpoint.folder.peak_room``, which preflight checks). :func:`recommend_keep_latest_k` turns a PVC size into the largest safe
 ``checkpoint.keep_latest_k`` (10% of the PVC kept free for TensorBoard, the HF cache and the
 filesystem; capped at 10, torchtitan's default; never 1, which torchtitan forbids, never 0 = keep all).
 """

@@ -21,19 +21,40 @@ of the lengths it lists is a finished save. Its kind comes from the keys: model 
 state and train state make it ``full`` (resumable); weights alone ``model-only`` (complete, never
 moved; continue from it with ``checkpoint.initial_load_path``). Its record is synthesised
 (``adopted``, the data-parallel degree from its ``dataloader.dp_rank_*`` keys). Only a complete ``full`` one can be resumed (``StepFolder.resumable``);
-a complete ``model-only`` one still holds the weights (the export reads it). Incomplete ones (a save
-cut off by SIGKILL, a full disk, ...) are moved to ``.incomplete/`` (``quarantine``), never deleted.
-Complete checkpoints are never moved or deleted here (torchtitan's ``keep_latest_k`` retires old
-ones).
+a complete ``model-only`` one still holds the weights (the export reads it). Incomplete ones newer
+than the checkpoint a run resumes from (a save cut off by SIGKILL, ...) are moved to ``.incomplete/``
+(``quarantine``) at start, never deleted there. Complete checkpoints are never moved.
+
+Retention (``retain``, the one rule; the manager applies it, torchtitan's own purge is off): with
+``checkpoint.keep_latest_k = k > 0`` the folder keeps at most k *complete* checkpoints, whatever wrote
+them (interval, preemption, final save). It runs after every save is marked complete and, with the
+size the next save needs, before every save:
+
+- by count: the complete checkpoints beyond the newest k go, oldest first; so do incomplete
+  ``step-N`` folders older than the newest complete checkpoint (cut-off saves nothing resumes from);
+- by room: when the free space (plus what the count frees) cannot hold the next save (the size of
+  the newest complete checkpoint), the oldest remaining folders go, oldest first, until it can. When
+  even removing all of them would not make room, nothing is removed (the save would fail anyway,
+  and the checkpoints are worth more than the attempt);
+- never removed: the newest complete checkpoint and the newest resumable one, the folders the
+  caller names (``protect``: the save being written), and an incomplete folder that something wrote
+  into during the last ``LIVE_WRITE_S`` seconds (a writer may still be using it).
+
+So the folder peaks at k complete checkpoints plus the one being written (the manager waits for the
+upload in flight, marks it and retires before it stages the next save): ``peak_room``. k = 0 keeps
+every checkpoint, and nothing is ever removed.
 
 Whether the folder can take a checkpoint (``probe_writable``, ``lacks_room``): a real file is
-written and removed (a read-only mount is caught even as root), and the free space must hold one
-checkpoint. The launcher (``check_writable``: the last checkpoint's size) and preflight (the
-estimate, 12 bytes per parameter) both use this one rule.
+written and removed (a read-only mount is caught even as root), and the free space must hold what
+comes next. The launcher (``check_writable``: the last checkpoint's size, counting what retention
+may free first) and preflight (``peak_room``: the folder's peak, the estimate of 12 bytes per
+parameter for a checkpoint) both ask here. ``is_disk_full`` finds ENOSPC inside what a failed save
+raised (DCP wraps every rank's error in a ``CheckpointException``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -42,7 +63,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.jsonio import read_json, write_json_atomic
@@ -205,6 +226,204 @@ def mark_complete(path: Path, record: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Retention: which step folders go (see the module docstring; ``retain`` applies it)
+
+LIVE_WRITE_S = 120.0
+"""An incomplete folder written into more recently than this may have a live writer: never removed."""
+
+
+def _last_write(path: Path) -> float:
+    """The newest mtime of the folder and the files directly in it (DCP writes no subfolders)."""
+    newest = 0.0
+    try:
+        newest = path.stat().st_mtime
+        for entry in os.scandir(path):
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return newest
+
+
+def _untouchable(found: list[StepFolder], protect: Collection[int], now: float) -> set[int]:
+    """Steps that no rule removes: the newest complete and newest resumable checkpoints, the
+    protected steps and incomplete folders with a possible live writer."""
+    keep = set(protect)
+    complete = [f for f in found if f.complete]
+    if complete:
+        keep.add(complete[0].step)
+    resumable = newest_resumable(found)
+    if resumable is not None:
+        keep.add(resumable.step)
+    keep.update(f.step for f in found if not f.complete and now - _last_write(f.path) < LIVE_WRITE_S)
+    return keep
+
+
+def over_count(found: list[StepFolder], keep_latest_k: int, protect: Collection[int] = (),
+               now: float | None = None) -> list[StepFolder]:
+    """The folders the count rule removes (oldest first) from ``found`` (``scan``'s list)."""
+    if keep_latest_k <= 0:
+        return []
+    now = time.time() if now is None else now
+    spared = _untouchable(found, protect, now)
+    complete = [f for f in found if f.complete]  # newest first
+    kept = {f.step for f in complete if f.step in spared}
+    for f in complete:
+        if len(kept) >= keep_latest_k:
+            break
+        kept.add(f.step)
+    newest_complete = complete[0].step if complete else None
+    doomed = [f for f in found if f.step not in spared and (
+        (f.complete and f.step not in kept) or
+        (not f.complete and newest_complete is not None and f.step < newest_complete))]
+    return sorted(doomed, key=lambda f: f.step)
+
+
+def for_room(found: list[StepFolder], short_bytes: int, sizes: Mapping[int, int], protect: Collection[int] = (),
+             now: float | None = None) -> list[StepFolder]:
+    """The folders the room rule removes (oldest first) to free ``short_bytes``; [] when even all of
+    them would not."""
+    if short_bytes <= 0:
+        return []
+    now = time.time() if now is None else now
+    spared = _untouchable(found, protect, now)
+    chosen, freed = [], 0
+    for f in sorted((f for f in found if f.step not in spared), key=lambda f: f.step):
+        chosen.append(f)
+        freed += sizes.get(f.step, 0)
+        if freed >= short_bytes:
+            return chosen
+    return []
+
+
+@dataclass
+class Retired:
+    """What one ``retain`` pass removed, and why: ``line()`` is the one log line (None: nothing)."""
+
+    folder: Path
+    keep_latest_k: int
+    by_count: list[tuple[StepFolder, int]]
+    by_room: list[tuple[StepFolder, int]]
+    kept: list[int]
+    need_bytes: int = 0
+    free_bytes: int | None = None
+    short_bytes: int = 0  # the room still missing after the count rule
+    unsolved: bool = False  # room was short and removing every candidate would not have fixed it
+    failed: list[str] | None = None
+
+    @property
+    def removed(self) -> list[StepFolder]:
+        return [f for f, _ in self.by_count + self.by_room]
+
+    def line(self) -> str | None:
+        if not self.removed and not self.unsolved:
+            return None
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        what = lambda items: ", ".join(  # noqa: E731
+            f"{f.path.name} ({gib(n)}{'' if f.complete else ', incomplete'})" for f, n in items)
+        kept = ", ".join(f"step-{s}" for s in self.kept) or "none"
+        parts = []
+        if self.by_count:
+            parts.append(f"removed {what(self.by_count)}: beyond the newest {self.keep_latest_k} complete "
+                         "checkpoint(s)")
+        if self.by_room:
+            parts.append(f"removed {what(self.by_room)}, oldest first: {gib(self.free_bytes or 0)} free could not "
+                         f"hold the next save (~{gib(self.need_bytes)}, the size of the newest complete checkpoint)")
+        if self.unsolved:
+            parts.append(f"{gib(self.free_bytes or 0)} free cannot hold the next save (~{gib(self.need_bytes)}) even "
+                         "without every older checkpoint: removed nothing for room (the save may fail; free space "
+                         "or grow the volume)")
+        if self.failed:
+            parts.append(f"could not remove {', '.join(self.failed)}")
+        return (f"checkpoint retention in {self.folder} (checkpoint.keep_latest_k = {self.keep_latest_k}): "
+                f"{'; '.join(parts)}; kept complete {kept}")
+
+
+def retain(folder: Path, keep_latest_k: int, protect: Collection[int] = (), need_bytes: int = 0,
+           found: list[StepFolder] | None = None) -> Retired:
+    """Apply the retention rule to ``folder`` now (see the module docstring): the count rule, and
+    with ``need_bytes`` (the next save's size) the room rule. Removes synchronously; only the
+    process that owns the folder (rank 0) calls it. ``keep_latest_k = 0`` removes nothing."""
+    folder = Path(folder)
+    found = scan(folder) if found is None else found
+    now = time.time()
+    result = Retired(folder, keep_latest_k, [], [], [], need_bytes=need_bytes)
+    if keep_latest_k > 0:
+        sizes = {f.step: folder_bytes(f.path) for f in found}
+        result.by_count = [(f, sizes[f.step]) for f in over_count(found, keep_latest_k, protect, now)]
+        rest = [f for f in found if f not in result.removed]
+        if need_bytes > 0:
+            result.free_bytes = shutil.disk_usage(folder).free + sum(n for _, n in result.by_count)
+            result.short_bytes = need_bytes - result.free_bytes
+            if result.short_bytes > 0:
+                result.by_room = [(f, sizes[f.step]) for f in for_room(rest, result.short_bytes, sizes, protect, now)]
+                result.unsolved = not result.by_room
+        failed = []
+        for f in result.removed:
+            try:
+                shutil.rmtree(f.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                failed.append(f"{f.path.name} ({e.strerror or e})")
+        result.failed = failed or None
+    result.kept = [f.step for f in found if f.complete and f not in result.removed]
+    return result
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The most a checkpoint folder holds at once, and what it still needs (``peak_room``)."""
+
+    checkpoint_bytes: int  # one checkpoint: the estimate, or the newest complete one on disk if larger
+    count: int  # checkpoints at the peak: keep_latest_k kept + 1 being written (1 with keep_latest_k = 0)
+    on_disk: int  # of them, complete checkpoints already in the folder that retention keeps
+    needed_bytes: int  # free bytes the peak still needs: (count - on_disk) checkpoints
+    freeable_bytes: int  # what the count rule removes before the next save is written
+
+
+def peak_room(folder: Path, estimate_bytes: int, keep_latest_k: int) -> Peak:
+    """The folder's peak (see the module docstring): k complete checkpoints plus the one being
+    written, since the manager waits for the upload in flight, marks it and retires before it writes
+    the next save (no second one is ever in flight). The newest complete checkpoints on disk (up to
+    k) are part of it; the other step folders are what the count rule frees. ``keep_latest_k = 0``
+    keeps every checkpoint: the peak has no bound, and this asks for room for the next one only."""
+    found = scan(folder)
+    newest = next((f for f in found if f.complete), None)
+    size = max(estimate_bytes, folder_bytes(newest.path) if newest is not None else 0)
+    if keep_latest_k <= 0:
+        return Peak(size, 1, 0, size, 0)
+    doomed = over_count(found, keep_latest_k)
+    on_disk = min(keep_latest_k, sum(1 for f in found if f.complete and f not in doomed))
+    count = keep_latest_k + 1
+    return Peak(size, count, on_disk, (count - on_disk) * size, sum(folder_bytes(f.path) for f in doomed))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Is ENOSPC anywhere in ``error``: its causes, or the per-rank errors of DCP's
+    ``CheckpointException`` (an upload's error comes back from DCP's saving process pickled)?"""
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e.args[0] if len(e.args) == 1 else e.args):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, Mapping):
+            todo.extend(v[0] if isinstance(v, tuple) and v else v for v in failures.values())
+        todo.extend((e.__cause__, e.__context__))
+    return False
+
+
+
+# ---------------------------------------------------------------------------------------------
 # Room for a checkpoint: one rule for the launcher and preflight
 
 
@@ -231,11 +450,13 @@ def lacks_room(folder: Path, needed_bytes: int) -> int | None:
     return free if free < needed_bytes else None
 
 
-def check_writable(folder: Path, probe_bytes: int = 1 << 20, create: bool = True) -> None:
+def check_writable(folder: Path, probe_bytes: int = 1 << 20, create: bool = True, keep_latest_k: int = 0) -> None:
     """Create the folder and write (then remove) a probe file; UserError if that fails.
 
     ``create=False`` (the launcher's checks, before the folder is claimed): a missing folder stays
-    missing and the nearest existing folder above it is probed instead.
+    missing and the nearest existing folder above it is probed instead. With ``keep_latest_k > 0``
+    the room retention would free before the next save (every step folder but the newest complete
+    and resumable ones) counts as free: the trainer frees it before it writes.
     """
     folder = Path(folder)
     setting = "checkpoint.folder"
@@ -255,7 +476,13 @@ def check_writable(folder: Path, probe_bytes: int = 1 << 20, create: bool = True
     if newest is not None:
         size = folder_bytes(newest[1])
         free = lacks_room(folder, size)
-        if free is not None:
+        freeable = 0
+        if free is not None and keep_latest_k > 0:
+            found = scan(folder)
+            spared = _untouchable(found, (), time.time())
+            freeable = sum(folder_bytes(f.path) for f in found if f.step not in spared)
+        if free is not None and free + freeable < size:
+            also = f" (retention can free {freeable / 2**30:.2f} GiB more)" if freeable else ""
             raise UserError(setting, str(folder),
-                            f"only {free / 2**30:.2f} GiB free but the last checkpoint took {size / 2**30:.2f} GiB",
+                            f"only {free / 2**30:.2f} GiB free{also} but the last checkpoint took {size / 2**30:.2f} GiB",
                             "free space (lower checkpoint.keep_latest_k, delete old step-N folders) or grow the volume")

@@ -246,7 +246,7 @@ def hold_folder(config: Any, env: Mapping[str, str]) -> FolderLock | None:
         return None
     folder = storage.checkpoint_dir(config)
     take_over = config.resilience.take_over_folder
-    check_writable(folder)
+    check_writable(folder, keep_latest_k=getattr(config.checkpoint, "keep_latest_k", 0))
     record = acquire_lock(folder, job_identity(env)[0], take_over=take_over)
     hold = FolderLock(folder, record)
     try:

@@ -292,7 +292,7 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
     folder = storage.checkpoint_dir(config)
     take_over = config.resilience.take_over_folder
     claim_folder(folder, env, take_over=take_over, write=False)  # a foreign owner is refused first
-    check_writable(folder, create=False)
+    check_writable(folder, create=False, keep_latest_k=getattr(config.checkpoint, "keep_latest_k", 0))
     found = scan(folder)
     chosen = choose(found, config.checkpoint.load_step, folder, bool(config.checkpoint.initial_load_path))
     if chosen is not None:

@@ -102,13 +102,19 @@ class LaunchRecord:
                                      "ended_at": None, "exit_code": None}
 
     def open(self) -> "LaunchRecord":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, self.data)
+        self._write()
         return self
 
     def close(self, exit_code: int) -> None:
         self.data.update(ended_at=time.time(), exit_code=exit_code)
-        write_json_atomic(self.path, self.data)
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.data)
+        except OSError:  # a full volume (the launch's own exit line says so): a record, never a traceback
+            pass
 
 
 class Ledger:

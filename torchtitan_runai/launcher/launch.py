@@ -82,7 +82,8 @@ The workers also get, unless already set: ``PYTORCH_ALLOC_CONF=expandable_segmen
 Inductor/FX-graph cache on the output volume (``worker_env``).
 
 Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file,
-a rendezvous that timed out: the line names the nodes that joined and RDZV_TIMEOUT);
+a rendezvous that timed out: the line names the nodes that joined and RDZV_TIMEOUT; a full disk
+during a checkpoint save, the preemption save included: a worker's one line, ``errors.report_to_launcher``);
 128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
 retries it; the workers first save a full checkpoint at the next step boundary); 142 a rank's
 watchdog found the job hung (the line names the hung rank; retryable); 1 a worker failed with an
@@ -104,7 +105,7 @@ from pathlib import Path
 from typing import Mapping
 
 from torchtitan_runai import goodput, storage
-from torchtitan_runai.errors import EXIT_HUNG, HANG_VERDICT_ENV, UserError, cli
+from torchtitan_runai.errors import EXIT_HUNG, EXIT_USER_ERROR, HANG_VERDICT_ENV, WORKER_ERROR_ENV, UserError, cli, reported
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
@@ -462,16 +463,26 @@ def run_agent(torchrun_argv: list[str], plan: LaunchPlan | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="runai-launch-") as scratch:
         verdict = Path(scratch) / "hang-verdict"
         os.environ[HANG_VERDICT_ENV] = str(verdict)
+        worker_error = Path(scratch) / "worker-error"  # errors.report_to_launcher: e.g. a full disk in a save
+        os.environ[WORKER_ERROR_ENV] = str(worker_error)
         try:
             run(args)
         except SignalException as e:
             sig = signal.Signals(e.sigval)
+            error = reported(worker_error)
+            if error is not None:  # the preemption save failed: not a retryable stop
+                print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; the checkpoint "
+                      "could not be saved", file=sys.stderr, flush=True)
+                raise error from None
             print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
                   file=sys.stderr, flush=True)
             return 128 + sig
         except RendezvousTimeoutError as e:
             raise rendezvous_timeout_error(e, plan or plan_launch({}, 0)) from None
         except ChildFailedError as e:
+            error = reported(worker_error)
+            if error is not None:
+                raise error from None
             found = (verdict.read_text(), verdict.stat().st_mtime) if verdict.is_file() else None
             line, code = describe_failure(e.failures, found)
             print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
@@ -616,8 +627,11 @@ def main(argv: list[str]) -> int:
     hold = hold_folder(config, env) if node0 else None
     record = goodput.build_launch_record(config) if node0 else None  # the goodput ledger's launch
     code = 1
+    error = None
     try:
         code = run_agent(command, plan)
+    except UserError as e:  # a rendezvous timeout, a worker's full disk: the last line, after the records
+        error, code = e, EXIT_USER_ERROR
     finally:
         if record is not None:
             record.close(code)
@@ -625,6 +639,8 @@ def main(argv: list[str]) -> int:
             hold.release()
     if record is not None:
         print(f"[launch] {goodput.report_at_exit(config)}", flush=True)
+    if error is not None:
+        raise error
     if code == 0:
         print(f"[launch] {finished_line(config, time.monotonic() - started)}", flush=True)
     return code

@@ -25,8 +25,14 @@ What is checked
                  tolerance (10%), a warning when it is within it;
 ``checkpoint``   the checkpoint folder (``$OUTPUT_DIR/<checkpoint.folder>``, see
                  ``torchtitan_runai.storage``) is writable (a real file is created and removed, so a
-                 read-only mount is caught even as root) and has room for one full checkpoint
-                 (12 bytes per parameter: fp32 weights and AdamW's two moments);
+                 read-only mount is caught even as root) and has room for the folder's peak:
+                 ``checkpoint.keep_latest_k`` kept checkpoints plus the one being written (the
+                 manager waits for the upload in flight before it stages the next save, so no
+                 second one is in flight), less the complete ones already there that retention
+                 keeps, counting as free what retention removes first
+                 (``checkpoint.folder.peak_room``); one checkpoint is 12 bytes per parameter
+                 (fp32 weights and AdamW's two moments), or the newest one on disk if larger.
+                 ``keep_latest_k = 0`` keeps every checkpoint: room for the next one is checked;
 ``/dev/shm``     a warning when it is Docker's 64 MiB default: the dataloader workers and NCCL use
                  it (``--large-shm`` in Run:ai, an ``emptyDir: {medium: Memory}`` in a PyTorchJob);
 ``host memory``  with ``checkpoint.async_mode = "async_with_pinned_mem"``, every rank keeps its share of
@@ -79,7 +85,7 @@ from typing import Any, Callable, Mapping
 
 from torchtitan_runai import hub, storage
 from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
-from torchtitan_runai.checkpoint.folder import lacks_room, probe_writable
+from torchtitan_runai.checkpoint.folder import peak_room, probe_writable
 from torchtitan_runai.config import wants_pinned_staging
 from torchtitan_runai.config import Hub, check_world_size
 from torchtitan_runai.errors import UserError, cli
@@ -158,9 +164,10 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_checkpoint_folder(path: str | os.PathLike, needed_bytes: int) -> Finding:
+def check_checkpoint_folder(path: str | os.PathLike, checkpoint_bytes: int, keep_latest_k: int = 0) -> Finding:
     """The folder (or the nearest existing parent, where it will be created) takes a real file and has
-    ``needed_bytes`` free. Nothing is left behind."""
+    room for its peak (``peak_room``: ``keep_latest_k`` + 1 checkpoints of ``checkpoint_bytes``, less
+    what is on disk and kept). Nothing is left behind."""
     folder = Path(path)
     where = _existing_ancestor(folder)
     setting = "checkpoint folder (OUTPUT_DIR / checkpoint.folder)"
@@ -173,14 +180,24 @@ def check_checkpoint_folder(path: str | os.PathLike, needed_bytes: int) -> Findi
         return Finding("error", "checkpoint", f"{setting} {folder} is not writable ({error.strerror} in {where}). "
                                               "Fix: mount a writable PVC at OUTPUT_DIR (readOnly: false) and check "
                                               "its permissions for the container's user (fsGroup)")
-    free = lacks_room(where, needed_bytes)
-    if free is not None:
-        return Finding("error", "checkpoint", f"{setting} {folder}: {free / 1e9:.1f} GB free, one checkpoint needs "
-                                              f"{needed_bytes / 1e9:.1f} GB. Fix: use a larger PVC, free space, or "
-                                              "lower checkpoint.keep_latest_k")
+    peak = peak_room(folder, checkpoint_bytes, keep_latest_k)
     free = shutil.disk_usage(where).free
-    return Finding("ok", "checkpoint", f"{folder} writable, {free / 1e9:.0f} GB free "
-                                       f"(one checkpoint: {needed_bytes / 1e9:.1f} GB)")
+    gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    if keep_latest_k > 0:
+        made_of = (f"{peak.count} checkpoints of {gib(peak.checkpoint_bytes)} (checkpoint.keep_latest_k = "
+                   f"{keep_latest_k} kept + 1 being written"
+                   + (f"; {peak.on_disk} of them already on disk)" if peak.on_disk else ")"))
+    else:
+        made_of = (f"1 checkpoint of {gib(peak.checkpoint_bytes)} (checkpoint.keep_latest_k = 0 keeps every "
+                   "checkpoint: the folder grows by one each checkpoint.interval)")
+    freed = f" (+ {gib(peak.freeable_bytes)} that retention removes first)" if peak.freeable_bytes else ""
+    if free + peak.freeable_bytes < peak.needed_bytes:
+        return Finding("error", "checkpoint", f"{setting} {folder}: {gib(free)} free{freed}, the folder's peak needs "
+                                              f"{gib(peak.needed_bytes)} ({peak.needed_bytes} bytes) more: {made_of}. "
+                                              "Fix: use a larger PVC, free space, or lower checkpoint.keep_latest_k "
+                                              f"(each one less needs {gib(peak.checkpoint_bytes)} less)")
+    return Finding("ok", "checkpoint", f"{folder} writable, {gib(free)} free{freed}; the peak needs "
+                                       f"{gib(peak.needed_bytes)} more: {made_of}")
 
 
 def check_dev_shm(path: str = "/dev/shm") -> Finding:
@@ -425,7 +442,8 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     machine: list[Finding] = []
     if config.checkpoint.enable:
         machine.append(check_checkpoint_folder(checkpoint_folder_of(config, env),
-                                               BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params))
+                                               BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params,
+                                               config.checkpoint.keep_latest_k))
     host = check_host_memory(config, estimate.params, world_size, local_ranks or world_size, host_limit)
     if host is not None:
         machine.append(host)

@@ -183,7 +183,32 @@ def test_checkpoint_folder_on_a_read_only_mount_is_an_error(tmp_path):
 
 def test_checkpoint_folder_without_room_for_a_checkpoint_is_an_error(tmp_path):
     f = _probe("size=4m", "check_checkpoint_folder('MNT/ckpt', 100 * 1024**2)", tmp_path)
-    assert f["level"] == "error" and "one checkpoint needs" in f["message"]
+    assert f["level"] == "error" and "needs 0.10 GiB" in f["message"]
+    assert "1 checkpoint of 0.10 GiB (checkpoint.keep_latest_k = 0 keeps every checkpoint" in f["message"]
+
+
+def test_checkpoint_folder_needs_room_for_its_peak_keep_latest_k_plus_the_one_being_written(tmp_path):
+    # 3 MiB checkpoints, keep_latest_k = 2: a fresh folder peaks at 3 of them (9 MiB) on an 8 MiB volume;
+    # room for one checkpoint, the old rule, would have passed
+    f = _probe("size=8m", "check_checkpoint_folder('MNT/ckpt', 3 * 1024**2, 2)", tmp_path)
+    assert f["level"] == "error", f
+    assert f"needs 0.01 GiB ({9 * 1024**2} bytes) more: 3 checkpoints of 0.00 GiB" in f["message"]
+    assert "checkpoint.keep_latest_k = 2 kept + 1 being written" in f["message"]
+    assert "lower checkpoint.keep_latest_k" in f["message"].split("Fix:")[1]
+    assert check_checkpoint_folder(tmp_path / "fresh", 3 * 1024**2, 2).level == "ok"  # the real disk
+
+
+def test_checkpoint_peak_counts_kept_checkpoints_on_disk_and_what_retention_frees(tmp_path):
+    sys.path.insert(0, str(REPO / "tests/unit/checkpoint"))
+    from ckpt_util import write_ckpt
+
+    for step in (5, 10, 15, 20):
+        write_ckpt(tmp_path / "ckpt", step)
+    f = check_checkpoint_folder(tmp_path / "ckpt", 1000, 2)
+    assert f.level == "ok"
+    # 2 of the 3 at the peak are on disk (steps 15 and 20); steps 5 and 10 are removed first
+    assert "3 checkpoints of" in f.message and "2 of them already on disk" in f.message
+    assert "that retention removes first" in f.message
 
 
 def test_checkpoint_folder_writable_with_room_is_ok_and_left_clean(tmp_path):

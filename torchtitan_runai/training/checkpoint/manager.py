@@ -21,13 +21,24 @@ flight and mark it, then save the step just finished synchronously from this pro
 through the reusable pinned buffers when there are any, then written by the writer threads), a
 barrier, the marker. It returns the one line that says how long signal -> marked checkpoint took.
 
+Retention is ours (``checkpoint.folder.retain``; torchtitan's ``_purge_stale_checkpoints`` is off:
+it ran only after interval saves, never after the final or preemption save, and counted every
+``step-N`` folder, before an async save's folder even existed, so the folder kept growing past
+``keep_latest_k``). Rank 0 applies the rule after every save is marked complete (interval, final,
+preemption; on a thread, joined before the next save and at exit) and before every save, with the
+size of the newest complete checkpoint, so that old checkpoints make room for it (``_make_room``).
+A full disk during a save (``is_disk_full``: ENOSPC from DCP or the marker) becomes one
+``UserError`` naming the folder and the step (exit 2, no traceback); the partial folder of that
+save is removed and the newest complete checkpoint is untouched.
+
 torchtitan's Trainer has no hook to choose the manager class, so ``adopt`` swaps the ``__class__``
 of the manager torchtitan built (its construction stays exactly torchtitan's), and the subclass
 overrides its public ``load`` (which checkpoint resumes is ``checkpoint.resume.choose``'s alone:
 torchtitan is then asked for that step, so its own newest-first ``_find_load_step`` never runs on
 the folder), its private ``_save_last_step`` (a full final save instead of a model-only one), its public
 ``dcp_save`` (the same three DCP calls with our writer; Hugging Face saves go to torchtitan's) and
-``close`` (the upload process first) and ``maybe_wait_for_staging`` (timed), and calls its private ``_should_save`` and
+``close`` (the upload process first) and ``maybe_wait_for_staging`` (timed), turns off its private
+``_purge_stale_checkpoints`` (retention above), and calls its private ``_should_save`` and
 ``_create_checkpoint_id`` (when to mark, where the step folder is).
 These are pinned by the exact torchtitan version (``upstream.EXPECTED_TORCHTITAN``).
 """
@@ -37,6 +48,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,10 +58,13 @@ from torchtitan_runai import upstream
 from torchtitan_runai.training.checkpoint import upload
 from torchtitan_runai.checkpoint.folder import (
     StepFolder,
+    examine,
     folder_bytes,
+    is_disk_full,
     mark_complete,
     marker_record,
     quarantine,
+    retain,
     scan,
 )
 from torchtitan_runai.checkpoint.resume import (
@@ -62,7 +78,7 @@ from torchtitan_runai.checkpoint.resume import (
     schedule_of,
 )
 from torchtitan_runai.config import PINNED_MODE
-from torchtitan_runai.errors import UserError
+from torchtitan_runai.errors import UserError, forget_report, report_to_launcher
 from torchtitan_runai.goodput.ledger import NullLedger
 from torchtitan_runai.upstream import logger
 
@@ -130,6 +146,8 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         manager.writer_threads = perf.writer_threads if perf is not None else 1
         manager.upload = None
         manager.last_staging_s = None
+        manager.retiring = None  # rank 0's retention pass after the last mark (a thread)
+        forget_report()  # a full disk reported by the worker group this one replaces is not ours
         if manager.enable:
             manager.rng = RngState(cls._rank())
             manager.states["rng"] = manager.rng
@@ -164,8 +182,77 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             loader = self.states.get("dataloader")
             record["data"] = data_record(self.job_config, self.dp_degree, getattr(loader, "format", "per-rank"))
             mark_complete(path, record)
+            self._retire_soon()
         self.last_complete_step = step
         self.ledger.marked(step)
+
+    # -- retention (checkpoint.folder.retain; rank 0 only: the folder is shared) ----------------
+
+    def _purge_stale_checkpoints(self) -> None:
+        """torchtitan's purge is replaced by ``retain`` (see the module docstring)."""
+
+    def _retire_soon(self) -> None:
+        """The count rule after a mark, on a thread (deleting tens of GB can take seconds on a
+        network volume): joined by the next save before it writes, and at exit."""
+        self._retire_wait()
+        if self.keep_latest_k <= 0:
+            return
+        self.retiring = threading.Thread(target=self._retire, name="checkpoint-retention", daemon=True)
+        self.retiring.start()
+
+    def _retire_wait(self) -> None:
+        thread = getattr(self, "retiring", None)
+        if thread is not None:
+            thread.join()
+            self.retiring = None
+
+    def _retire(self, room_for: int | None = None) -> None:
+        """One ``retain`` pass; with ``room_for`` (the step about to be saved) also the room rule,
+        for a save the size of the newest complete checkpoint."""
+        try:
+            folder = Path(self.folder)
+            found = scan(folder)
+            need, protect = 0, ()
+            if room_for is not None:
+                newest = next((f for f in found if f.complete), None)
+                need, protect = (folder_bytes(newest.path) if newest is not None else 0), (room_for,)
+            line = retain(folder, self.keep_latest_k, protect, need, found=found).line()
+        except Exception as e:  # retention must never stop training: the next pass tries again
+            line = f"checkpoint retention in {self.folder} failed ({type(e).__name__}: {e}); it retries after the next save"
+        if line:
+            logger.warning(line) if room_for is not None else logger.info(line)
+
+    def _make_room(self, step: int) -> None:
+        """Before a save: finish the last retention pass, then apply the rule with room for this one."""
+        self._retire_wait()
+        if self._rank() == 0 and self.keep_latest_k > 0:
+            self._retire(room_for=step)
+
+    @contextlib.contextmanager
+    def _disk_full_is_a_user_error(self, step: int):
+        """ENOSPC inside a save (DCP, the upload, the marker) -> one UserError naming the folder
+        and the step. The partial folder of that save goes (rank 0); nothing complete is touched."""
+        try:
+            yield
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if not is_disk_full(e):
+                raise
+            path = Path(self._create_checkpoint_id(step))
+            # every rank says the same; rank 0 removes it (a finished DCP save whose marker failed stays:
+            # it is adopted at the next start)
+            partial = not (path.is_dir() and examine(path, step).complete)
+            if self._rank() == 0 and partial and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            newest = newest_resumable(scan(Path(self.folder)))
+            kept = (f"the newest complete checkpoint (step {newest.step}) is intact and the run resumes from it"
+                    if newest is not None else "no checkpoint was complete yet; the run starts afresh")
+            error = UserError("checkpoint.folder", str(self.folder),
+                              f"the disk is full: the step {step} checkpoint could not be written"
+                              f"{' (its partial folder is removed)' if partial else ''}. Nothing saved was lost: "
+                              f"{kept} once there is room",
+                              "free space on the volume, lower checkpoint.keep_latest_k, or grow the volume")
+            report_to_launcher(error)  # its last line and exit 2, even on the way out for a SIGTERM
+            raise error from None
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -214,7 +301,8 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         with self.busy():
             with self.ledger.during("upload_wait"):
                 self.finish_async(block=True)  # the previous async save must be marked before a new one
-            with self.ledger.during("checkpoint_stall"):
+            with self.ledger.during("checkpoint_stall"), self._disk_full_is_a_user_error(curr_step):
+                self._make_room(curr_step)  # rank 0, before any rank writes: DCP's first collective waits for it
                 super().save(curr_step, last_step)
                 kind = "model-only" if last_step and self.last_save_in_hf else "full"
                 if self.save_future is not None and not last_step:
@@ -238,12 +326,13 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         future = self.save_future
         if future is not None and not block and not future.done():
             return False
-        if future is not None:
-            with self.busy():
-                future.result()
         step, kind = self.pending_marker
-        self.pending_marker = None
-        self._mark(step, kind)
+        with self._disk_full_is_a_user_error(step):
+            if future is not None:
+                with self.busy():
+                    future.result()
+            self.pending_marker = None
+            self._mark(step, kind)
         return True
 
     def _save_last_step(self, curr_step: int) -> None:
@@ -270,6 +359,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
                     + (f" (waited {uploaded - began:.2f}s for step {waited_for}'s upload, marked)" if waited_for else ""))
         self.last_staging_s = None
         self.save(step, last_step=True)
+        self._retire_wait()  # the process leaves with os._exit: retention must be done by then
         done = time.monotonic()
         staged = "" if self.last_staging_s is None else f"staged from the device in {self.last_staging_s:.2f}s, "
         size = folder_bytes(Path(self._create_checkpoint_id(step)))  # every rank's part: the folder is shared
@@ -283,6 +373,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         """torchtitan's close, after stopping the upload process (it ignores SIGTERM: see upload)."""
         if getattr(self, "upload", None) is not None:
             self.upload.shutdown()
+        self._retire_wait()
         super().close()
 
     # -- loading ---------------------------------------------------------------------------

@@ -38,6 +38,13 @@ GPU host (bench/results/writer-threads-*): 1.05 GiB/s with 1 thread, 3.9 with 4,
 with 16, 14.0 with 32 (tmpfs, fsync on); a local disk 0.81 -> 1.88 GiB/s (1 -> 16). Hence the
 default ``checkpoint_perf.writer_threads = 16``.
 
+A failed write (a full disk) is one error from the save: DCP's extra writer threads let an
+exception escape to ``threading.excepthook``, which prints a traceback per thread and drops the
+error (a save whose only failure was in such a thread would even pass for a finished one). Our
+writer's file system records an error raised while a file is written and ``write_data`` raises
+the first one once every thread is done (``DeferringWriter``), so DCP reports it as the save's
+failure and the manager turns a full disk into one line.
+
 Touchpoints in torch (private, checked by ``supported``): ``_async_process_executor.
 _ProcessGroupInitInfo``, ``_AsyncCheckpointProcess`` and the module global ``_CHECKPOINT_PROCESS``;
 the same in torch 2.11 and 2.13.
@@ -173,7 +180,67 @@ class UploadProcess:
 
 
 def writer(checkpoint_id: str, threads: int) -> Any:
-    """DCP's file-system writer with ``threads`` writer threads (fsync on, as DCP's default)."""
-    from torch.distributed.checkpoint import FileSystemWriter
+    """DCP's file-system writer with ``threads`` writer threads (fsync on, as DCP's default); an
+    error in any writer thread fails the save once (``DeferringWriter``)."""
+    return _classes()["DeferringWriter"](str(checkpoint_id), thread_count=max(1, int(threads)))
 
-    return FileSystemWriter(str(checkpoint_id), thread_count=max(1, int(threads)))
+
+def _classes() -> dict[str, type]:
+    """Built on first use (torch stays unimported until a save); found by name at module level
+    (``__getattr__``), so DCP's saving process can unpickle the writer it is sent."""
+    if _CLASSES:
+        return _CLASSES
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class DeferringFileSystem(FileSystem):
+        """While ``deferring``, an error inside a file's ``create_stream`` block is recorded, not
+        raised (the writer thread then goes on to its next file, which fails fast)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.deferring = False
+            self.errors: list[Exception] = []
+
+        @contextmanager
+        def create_stream(self, path, mode):
+            if not self.deferring:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            try:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+            except Exception as e:  # torch.save turns a failed write into a RuntimeError (from the OSError)
+                self.errors.append(e)
+
+    class DeferringWriter(FileSystemWriter):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.fs = DeferringFileSystem()
+
+        def write_data(self, plan, planner):
+            self.fs.deferring, self.fs.errors = True, []
+            try:
+                result = super().write_data(plan, planner)
+            finally:
+                self.fs.deferring = False
+            if self.fs.errors:
+                raise self.fs.errors[0]
+            return result
+
+    for cls in (DeferringFileSystem, DeferringWriter):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        _CLASSES[cls.__name__] = cls
+    return _CLASSES
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("DeferringWriter", "DeferringFileSystem"):
+        return _classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
