@@ -1,5 +1,5 @@
 """Launch-to-first-step harness: a fresh pod (empty compile cache, stock) against a restarted pod whose
-compile cache lives on the output volume (``torchtitan_runai.launcher.launch.worker_env``).
+compile cache lives on the output volume (``torchtitan_runai.launcher.workers.worker_env``).
 
 Usage (GPU machine, repository root, torchtitan importable):
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.assets import build_all
 from bench.child import child_env, run_torchrun
 from bench.throughput import C, train_args, versions
-from torchtitan_runai.launcher.launch import worker_env as startup_env
+from torchtitan_runai.launcher.workers import worker_env as startup_env
 
 MARKS = {"first_line": None, "training_starts": "Training starts at step", "first_step": "step:"}
 

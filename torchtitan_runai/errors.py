@@ -4,6 +4,9 @@ A ``UserError`` names the setting, its value, why it is wrong and how to fix it.
 edges (``launch``, ``preflight``, ``manifest``, ``export``, ``stage``) catch it once and print it as a
 single line on stderr with exit code 2: no Python traceback reaches ``kubectl logs``.
 
+Every deliberate exit of the launcher and of the ranks leaves through ``flush_and_exit``: the logs
+and both streams flushed, then ``os._exit``.
+
 A worker's error that must end the whole launch (a full disk during a checkpoint save) also goes to
 the launcher (``report_to_launcher``, to the file ``WORKER_ERROR_ENV`` names): the launcher raises it
 again as its own last line and exit 2, even when it was stopping for a SIGTERM anyway (torchrun
@@ -13,9 +16,12 @@ tells it nothing of the workers' exits then). Each attempt's workers clear the f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -24,9 +30,9 @@ EXIT_HUNG = 142
 """A hung job: a rank's watchdog exits with it and the launcher passes it on (128 + SIGALRM: retryable
 under Kubeflow's ExitCode restart policy)."""
 HANG_VERDICT_ENV = "TORCHTITAN_RUNAI_HANG_VERDICT"
-"""Set by the launcher for its workers: the file where a watchdog leaves its verdict. The ranks it
-SIGKILLs may be reported to torchrun before the detecting rank's own exit, so the launcher reads the
-verdict from there."""
+"""Set by the launcher for its workers (``launcher.workers``): the file where a watchdog leaves its
+verdict. The ranks it SIGKILLs may be reported to torchrun before the detecting rank's own exit, so
+the launcher reads the verdict from there."""
 WORKER_ERROR_ENV = "TORCHTITAN_RUNAI_WORKER_ERROR"
 
 
@@ -40,6 +46,61 @@ class UserError(Exception):
     def line(self) -> str:
         shown = "" if self.value is None else f" = {self.value!r}"
         return f"{self.setting}{shown}: {self.why}. Fix: {self.fix}"
+
+
+def exit_with(error: UserError, prog: str = "torchtitan-runai") -> NoReturn:
+    print(f"{prog}: error: {error.line()}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def cli(main: Callable[[list[str]], int | None], prog: str) -> NoReturn:
+    """Run a command's main(argv); turn a UserError into one line and exit 2."""
+    try:
+        code = main(sys.argv[1:])
+    except UserError as error:
+        exit_with(error, prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    raise SystemExit(code or 0)
+
+
+FLUSH_WAIT_S = 5.0
+"""How long ``flush_and_exit``, called from a thread other than the main one, waits for the flush."""
+
+
+def _flush() -> None:
+    # each step on its own: a broken stream, or a write this thread's signal handler interrupted
+    # (a reentrant flush raises), must not keep the others unflushed or the process alive
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def flush_and_exit(code: int) -> NoReturn:
+    """Leave the process now with ``code``: flush the logs, stdout and stderr, then ``os._exit``.
+
+    No atexit handlers and no interpreter teardown: every record is written by then, unloading torch
+    costs the pod seconds, and stock torchtitan aborts in it in ~1 of 20 runs. The launcher (at its
+    end), a rank (at its end, after its preemption checkpoint, on a signal before its first step) and
+    the hang watchdog all leave here, and the exit comes whatever the flush meets.
+
+    From a thread other than the main one (the hang watchdog) the flush runs in a thread of its own
+    and is waited for at most ``FLUSH_WAIT_S``: the hung main thread may hold a stream's or a log
+    handler's lock for ever, and the watchdog's exit is what ends the hang. The main thread flushes
+    itself (no thread is started from a signal handler).
+    """
+    try:
+        if threading.current_thread() is threading.main_thread():
+            _flush()
+        else:
+            flusher = threading.Thread(target=_flush, name="runai-exit-flush", daemon=True)
+            flusher.start()
+            flusher.join(FLUSH_WAIT_S)
+    finally:
+        os._exit(code)
 
 
 def report_to_launcher(error: UserError) -> None:
@@ -69,20 +130,3 @@ def reported(path: str | os.PathLike) -> UserError | None:
         return UserError(data["setting"], data["value"], data["why"], data["fix"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def exit_with(error: UserError, prog: str = "torchtitan-runai") -> NoReturn:
-    print(f"{prog}: error: {error.line()}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
-
-
-def cli(main: Callable[[list[str]], int | None], prog: str) -> NoReturn:
-    """Run a command's main(argv); turn a UserError into one line and exit 2."""
-    try:
-        code = main(sys.argv[1:])
-    except UserError as error:
-        exit_with(error, prog)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(130)
-    raise SystemExit(code or 0)

@@ -12,11 +12,13 @@ TensorBoard logs   ``$OUTPUT_DIR/<metrics.save_tb_folder>``    ``<dump>/<metrics
 Hugging Face cache ``$OUTPUT_DIR/.cache/huggingface``          huggingface_hub's default
 =================  ==========================================  ==================================
 
-Every other module asks this one for a path under the dump folder, from a parsed config (after
-the launcher applied ``OUTPUT_DIR``, ``job.dump_folder`` is the PVC): ``checkpoint_dir`` (the
-checkpoint folder), ``tensorboard_dir``, ``export_dir`` (``[export] folder``), ``plot_file`` (the
-loss/throughput PNG), ``default_hub_cache`` (the Hub cache when nothing else names one) and
-``inductor_cache_dir`` (compiled kernels, so a restarted pod reuses them).
+``OUTPUT_DIR`` is read here only (``resolve_storage``), and applied to a parsed config here only
+(``apply_output_dir``: the launcher and ``python -m torchtitan_runai.preflight``). Every other module
+asks this one for a path under the dump folder, from a parsed config (after the launcher applied
+``OUTPUT_DIR``, ``job.dump_folder`` is the PVC): ``checkpoint_dir`` (the checkpoint folder, joined by
+``checkpoint_folder_path`` alone), ``tensorboard_dir``, ``export_dir`` (``[export] folder``),
+``plot_file`` (the loss/throughput PNG), ``default_hub_cache`` (the Hub cache when nothing else names
+one) and ``inductor_cache_dir`` (compiled kernels, so a restarted pod reuses them).
 
 ``OUTPUT_DIR`` must be absolute and must equal the PVC mount path (``--existing-pvc
 claimname=X,path=$OUTPUT_DIR`` for Run:ai, the ``volumeMounts`` path in a PyTorchJob/TrainJob;
@@ -50,7 +52,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torchtitan_runai.errors import UserError
 
@@ -99,7 +101,7 @@ class StoragePaths:
     """``job.dump_folder`` for torchtitan (``--job.dump_folder``)."""
 
     checkpoint_folder: str
-    """Where checkpoints land: ``dump_folder/checkpoint.folder`` (what torchtitan computes)."""
+    """Where checkpoints land: ``dump_folder/checkpoint.folder`` (``checkpoint_folder_path``)."""
 
     tensorboard_folder: str
     """Parent of TensorBoard's per-run folders: ``dump_folder/metrics.save_tb_folder``."""
@@ -128,7 +130,7 @@ def resolve_storage(
     if not output_dir:
         return StoragePaths(
             dump_folder=dump_folder,
-            checkpoint_folder=os.path.join(dump_folder, checkpoint_folder),
+            checkpoint_folder=checkpoint_folder_path(dump_folder, checkpoint_folder),
             tensorboard_folder=os.path.join(dump_folder, tb_folder),
             hf_home=env.get("HF_HOME") or None,
         )
@@ -150,19 +152,42 @@ def resolve_storage(
     output_dir = os.path.normpath(output_dir)
     return StoragePaths(
         dump_folder=output_dir,
-        checkpoint_folder=os.path.join(output_dir, checkpoint_folder),
+        checkpoint_folder=checkpoint_folder_path(output_dir, checkpoint_folder),
         tensorboard_folder=os.path.join(output_dir, tb_folder),
         hf_home=env.get("HF_HOME") or os.path.join(output_dir, HF_CACHE_SUBDIR),
     )
+
+
+def apply_output_dir(config: Any, train_args: list[str], env: Mapping[str, str],
+                     parse: Callable[[list[str]], Any]) -> tuple[Any, list[str], StoragePaths]:
+    """``OUTPUT_DIR`` applied to a parsed config: (the config, the trainer's arguments, the paths).
+
+    When ``OUTPUT_DIR`` moves the dump folder, ``--job.dump_folder`` is added to the arguments and
+    the config is parsed again from them by ``parse`` (the caller's ``job.parse_job_config``, with
+    its world size: the checks that depend on the folder, a resume among them, see the new one).
+    Otherwise the config and the arguments are returned as they are.
+    """
+    paths = resolve_storage(env, config.job.dump_folder, config.checkpoint.folder, config.metrics.save_tb_folder)
+    if paths.dump_folder == config.job.dump_folder:
+        return config, train_args, paths
+    train_args = [*train_args, *paths.train_overrides()]
+    return parse(train_args), train_args, paths
 
 
 # ---------------------------------------------------------------------------------------------
 # Paths under the dump folder of a parsed config
 
 
+def checkpoint_folder_path(dump_folder: str, folder: str) -> str:
+    """``<dump_folder>/<folder>`` (``job.dump_folder``, ``checkpoint.folder``): the one place the
+    checkpoint folder is joined, the way torchtitan's CheckpointManager joins it (an absolute
+    ``checkpoint.folder`` stands alone)."""
+    return os.path.join(dump_folder, folder)
+
+
 def checkpoint_dir(config: Any) -> Path:
     """``<job.dump_folder>/<checkpoint.folder>``: where torchtitan writes the ``step-N`` folders."""
-    return Path(config.job.dump_folder) / config.checkpoint.folder
+    return Path(checkpoint_folder_path(config.job.dump_folder, config.checkpoint.folder))
 
 
 def tensorboard_dir(config: Any) -> Path:
@@ -185,11 +210,6 @@ def goodput_dir(config: Any) -> Path:
 def goodput_summary_file(config: Any) -> Path:
     """``<job.dump_folder>/goodput.json``: the breakdown, rewritten at every goodput line."""
     return Path(config.job.dump_folder) / GOODPUT_SUMMARY
-
-
-def goodput_plot_file(config: Any) -> Path:
-    """``<job.dump_folder>/goodput.png``: the timeline and the breakdown (the launcher, at the end)."""
-    return Path(config.job.dump_folder) / GOODPUT_PLOT
 
 
 def plot_file(folder: str | os.PathLike) -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from torchtitan_runai import storage
@@ -99,3 +102,26 @@ def test_grace_period_grows_with_checkpoint_per_node_and_is_bounded():
     assert storage.recommended_grace_seconds(eight, 2) == 180
     assert 180 < storage.recommended_grace_seconds(seventy, 8) < storage.recommended_grace_seconds(seventy, 2)
     assert storage.recommended_grace_seconds(big, 1) == 3600
+
+
+def test_output_dir_is_applied_by_parsing_again_with_the_dump_folder():
+    config = SimpleNamespace(job=SimpleNamespace(dump_folder="./outputs"), checkpoint=SimpleNamespace(folder="ckpt"),
+                             metrics=SimpleNamespace(save_tb_folder="tb"))
+    parsed = []
+
+    def parse(args):
+        parsed.append(args)
+        return "reparsed"
+
+    assert storage.apply_output_dir(config, ["--a"], {}, parse)[:2] == (config, ["--a"]) and not parsed
+    moved, args, paths = storage.apply_output_dir(config, ["--a"], {"OUTPUT_DIR": "/pvc/"}, parse)
+    assert (moved, args, parsed) == ("reparsed", ["--a", "--job.dump_folder=/pvc"], [args])
+    assert paths.checkpoint_folder == "/pvc/ckpt"
+
+
+def test_one_join_of_the_checkpoint_folder():
+    config = SimpleNamespace(job=SimpleNamespace(dump_folder="./outputs"), checkpoint=SimpleNamespace(folder="ckpt"))
+    assert storage.checkpoint_folder_path("./outputs", "ckpt") == "./outputs/ckpt"  # as torchtitan joins it
+    assert storage.checkpoint_dir(config) == Path("./outputs/ckpt")
+    assert storage.checkpoint_folder_path("./outputs", "/abs/ckpt") == "/abs/ckpt"
+    assert storage.resolve_storage({}, "./outputs", "ckpt").checkpoint_folder == "./outputs/ckpt"

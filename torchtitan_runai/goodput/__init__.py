@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from torchtitan_runai import storage
 from torchtitan_runai.jsonio import write_json_atomic
-from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV, LaunchRecord, Ledger, NullLedger
+from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV, LaunchRecord, Ledger, NullLedger, read_records
 from torchtitan_runai.goodput.report import goodput_line, json_summary, summarize
 
 
@@ -32,12 +32,11 @@ def build_ledger(config: Any, env: Mapping[str, str] = os.environ) -> Ledger | N
 
 
 def build_launch_record(config: Any) -> LaunchRecord | None:
-    """The launcher's record (node 0, after it holds the folder); its id goes to the workers."""
+    """The launcher's record (node 0, after it holds the folder), written; its id goes to the workers
+    (``LAUNCH_ID_ENV``, in the launcher's ``workers.environment``)."""
     if not enabled(config):
         return None
-    record = LaunchRecord(storage.goodput_dir(config)).open()
-    os.environ[LAUNCH_ID_ENV] = record.id
-    return record
+    return LaunchRecord(storage.goodput_dir(config)).open()
 
 
 def write_summary(config: Any, summary: dict[str, Any]) -> None:
@@ -51,8 +50,6 @@ def report_at_exit(config: Any) -> str:
     """The launcher's last word on goodput: the whole job so far, its own teardown included; also
     goodput.json in the dump folder. (No PNG here: matplotlib would cost the pod seconds at every
     exit; ``python -m torchtitan_runai.goodput`` draws it.)"""
-    from torchtitan_runai.goodput.ledger import read_records
-
     try:
         summary = summarize(read_records(storage.goodput_dir(config)))
         write_summary(config, summary)

@@ -79,11 +79,11 @@ Variables (all optional except where a shape needs them):
                         a file that holds it (a mounted Secret). Surrounding whitespace is dropped.
 
 The workers also get, unless already set: ``PYTORCH_ALLOC_CONF=expandable_segments:True`` and the
-Inductor/FX-graph cache on the output volume (``worker_env``).
+Inductor/FX-graph cache on the output volume; every variable the launcher gives them, and who wins,
+is in ``torchtitan_runai.launcher.workers``.
 
 Exit codes: 0 success or nothing left to do; 2 a user error (bad env, bad config, missing file,
-a rendezvous that timed out: the line names the nodes that joined and RDZV_TIMEOUT; a full disk
-during a checkpoint save, the preemption save included: a worker's one line, ``errors.report_to_launcher``);
+a rendezvous that timed out: the line names the nodes that joined and RDZV_TIMEOUT);
 128+N the launcher received signal N (143 for SIGTERM: Kubeflow's ``ExitCode`` restart policy
 retries it; the workers first save a full checkpoint at the next step boundary); 142 a rank's
 watchdog found the job hung (the line names the hung rank; retryable); 1 a worker failed with an
@@ -105,7 +105,16 @@ from pathlib import Path
 from typing import Mapping
 
 from torchtitan_runai import goodput, storage
-from torchtitan_runai.errors import EXIT_HUNG, EXIT_USER_ERROR, HANG_VERDICT_ENV, WORKER_ERROR_ENV, UserError, cli, reported
+from torchtitan_runai.checkpoint.folder import newest_resumable, scan
+from torchtitan_runai.checkpoint.ownership import claim_folder, hold_folder
+from torchtitan_runai.checkpoint.resume import prestart
+from torchtitan_runai.config import Hub, config_file_from_args, data_parallel_degree
+from torchtitan_runai.errors import EXIT_HUNG, EXIT_USER_ERROR, UserError, cli, flush_and_exit, reported
+from torchtitan_runai.inputs import tokenizer_files
+from torchtitan_runai.inputs.data_files import validate_data_config
+from torchtitan_runai.job import parse_job_config
+from torchtitan_runai.launcher import preflight, workers
+from torchtitan_runai.model_lookup import check_trainable_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
@@ -341,8 +350,6 @@ def torchrun_args(plan: LaunchPlan, train_args: list[str], script: str | os.Path
 
 def trainer_args(env: Mapping[str, str], user_args: list[str]) -> list[str]:
     """The trainer's arguments: CONFIG_FILE as --job.config_file unless the user passed one."""
-    from torchtitan_runai.config import config_file_from_args
-
     if config_file_from_args(user_args) is not None:
         return list(user_args)
     return ["--job.config_file", env.get("CONFIG_FILE") or DEFAULT_CONFIG, *user_args]
@@ -356,12 +363,6 @@ def debug(line: str) -> None:
     """A launcher line shown only with LOG_LEVEL=debug (the ranks' debug lines follow the same switch)."""
     if os.environ.get("LOG_LEVEL", "").strip().lower() == "debug":
         print(line, flush=True)
-
-
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def wait_for_host(host: str, timeout: float, sleep=time.sleep) -> None:
@@ -411,12 +412,6 @@ def describe_failure(failures: Mapping[int, object], hang_verdict: tuple[str, fl
     return f"{where} failed with exit code {code}; its error is in the log above", EXIT_WORKER_ERROR
 
 
-def torchrun_supports(flag: str) -> bool:
-    from torch.distributed.run import get_args_parser
-
-    return flag in get_args_parser()._option_string_actions
-
-
 def rendezvous_timeout_error(error: BaseException, plan: LaunchPlan) -> UserError:
     """A rendezvous that timed out as one line: who joined, who is missing, and RDZV_TIMEOUT.
 
@@ -452,41 +447,45 @@ def rendezvous_timeout_error(error: BaseException, plan: LaunchPlan) -> UserErro
                      "start slowly")
 
 
-def run_agent(torchrun_argv: list[str], plan: LaunchPlan | None = None) -> int:
-    """Run torchrun's elastic agent in this process and translate its outcome to an exit code."""
+def run_agent(torchrun_argv: list[str], plan: LaunchPlan | None = None, hang_verdict: Path | None = None,
+              worker_error: Path | None = None) -> int:
+    """Run torchrun's elastic agent in this process and translate its outcome to an exit code.
+
+    ``hang_verdict``: the file the workers' watchdogs were told to leave a verdict in; ``worker_error``:
+    the file a worker reports an error that ends the launch in (``errors.report_to_launcher``: a full
+    disk during a save); both from ``workers.environment``, read when the workers stop."""
+    # torchrun's agent (and torch under it): only here, when the workers start (see the
+    # launcher-import test in tests/unit/launcher/test_launch.py)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(torchrun_argv[1:])
-    with tempfile.TemporaryDirectory(prefix="runai-launch-") as scratch:
-        verdict = Path(scratch) / "hang-verdict"
-        os.environ[HANG_VERDICT_ENV] = str(verdict)
-        worker_error = Path(scratch) / "worker-error"  # errors.report_to_launcher: e.g. a full disk in a save
-        os.environ[WORKER_ERROR_ENV] = str(worker_error)
-        try:
-            run(args)
-        except SignalException as e:
-            sig = signal.Signals(e.sigval)
-            error = reported(worker_error)
-            if error is not None:  # the preemption save failed: not a retryable stop
-                print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; the checkpoint "
-                      "could not be saved", file=sys.stderr, flush=True)
-                raise error from None
-            print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
-                  file=sys.stderr, flush=True)
-            return 128 + sig
-        except RendezvousTimeoutError as e:
-            raise rendezvous_timeout_error(e, plan or plan_launch({}, 0)) from None
-        except ChildFailedError as e:
-            error = reported(worker_error)
-            if error is not None:
-                raise error from None
-            found = (verdict.read_text(), verdict.stat().st_mtime) if verdict.is_file() else None
-            line, code = describe_failure(e.failures, found)
-            print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
-            return code
+    try:
+        run(args)
+    except SignalException as e:
+        sig = signal.Signals(e.sigval)
+        error = reported(worker_error) if worker_error is not None else None
+        if error is not None:  # the preemption save failed: not a retryable stop
+            print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; the checkpoint "
+                  "could not be saved", file=sys.stderr, flush=True)
+            raise error from None
+        print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
+              file=sys.stderr, flush=True)
+        return 128 + sig
+    except RendezvousTimeoutError as e:
+        raise rendezvous_timeout_error(e, plan or plan_launch({}, 0)) from None
+    except ChildFailedError as e:
+        error = reported(worker_error) if worker_error is not None else None
+        if error is not None:
+            raise error from None
+        found = None
+        if hang_verdict is not None and hang_verdict.is_file():
+            found = (hang_verdict.read_text(), hang_verdict.stat().st_mtime)
+        line, code = describe_failure(e.failures, found)
+        print(f"[launch] training failed: {line}", file=sys.stderr, flush=True)
+        return code
     return 0
 
 
@@ -498,12 +497,6 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
     Writes nothing into the checkpoint folder (it is claimed only once every check has passed).
     Returns a message when the run is already complete (exit 0, nothing started).
     """
-    from torchtitan_runai.launcher import preflight
-    from torchtitan_runai.checkpoint.resume import prestart
-    from torchtitan_runai.config import data_parallel_degree
-    from torchtitan_runai.hub import Hub
-    from torchtitan_runai.inputs import tokenizer_files
-    from torchtitan_runai.inputs.data_files import validate_data_config
 
     def warn(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -526,57 +519,28 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
     return prestart(config, env, plan.world_size, data_parallel_degree(config, plan.world_size))
 
 
-def worker_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Variables the launcher should add to the workers' environment (never overriding the user's).
-
-    - ``TORCHINDUCTOR_CACHE_DIR`` on the output volume: a restarted pod reuses compiled kernels
-      (Inductor's FX-graph cache, AOTAutograd cache and Triton binaries all live under it).
-    - FX-graph and AOTAutograd caches switched on explicitly (defaults differ across torch builds).
-    - ``PYTORCH_ALLOC_CONF=expandable_segments:True``: what torchtitan's own run_train.sh sets; it is
-      what lets the big-batch recipes fit (docs/performance.md).
-    """
-    env = dict(env or {})
-    wanted = {
-        "TORCHINDUCTOR_CACHE_DIR": str(storage.inductor_cache_dir(output_dir)),
-        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
-        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
-        "PYTORCH_ALLOC_CONF": "expandable_segments:True",
-    }
-    return {k: v for k, v in wanted.items() if k not in env and not (
-        k == "PYTORCH_ALLOC_CONF" and "PYTORCH_CUDA_ALLOC_CONF" in env)}
-
-
 def apply_storage(config, train_args: list[str], env: Mapping[str, str], world_size: int):
-    """OUTPUT_DIR moves the dump folder (checkpoints, TensorBoard) and the HF cache onto the PVC.
+    """OUTPUT_DIR moves the dump folder (checkpoints, TensorBoard) and the HF cache onto the PVC
+    (``storage.apply_output_dir``).
 
-    Also sets the workers' defaults from ``worker_env`` (Inductor cache on the volume, expandable
-    segments for the allocator); a user's own settings win.
+    ``HF_HOME`` goes into this process's environment now, not with the workers' variables
+    (``workers``): this launcher downloads the tokenizer into that cache before any worker starts,
+    and the workers inherit it. A user's own ``HF_HOME`` wins.
     """
-    from torchtitan_runai.job import parse_job_config
-
-    paths = storage.resolve_storage(env, config.job.dump_folder, config.checkpoint.folder,
-                                    config.metrics.save_tb_folder)
-    # Compiled kernels cached on the output volume: a restarted pod starts ~12 s sooner
-    # (bench/results/startup-*); also the allocator setting the big-batch recipes need.
-    for key, value in {**paths.env_updates(), **worker_env(paths.dump_folder, env)}.items():
+    config, train_args, paths = storage.apply_output_dir(
+        config, train_args, env, lambda args: parse_job_config(args, world_size=world_size, resume=True))
+    for key, value in paths.env_updates().items():
         os.environ.setdefault(key, value)
-    if paths.dump_folder == config.job.dump_folder:
-        return config, train_args
-    train_args = [*train_args, *paths.train_overrides()]
-    return parse_job_config(train_args, world_size=world_size, resume=True), train_args
+    return config, train_args
 
 
 def main(argv: list[str]) -> int:
     dry_run = bool(argv) and argv[0] == "--dry-run"
     user_args = argv[1:] if dry_run else list(argv)
     env = dict(os.environ)
-    gpus = visible_gpus()
+    gpus = preflight.visible_gpus()
     plan = plan_launch(env, gpus)
     train_args = trainer_args(env, user_args)
-
-    from torchtitan_runai.job import parse_job_config
-    from torchtitan_runai.model_lookup import check_trainable_spec
-
     config = parse_job_config(train_args, world_size=plan.world_size, resume=True)
     check_trainable_spec(config)
     config, train_args = apply_storage(config, train_args, env, plan.world_size)
@@ -585,8 +549,6 @@ def main(argv: list[str]) -> int:
         print(f"[launch] {done}", flush=True)
         if not dry_run:
             if plan.node_rank in (None, 0):  # every check passed: the owner is recorded (a take-over too)
-                from torchtitan_runai.checkpoint.ownership import claim_folder
-
                 claim_folder(storage.checkpoint_dir(config), env, take_over=config.resilience.take_over_folder)
             return 0
     ngpu = env.get("NGPU")
@@ -595,15 +557,12 @@ def main(argv: list[str]) -> int:
         if not dry_run:
             raise UserError("NGPU", ngpu, f"only {gpus} GPU(s) are visible", f"set NGPU to at most {gpus}")
         print(f"[launch] warning: {message}", file=sys.stderr)
-    from torchtitan_runai.launcher import preflight
-
     gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
     preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env,
                                               local_ranks=plan.nproc_per_node, tokenizer_check=False,
                                               shutdown_timeout=plan.shutdown_timeout))
-    shutdown_flag = torchrun_supports("--shutdown_timeout")
-    if not shutdown_flag:
-        os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(plan.shutdown_timeout)
+    shutdown_flag = preflight.torchrun_supports("--shutdown_timeout")
+    if not shutdown_flag:  # the agent is told by its environment instead (workers.environment)
         print(f"[launch] note: this torchrun has no --shutdown_timeout; workers get its built-in 30 s after a "
               f"SIGTERM, not SHUTDOWN_TIMEOUT={plan.shutdown_timeout}", file=sys.stderr, flush=True)
     command = torchrun_args(plan, train_args, shutdown_flag=shutdown_flag)
@@ -614,13 +573,8 @@ def main(argv: list[str]) -> int:
         print(shlex.join(command), flush=True)
         return 0
     debug(f"[launch] {shlex.join(command)}")
-    if plan.nproc_per_node > 1:
-        # The value torchrun would set, set here so that it does not print its four-line banner about it.
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if plan.endpoint_host:
         wait_for_host(plan.endpoint_host, float(dict(plan.rdzv_conf).get("join_timeout", 600)))
-    from torchtitan_runai.checkpoint.ownership import hold_folder
-
     started = time.monotonic()
     # Only now, with every check passed, is the folder claimed (job.json, lock.json), by node 0.
     node0 = plan.node_rank in (None, 0)
@@ -629,7 +583,13 @@ def main(argv: list[str]) -> int:
     code = 1
     error = None
     try:
-        code = run_agent(command, plan)
+        with tempfile.TemporaryDirectory(prefix="runai-launch-") as scratch:
+            verdict, worker_error = Path(scratch) / "hang-verdict", Path(scratch) / "worker-error"
+            workers.export(workers.environment(
+                os.environ, config.job.dump_folder, plan.nproc_per_node,
+                shutdown_timeout=None if shutdown_flag else plan.shutdown_timeout, hang_verdict=verdict,
+                worker_error=worker_error, launch_id=None if record is None else record.id))
+            code = run_agent(command, plan, verdict, worker_error)
     except UserError as e:  # a rendezvous timeout, a worker's full disk: the last line, after the records
         error, code = e, EXIT_USER_ERROR
     finally:
@@ -648,8 +608,6 @@ def main(argv: list[str]) -> int:
 
 def finished_line(config, seconds: float) -> str:
     """The run's last line: what finished, the steps, the time, the newest checkpoint."""
-    from torchtitan_runai.checkpoint.folder import newest_resumable, scan
-
     took = f"{int(seconds) // 3600}:{int(seconds) % 3600 // 60:02d}:{int(seconds) % 60:02d}"
     steps = config.training.steps
     if not config.checkpoint.enable:
@@ -661,18 +619,14 @@ def finished_line(config, seconds: float) -> str:
 
 
 def leave(code: int | str | None) -> None:
-    """Exit without the interpreter's teardown: the workers are gone and every record is written,
-    and unloading torch and the agent costs the pod 1-2 s after its last line (the goodput ledger's
-    launch record ends just before)."""
-    import logging
-
+    """Exit without the interpreter's teardown (``errors.flush_and_exit``): the workers are gone and
+    every record is written, and unloading torch and the agent costs the pod 1-2 s after its last line
+    (the goodput ledger's launch record ends just before). ``code`` is ``SystemExit``'s: a message is
+    printed and exits 1."""
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    flush_and_exit(code or 0)
 
 
 def entry() -> None:

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from torchtitan_runai import errors, storage
 from torchtitan_runai.errors import UserError
 
@@ -428,8 +430,6 @@ def check_name_secret(name: str) -> str:
 
 
 def _yaml(obj: dict[str, Any], header: str) -> str:
-    import yaml
-
     return header + yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=100)
 
 

@@ -66,7 +66,7 @@ measured here by a short probe (``probe_write_speed``: ``checkpoint_perf.writer_
 When that exceeds the budget the launcher prints one warning with the fixes. Every preemption also
 logs what it took: ``preemption: signal -> step N checkpoint marked in X s (...)``.
 
-The memory estimate (``estimate_memory``) is ``torchtitan_runai.launcher.memory_estimate``.
+The memory estimate (``estimate_memory``) is ``torchtitan_runai.memory_estimate``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ from typing import Any, Callable, Mapping
 from torchtitan_runai import hub, storage
 from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
 from torchtitan_runai.checkpoint.folder import peak_room, probe_writable
+from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
 from torchtitan_runai.config import wants_pinned_staging
 from torchtitan_runai.config import Hub, check_world_size
 from torchtitan_runai.errors import UserError, cli
@@ -289,15 +290,6 @@ def check_tokenizer(config: Any, env: Mapping[str, str] | None = None) -> Findin
 
 
 # ---------------------------------------------------------------------------------------------
-# All of it
-
-
-def checkpoint_folder_of(config: Any, env: Mapping[str, str]) -> str:
-    return storage.resolve_storage(env, config.job.dump_folder, config.checkpoint.folder,
-                                   config.metrics.save_tb_folder).checkpoint_folder
-
-
-# ---------------------------------------------------------------------------------------------
 # The grace budget (module docstring)
 
 TORCHRUN_FIXED_KILL_S = 30  # torch <= 2.11: LocalElasticAgent._shutdown -> pcontext.close(timeout=30)
@@ -308,9 +300,7 @@ PROBE_BYTES_PER_THREAD = 4 << 20
 
 def torchrun_kill_window(shutdown_timeout: int) -> tuple[int, str]:
     """(seconds from SIGTERM to torchrun's SIGKILL of the workers, why) for the installed torch."""
-    from torch.distributed.run import get_args_parser
-
-    if "--shutdown_timeout" in get_args_parser()._option_string_actions:
+    if torchrun_supports("--shutdown_timeout"):
         return shutdown_timeout, f"SHUTDOWN_TIMEOUT={shutdown_timeout}"
     return TORCHRUN_FIXED_KILL_S, f"this torchrun's fixed {TORCHRUN_FIXED_KILL_S} s (it has no --shutdown_timeout)"
 
@@ -440,9 +430,10 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
         fit = dataclasses.replace(fit, level="warning")
     findings.append(fit)
     machine: list[Finding] = []
+    # the config's own: OUTPUT_DIR is applied to it before the checks (storage.apply_output_dir)
+    folder = storage.checkpoint_folder_path(config.job.dump_folder, config.checkpoint.folder)
     if config.checkpoint.enable:
-        machine.append(check_checkpoint_folder(checkpoint_folder_of(config, env),
-                                               BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params,
+        machine.append(check_checkpoint_folder(folder, BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params,
                                                config.checkpoint.keep_latest_k))
     host = check_host_memory(config, estimate.params, world_size, local_ranks or world_size, host_limit)
     if host is not None:
@@ -453,7 +444,6 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     machine_ok = not any(f.level == "error" for f in machine)
     findings.extend(machine if here else [elsewhere(f) for f in machine])
     if config.checkpoint.enable and here and machine_ok:  # the probe writes into the job's own folder
-        folder = checkpoint_folder_of(config, env)
         budget = grace_budget(config, estimate.params, world_size, local_ranks or world_size, env,
                               storage.default_shutdown_timeout(env) if shutdown_timeout is None else shutdown_timeout,
                               folder)
@@ -521,19 +511,14 @@ def main(argv: list[str]) -> int:
     gpu_memory = args.gpu_memory_gib or detect_gpu_memory_gib()
     gpus = args.gpus_per_node
     if gpus is None:
-        gpus = _visible_gpus() or 8
+        gpus = visible_gpus() or 8
     world_size = args.nodes * gpus
-    from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
-
     train_args = ["--job.config_file", args.config, *overrides]
     config = parse_job_config(train_args)
-    paths = storage.resolve_storage(dict(os.environ), config.job.dump_folder, config.checkpoint.folder,
-                                    config.metrics.save_tb_folder)
-    if paths.dump_folder != config.job.dump_folder:  # OUTPUT_DIR, as the launcher applies it
-        config = parse_job_config([*train_args, *paths.train_overrides()])
+    config, _, _ = storage.apply_output_dir(config, train_args, dict(os.environ), parse_job_config)  # as launch does
     # an existing checkpoint folder at another node count: the batch its resume will run with
     plan = adapt_to_checkpoint(config, world_size)
-    visible = _visible_gpus()
+    visible = visible_gpus()
     here = args.here if args.here else (not args.dry_run and visible > 0 and visible >= gpus)
     findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run, local_ranks=gpus, here=here)
     print(f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)"
@@ -544,13 +529,28 @@ def main(argv: list[str]) -> int:
     return 2 if any(f.level == "error" for f in findings) else 0
 
 
-def _visible_gpus() -> int:
+# ---------------------------------------------------------------------------------------------
+# What the installed torch offers: imported here, when asked, never at module level (the
+# launcher-import test in tests/unit/launcher/test_launch.py says why)
+
+
+def visible_gpus() -> int:
+    """The GPUs this process sees (the launcher's default processes per node, and whether this machine
+    is one of the job's nodes); 0 where torch cannot tell: this package does not depend on torch, and a
+    laptop runs ``python -m torchtitan_runai.preflight`` without it."""
     try:
         import torch
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         return 0
+
+
+def torchrun_supports(flag: str) -> bool:
+    """Whether the installed torchrun takes ``flag`` (``--shutdown_timeout`` exists from torch 2.13)."""
+    from torch.distributed.run import get_args_parser
+
+    return flag in get_args_parser()._option_string_actions
 
 
 def entry() -> None:

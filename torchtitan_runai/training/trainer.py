@@ -43,14 +43,13 @@ pinned to the exact torchtitan version (``upstream``).
   before this process finished its first step leaves at once (``StopFlag.before_first_step``).
 
 A finished run tears down explicitly (close the checkpointer, barrier, destroy the process group)
-and leaves with ``os._exit``: stock torchtitan aborts in interpreter teardown in ~1 of 20 runs.
+and leaves with ``os._exit`` (``errors.flush_and_exit``): stock torchtitan aborts in interpreter
+teardown in ~1 of 20 runs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 
 import torch
@@ -61,6 +60,7 @@ from torchtitan_runai.training.checkpoint import staging
 from torchtitan_runai.jsonio import read_json
 from torchtitan_runai.training.checkpoint.manager import Preempted, RunaiCheckpointManager
 from torchtitan_runai.config import Resilience
+from torchtitan_runai.errors import flush_and_exit
 from torchtitan_runai.hf.export import export_at_end
 from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.training import (data_position, device, gloo, log_filter, log_format, metrics, signals,
@@ -215,9 +215,7 @@ def _leave_now(signum: int) -> None:
 
     for child in multiprocessing.active_children():
         child.kill()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(128 + signum)
+    flush_and_exit(128 + signum)
 
 
 def _teardown_preempted(trainer) -> None:
@@ -249,7 +247,6 @@ def run(argv: list[str]) -> int:
     # with the world size: a resume on another node count keeps its global batch (checkpoint.resume)
     job_config = parse_job_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=True)
     trainer = RunaiTrainer(job_config)
-    code = 0
     try:
         trainer.train()
     except Preempted as stop:
@@ -258,22 +255,16 @@ def run(argv: list[str]) -> int:
         trainer.ledger.end("preempted")
         logger.warning(f"exiting {code} {time.monotonic() - (trainer.stop_flag.when or time.monotonic()):.2f}s "
                        "after the signal")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        flush_and_exit(code)
     except BaseException:
         trainer.ledger.end("failed")
         trainer.watchdog.stop()
         trainer.close()
         raise
     _teardown(trainer)
-    if code == 0 and trainer.step == job_config.training.steps:
+    if trainer.step == job_config.training.steps:
         # After the process group is gone: a long export must not hold the other ranks in a
         # collective (NCCL timeout) nor trip the hang watchdog.
         export_at_end(job_config, trainer.step, int(os.environ.get("RANK", "0")))
     trainer.ledger.end("finished" if trainer.step == job_config.training.steps else "stopped")
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    flush_and_exit(0)

@@ -21,7 +21,7 @@ import threading
 import time
 from datetime import timedelta
 
-from torchtitan_runai.errors import EXIT_HUNG, HANG_VERDICT_ENV
+from torchtitan_runai.errors import EXIT_HUNG, HANG_VERDICT_ENV, flush_and_exit
 
 
 def _error_file(message: str) -> None:
@@ -148,7 +148,7 @@ class Watchdog:
                 self.on_hang(self.progress_at)
             except Exception:  # the verdict and the exit matter more than the accounting
                 pass
-        os._exit(EXIT_HUNG)
+        flush_and_exit(EXIT_HUNG)
 
 
 def write_hang_verdict(line: str) -> None:

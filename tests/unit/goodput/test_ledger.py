@@ -169,3 +169,18 @@ def test_flushes_never_overlap_and_the_last_write_is_the_newest(tmp_path, monkey
     assert overlaps[0] == 1
     (rec,) = read_records(tmp_path)
     assert rec["outcome"] == "finished"  # no older snapshot landed after the last one
+
+
+def test_the_launchers_record_is_written_and_leaves_the_environment_to_the_launcher(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from torchtitan_runai import goodput
+
+    monkeypatch.delenv(goodput.LAUNCH_ID_ENV, raising=False)
+    config = SimpleNamespace(job=SimpleNamespace(dump_folder=str(tmp_path)), goodput=SimpleNamespace(enable=True),
+                             checkpoint=SimpleNamespace(enable=True, folder="checkpoint"))
+    record = goodput.build_launch_record(config)
+    assert (tmp_path / "checkpoint" / "goodput" / f"{record.id}.json").is_file()
+    assert goodput.LAUNCH_ID_ENV not in os.environ  # launcher.workers gives it to the workers
+    config.goodput.enable = False
+    assert goodput.build_launch_record(config) is None

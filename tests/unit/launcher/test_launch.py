@@ -6,8 +6,8 @@ import pytest
 
 from conftest import DEBUG_CONFIG, pod_env, run_launcher
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.launcher.launch import worker_env
 from torchtitan_runai.launcher.launch import plan_launch, torchrun_args, trainer_args
+from torchtitan_runai.launcher.workers import worker_env
 
 
 def kubeflow_pod(index: int, nodes: int = 2, nproc: str = "8", job: str = "llama") -> dict:
@@ -168,7 +168,7 @@ def test_worker_failures_become_one_line_and_the_right_exit_code():
 
 
 def test_shutdown_timeout_flag_only_where_torchrun_has_it():
-    from torchtitan_runai.launcher.launch import torchrun_supports
+    from torchtitan_runai.launcher.preflight import torchrun_supports
 
     plan = plan_launch({"SHUTDOWN_TIMEOUT": "40"}, gpu_count=8)
     assert opt(torchrun_args(plan, []), "--shutdown_timeout") == "40"
@@ -277,7 +277,29 @@ os._exit = _record_then_exit
 def test_the_launchers_validation_imports_no_model_compiler_or_datasets(tmp_path, recipe, ngpu):
     """run_llama_train.sh --dry-run validates all of it (config, flavor, data, preflight) with torchtitan's
     config classes alone: every module the launcher's process held when it exited (a sitecustomize
-    records them)."""
+    records them).
+
+    The launcher's side (``torchtitan_runai/launcher/``) imports the base at module level: config, job,
+    model_lookup, checkpoint, inputs, hub, storage, goodput and its own modules are light (torchtitan's
+    config classes, no torch). What stays imported inside the function that needs it, and why:
+
+    - ``torch`` (``preflight.visible_gpus``) and ``torch.distributed.run`` (``preflight.torchrun_supports``):
+      the package does not depend on torch (the image brings it), and ``python -m torchtitan_runai.preflight``
+      runs on a laptop without it; with it, ~1000 modules and seconds that the pure parts (``plan_launch``,
+      ``torchrun_args``, the config's validation) never need. The launcher itself imports them in a dry run
+      too (to count the GPUs, to ask torchrun for its flags), but never torch's compiler.
+    - torchrun's agent (``torch.distributed.elastic``, ``torch.distributed.run.run`` in ``launch.run_agent``):
+      only when the workers start, never in a dry run or a validation that fails.
+    - ``torchtitan_runai.upstream.text_datasets`` (``stage.stage_dataset``): it imports Hugging Face
+      ``datasets``, which this test forbids; only for a named dataset.
+    - in the base, not the launcher's side: ``huggingface_hub`` (``hub``), which reads ``HF_HOME`` when it
+      is imported, so only after the launcher has set it (``launch.apply_storage``), and ``matplotlib``
+      (``goodput.report``, ``plots``: the PNGs, seconds a pod would pay at every exit).
+
+    Importing any of these at module level, or a module that imports ``torch._inductor``, ``torch._dynamo``,
+    torchtitan's models, trainer or quantization, or ``datasets``, fails this test (``HEAVY_MODULES``):
+    the ranks import them, and the launcher paid 14 s for them on an H200 host when it did.
+    """
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(RECORD_MODULES)
     record = tmp_path / "modules.txt"

@@ -485,7 +485,7 @@ def test_machine_checks_of_another_machine_are_notes_not_errors(tmp_path):
 
 def test_readme_preflight_example_passes_on_a_machine_without_the_gpus():
     # the README's command, as written: main exited 2 on a laptop (its disk and RAM as errors)
-    if preflight._visible_gpus() >= 8:
+    if preflight.visible_gpus() >= 8:
         pytest.skip("this machine has the job's 8 GPUs: it is judged as one of its nodes")
     proc = _cli("--config", "train_configs/llama3_8b.toml", "--nodes", "2", "--gpus-per-node", "8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
