@@ -63,6 +63,7 @@ from torchtitan_runai.checkpoint.folder import (
     is_disk_full,
     mark_complete,
     marker_record,
+    newest_resumable,
     quarantine,
     retain,
     scan,
