@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from torchtitan_runai.checkpoint.folder import MARKER, folder_bytes, scan
-from torchtitan_runai.memory_estimate import BYTES_PER_PARAM_FULL_CHECKPOINT
+from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
 
 from resilience_util import REPO, launch_env, losses, wait_for_step
 
@@ -144,8 +144,8 @@ def test_repeated_preemptions_with_async_uploads_keep_at_most_keep_latest_k(tmp_
 def debug_checkpoint_bytes() -> int:
     """What preflight counts for one debug-model checkpoint (12 bytes per parameter)."""
     from torchtitan_runai.job import parse_job_config
-    from torchtitan_runai.memory_estimate import TrainSettings, estimate_memory
-    from torchtitan_runai.training import model_lookup
+    from torchtitan_runai.launcher.memory_estimate import TrainSettings, estimate_memory
+    from torchtitan_runai import model_lookup
 
     config = parse_job_config(["--job.config_file", "train_configs/debug_model.toml"])
     return BYTES_PER_PARAM_FULL_CHECKPOINT * estimate_memory(model_lookup.model_args(config),

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ckpt_util import write_ckpt
 from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai import errors
-from torchtitan_runai.checkpoint import manager
+from torchtitan_runai.training.checkpoint import manager
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.goodput.ledger import NullLedger
 
