@@ -1,9 +1,16 @@
-"""Bad input through the real launcher (``python -m torchtitan_runai.launch``, a subprocess).
+"""Bad input through the launcher: caught before any worker starts.
 
 Every case must be caught before any worker starts: exit 2, exactly one line on stderr that names
-the setting, no traceback, and an existing checkpoint left exactly as it was. Unwritable and full
-checkpoint folders use a read-only bind mount and a tiny tmpfs in a private mount namespace
-(``unshare -m``; CI runs as root, which ignores file permissions).
+the setting, no traceback, and an existing checkpoint left exactly as it was.
+
+The config and environment checks run the launcher's ``main`` in this process, as its command does
+(``errors.cli``, prog ``run_llama_train.sh``), with the pod's environment, argv and working
+directory set for the case and put back after it; stdout and stderr are captured at the file
+descriptors, and a warning a fresh interpreter would print counts as a line on stderr. A few cases
+also run as a real ``python -m torchtitan_runai.launch`` (a subprocess): what only a fresh process
+shows (its imports, its exit through ``os._exit``). Unwritable and full checkpoint folders use a
+read-only bind mount and a tiny tmpfs in a private mount namespace (``unshare -m``; CI runs as
+root, which ignores file permissions), so they run in a subprocess too.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -133,8 +142,65 @@ def check(result, setting: str, before: dict, folder: Path):
     assert snapshot(folder) == before
 
 
+def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict, capfd, monkeypatch):
+    """``launch`` in this process: the launcher's ``main`` under ``errors.cli``, as its command runs it.
+
+    ``entry()`` is not called: it leaves through ``os._exit``. The caller restores ``os.environ``
+    (``pod_environ``); the launcher sets variables there for its workers."""
+    from torchtitan_runai.errors import cli
+    from torchtitan_runai.launcher import launch as launcher
+
+    def no_workers(*_args, **_kwargs):
+        raise AssertionError("the launcher got as far as starting workers")
+
+    monkeypatch.setattr(launcher, "run_agent", no_workers)
+    monkeypatch.setattr(sys, "argv", ["run_llama_train.sh", "--job.dump_folder", str(tmp / "dump"),
+                                      *[a.replace("{tmp}", str(tmp)) for a in args]])
+    monkeypatch.chdir(REPO)
+    for key in [k for k in os.environ if k.startswith(("PET_", "MASTER_", "JOB_"))]:
+        del os.environ[key]
+    os.environ.update({"NGPU": "2", "CONFIG_FILE": config or str(REPO / "train_configs/debug_model.toml")})
+    os.environ.update(env)
+    capfd.readouterr()  # only what the launcher prints
+    with warnings.catch_warnings(record=True) as shown:
+        # a fresh interpreter's filters (no -W, no PYTHONWARNINGS): what it would print on stderr
+        warnings.resetwarnings()
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        with pytest.raises(SystemExit) as done:
+            cli(launcher.main, prog="run_llama_train.sh")
+    out, err = capfd.readouterr()
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "") for w in shown)
+    return SimpleNamespace(returncode=done.value.code, stdout=out, stderr=err)
+
+
+@pytest.fixture
+def pod_environ():
+    """os.environ put back exactly as it was after an in-process launch (the launcher sets worker variables)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("name, make_config, args, env, setting", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, make_config, args, env, setting):
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capfd, monkeypatch, pod_environ, name, make_config, args,
+                                                env, setting):
+    (tmp_path / "empty").mkdir()
+    config = make_config(tmp_path) if make_config else None
+    before = existing_checkpoint(tmp_path / "dump")
+    result = launch_in_process(tmp_path, config, args, env, capfd, monkeypatch)
+    check(result, setting, before, tmp_path / "dump" / "checkpoint")
+
+
+# The same through a real launcher process: a config mistake, an environment mistake, and the Hub
+# path (the most imports before the line).
+REAL_PROCESS = [c for c in CASES if c[0] in ("unknown-key", "ngpu-not-a-number", "hub-offline-empty-cache")]
+
+
+@pytest.mark.parametrize("name, make_config, args, env, setting", REAL_PROCESS, ids=[c[0] for c in REAL_PROCESS])
+def test_bad_input_from_a_real_launcher_process(tmp_path, name, make_config, args, env, setting):
     (tmp_path / "empty").mkdir()
     config = make_config(tmp_path) if make_config else None
     before = existing_checkpoint(tmp_path / "dump")

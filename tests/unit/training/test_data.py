@@ -1,26 +1,23 @@
-"""Local datasets in every format, per-rank shares, exact resume, stream retry, clear errors."""
+"""training.data: local datasets in every format, per-rank shares, exact resume, stream retry, clear errors.
+
+The launcher's own dataset checks (inputs.data_files) are tests/unit/inputs/test_data_files.py.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from fakehub import FakeHub
+from tokgen import write_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers
-
-from fakehub import FakeHub  # noqa: E402
-from tokgen import write_tokenizer  # noqa: E402
-
-from torchtitan_runai.inputs import data_files  # noqa: E402
-from torchtitan_runai.training import data as data_mod  # noqa: E402
-from torchtitan_runai.config import Data  # noqa: E402
-from torchtitan_runai.inputs.data_files import validate_data_config  # noqa: E402
-from torchtitan_runai.training.data import load_local_dataset  # noqa: E402
-from torchtitan_runai.errors import UserError  # noqa: E402
+from torchtitan_runai.config import Data
+from torchtitan_runai.errors import UserError
+from torchtitan_runai.inputs import data_files
+from torchtitan_runai.training import data as data_mod
+from torchtitan_runai.training.data import load_local_dataset
 
 TEXTS = [f"sample number {i}: the llama reads text {i * 7} times." for i in range(40)]
 
@@ -132,41 +129,6 @@ def test_clear_errors(tmp_path, cfg, setup, setting, words):
         with pytest.raises(UserError) as err:
             check()
         assert err.value.setting == setting and words in err.value.line()
-
-
-def test_parquet_missing_column_found_cheaply(tmp_path, cfg):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"content": TEXTS}), tmp_path / "a.parquet")
-    with pytest.raises(UserError, match="data.text_column"):
-        data_files.check_dataset("local", str(tmp_path / "a.parquet"), cfg)
-
-
-def test_config_level_errors(tmp_path, cfg):
-    with pytest.raises(UserError, match="training.dataset = 'nope'"):
-        data_files.check_dataset("nope", None, cfg)
-    with pytest.raises(UserError, match="training.dataset_path"):
-        data_files.check_dataset("local", None, cfg)
-    with pytest.raises(UserError, match="training.dataset_path = 'tests/assets/c4_test'"):
-        data_files.check_dataset("c4_test", None, cfg)
-    with pytest.raises(UserError, match="data.format"):
-        data_files.check_dataset("local", str(write_jsonl(tmp_path / "a.jsonl", TEXTS)),
-                               Data(format="csv"))
-    data_files.check_dataset("c4", None, cfg)  # streams from the Hub: nothing local to check
-
-
-def test_validate_data_config_checks_training_and_validation(tmp_path, cfg):
-    good = str(write_jsonl(tmp_path / "a.jsonl", TEXTS))
-    job = SimpleNamespace(
-        training=SimpleNamespace(dataset="local", dataset_path=good),
-        validation=SimpleNamespace(enable=True, dataset="local", dataset_path=str(tmp_path / "v")),
-        data=cfg,
-    )
-    with pytest.raises(UserError, match="validation.dataset_path"):
-        validate_data_config(job)
-    job.validation.enable = False
-    validate_data_config(job)
 
 
 # ---- the dataloader ------------------------------------------------------------------------------

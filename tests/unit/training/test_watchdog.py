@@ -2,7 +2,6 @@
 
 import time
 
-from torchtitan_runai.training.step_trace import StepTrace
 from torchtitan_runai.training.watchdog import Watchdog
 
 
@@ -20,8 +19,3 @@ def test_pause_keeps_an_unarmed_watchdog_unarmed():
     with dog.paused():
         pass
     assert not dog.armed
-
-
-def test_step_trace_is_off_without_its_variable(monkeypatch):
-    monkeypatch.delenv("TORCHTITAN_RUNAI_STEP_TRACE", raising=False)
-    assert not StepTrace().enabled

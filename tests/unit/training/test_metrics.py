@@ -1,4 +1,4 @@
-"""Log lines: node/rank on every line, no ANSI off a terminal, torchtitan's step-line fields + ETA.
+"""training.metrics: torchtitan's step-line fields + ETA, the startup summary.
 
 The metrics processor is torchtitan's real one (real TensorBoard writer, real gloo process group
 of one rank); only the GPU is faked (a memory monitor that answers like CUDA's).
@@ -17,17 +17,12 @@ import pytest
 import torch.distributed as dist
 
 from torchtitan_runai import plots, upstream
-from torchtitan_runai.training import log_filter, log_format, metrics
+from torchtitan_runai.training import log_format, metrics
 
 # What existing torchtitan log parsers and dashboards match.
 # torchtitan's metrics module: where the trainer's memory monitor is built (device.py swaps it).
 METRICS_MODULE = sys.modules[upstream.MetricsProcessor.__module__]
 TORCHTITAN_STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s*([\d.]+)")
-
-
-class Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.fixture
@@ -85,37 +80,6 @@ def cpu_monitor():
     from torchtitan_runai.training.device import CpuMemoryMonitor
 
     return CpuMemoryMonitor()
-
-
-# ------------------------------------------------------------------------------- formatting
-
-
-def test_lines_carry_node_and_rank_and_no_ansi_off_a_terminal(console):
-    stream, _ = console
-    assert log_format.configure_logging(rank=3, node_rank=1) is False  # StringIO is not a TTY
-    upstream.logger.info(f"{upstream.Color.red}hello{upstream.Color.reset}")
-    line = stream.getvalue()
-    assert re.match(r"\[titan\] \S+ \S+ - node1/rank3 - INFO - hello\n$", line), line
-    assert "\x1b" not in line
-
-
-def test_colour_kept_for_a_terminal_unless_no_color(console, monkeypatch):
-    stream, handler = console
-    tty = Tty()
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.delenv("FORCE_COLOR", raising=False)
-    assert log_format.configure_logging(rank=0, stream=tty) is True
-    upstream.logger.info(f"{upstream.Color.red}hello{upstream.Color.reset}")
-    assert "\x1b[31mhello" in tty.getvalue()
-    monkeypatch.setenv("NO_COLOR", "1")
-    assert log_format.wants_color(tty) is False
-
-
-def test_configure_from_torchrun_env(console):
-    stream, _ = console
-    log_format.configure_logging_from_env({"RANK": "9", "GROUP_RANK": "1", "LOCAL_RANK": "1"})
-    upstream.logger.info("x")
-    assert " - node1/rank9 - INFO - x" in stream.getvalue()
 
 
 def test_format_eta():
@@ -207,49 +171,3 @@ def test_startup_summary(tmp_path):
     assert config.training.global_batch_size == -1
     assert any(f"global_batch_size={config.training.local_batch_size}" in l for l in fresh)
     assert any("global_batch_size=auto" in l for l in lines)  # dp_shard=-1 not yet resolved: no guess
-
-
-# --- issue 16: a person's log --------------------------------------------------------------------
-
-
-def _shown(person: log_filter.PersonFilter, *messages: str, level=logging.INFO) -> list[tuple[str, str]]:
-    out = []
-    for message in messages:
-        record = logging.LogRecord("root", level, __file__, 1, message, None, None)
-        if person.filter(record):
-            out.append((record.levelname, record.getMessage()))
-    return out
-
-
-def test_person_filter_keeps_what_a_reader_needs():
-    step = {"now": 10}
-    person = log_filter.PersonFilter(logging.INFO, cpu=True, step=lambda: step["now"])
-    noise = ["torch.distributed is already initialized. Skipping init_distributed.",
-             "Building device mesh with parallelism: pp=1", "[GC] Initial GC collection took 0.00 seconds",
-             'Building llama3_runai debugmodelwith {\n  "dim": 256\n}', "Peak flops undefined for: cpu, fallback to A100",
-             "Error running lspci: [Errno 2]", "Trainer is initialized with local batch size 4", "seed: 123",
-             "Saving a full checkpoint at last step, step 30.", "Training completed", "Destroying the purge thread.",
-             "no complete checkpoint in ./out/checkpoint: starting fresh"]
-    assert _shown(person, *noise) == []
-    kept = ["Starting job: rehearsal", "step:  1  loss:  8.1", "resuming from step 10 (out/step-10)",
-            "Model llama3_runai debugmodel size: 6,163,712 total parameters"]
-    assert _shown(person, *kept) == [("INFO", m) for m in kept]
-    assert _shown(person, "Finished saving the checkpoint (or staging if async is enabled)in 0.361 seconds.") == [
-        ("INFO", "checkpoint at step 10 saved in 0.36 s")]
-    gpu = log_filter.PersonFilter(logging.INFO, cpu=False)
-    twice = ["Peak flops undefined for: NVIDIA B300, fallback to A100"] * 2  # looked up twice by torchtitan
-    assert _shown(gpu, *twice, level=logging.WARNING) == [("WARNING", twice[0])]
-
-
-def test_person_filter_at_debug_shows_everything_with_fixed_labels():
-    person = log_filter.PersonFilter(logging.DEBUG, cpu=True, stopping=lambda: True)
-    shown = _shown(person, "Building device mesh with parallelism: pp=1", 'Building llama3_runai debugmodelwith {}',
-                   "Saving a full checkpoint at last step, step 16.")
-    assert shown == [("DEBUG", "Building device mesh with parallelism: pp=1"),
-                     ("DEBUG", "Building llama3_runai debugmodel with {}"),
-                     ("DEBUG", "Saving a full checkpoint at the stop, step 16.")]  # a Ctrl-C is not the last step
-
-
-def test_log_level_from_the_environment():
-    assert log_filter.log_level({"LOG_LEVEL": "debug"}) == logging.DEBUG
-    assert log_filter.log_level({}) == logging.INFO
