@@ -1,5 +1,6 @@
 # Two commands for a fresh machine (only python3, make and pip needed):
 #   make train   set up .venv, then the 2-rank CPU rehearsal through run_llama_train.sh
+#   make lint    ruff: the linter and the formatter's check (CI runs it before the tests)
 #   make test    the test suite (what CI runs); the image checks in it need root, buildah,
 #                podman, runc and debootstrap, and are skipped (with the reason) without them
 # The image (daemonless; docker users run `docker build .`):
@@ -11,7 +12,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: setup train test test-image image-base image lock clean
+.PHONY: setup train lint test test-image image-base image lock clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,10 @@ $(STAMP): pyproject.toml $(LOCK)
 
 train: $(STAMP)
 	NGPU=2 CONFIG_FILE=./train_configs/debug_model.toml ./run_llama_train.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The image checks' build times and sizes (outputs/image-checks.txt) are printed after the run.
 test: $(STAMP)

@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+
 def _words(rng: random.Random, n: int) -> list[str]:
     letters = "etaoinshrdlcumwfgypbvkjxqz"
     return ["".join(rng.choice(letters[: 8 + i % 18]) for _ in range(2 + i % 9)) for i in range(n)]

@@ -54,8 +54,8 @@ def child() -> None:
     import torch
 
     from torchtitan_runai import upstream
-    from torchtitan_runai.training.checkpoint import staging as ckpt_perf
     from torchtitan_runai.config import CheckpointPerf
+    from torchtitan_runai.training.checkpoint import staging as ckpt_perf
 
     class StallTrainer(upstream.Trainer):
         def __init__(self, job_config):
@@ -66,8 +66,13 @@ def child() -> None:
             if os.environ.get("BENCH_CKPT_PERF") == "1":
                 # --- the wiring trainer.py gets ---
                 perf = CheckpointPerf(prepare_at_start=os.environ.get("BENCH_PREPARE", "1") == "1")
-                self._pool = ckpt_perf.install(self.checkpointer, job_config.checkpoint, perf,
-                                               model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
+                self._pool = ckpt_perf.install(
+                    self.checkpointer,
+                    job_config.checkpoint,
+                    perf,
+                    model_parts=self.model_parts,
+                    optimizer_name=job_config.optimizer.name,
+                )
 
         def should_continue_training(self) -> bool:
             if torch.cuda.is_available():  # this stream only: the staging stream's copies are not a stall
@@ -85,15 +90,24 @@ def child() -> None:
         def close(self) -> None:
             out = os.environ.get("BENCH_TIMES_OUT")
             if out and int(os.environ.get("RANK", "0")) == 0:
-                Path(out).write_text(json.dumps({
-                    "times": self._bench_times,
-                    "prepared_s": getattr(self._pool, "seconds", None),
-                    "pool": None if self._pool is None else {
-                        "gb": round(self._pool.nbytes / 1e9, 2), "storages": len(self._pool.sizes),
-                        "taken": self._pool.taken, "missed": self._pool.missed,
-                        "error": repr(self._pool.error) if self._pool.error else None},
-                    "upload_errors": self._upload_errors,
-                }))
+                Path(out).write_text(
+                    json.dumps(
+                        {
+                            "times": self._bench_times,
+                            "prepared_s": getattr(self._pool, "seconds", None),
+                            "pool": None
+                            if self._pool is None
+                            else {
+                                "gb": round(self._pool.nbytes / 1e9, 2),
+                                "storages": len(self._pool.sizes),
+                                "taken": self._pool.taken,
+                                "missed": self._pool.missed,
+                                "error": repr(self._pool.error) if self._pool.error else None,
+                            },
+                            "upload_errors": self._upload_errors,
+                        }
+                    )
+                )
             fut = getattr(self.checkpointer, "save_future", None)
             if fut is not None:
                 t = time.perf_counter()
@@ -126,11 +140,13 @@ def stall_report(times: list, ckpt_steps: list[int], window: int = 5, skip_first
     rep = {"median_step_s": med, "normal_steps": len(normal), "window": window, "checkpoints": []}
     for n in ckpt_steps:
         ks = [k for k in range(n, n + window) if k in d]
-        rep["checkpoints"].append({
-            "step": n,
-            "lost_s": sum(d[k] - med for k in ks),
-            "step_times_s": {k: round(d[k], 4) for k in ks},
-        })
+        rep["checkpoints"].append(
+            {
+                "step": n,
+                "lost_s": sum(d[k] - med for k in ks),
+                "step_times_s": {k: round(d[k], 4) for k in ks},
+            }
+        )
     # steps 2 .. first checkpoint - 1: where a background preparation still running would show
     first = min(ckpt_steps) if ckpt_steps else 0
     pre = [k for k in range(2, first) if k in d]
@@ -150,25 +166,51 @@ def _watch_keep_newest(folder: Path, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
-def train_args(dump: Path, corpus: Path, tok: Path, steps: int, interval: int, extra: list[str],
-               cpu: bool = False) -> list[str]:
+def train_args(
+    dump: Path, corpus: Path, tok: Path, steps: int, interval: int, extra: list[str], cpu: bool = False
+) -> list[str]:
     """``cpu``: toy flavor, no compile, plain async (pinned staging needs CUDA): a smoke of the harness."""
     args = [
-        "--job.dump_folder", str(dump),
-        "--experimental.custom_import", "bench.proxy",
-        "--model.name", "llama3", "--model.flavor", "toy" if cpu else "8B_proxy8",
-        "--model.hf_assets_path", str(tok),
-        "--training.dataset", "c4_test", "--training.dataset_path", str(corpus),
-        "--training.seq_len", "256" if cpu else "8192", "--training.local_batch_size", "1",
-        "--training.steps", "1000",  # the schedule's length; the child stops at BENCH_STOP_AT=steps
-        "--lr_scheduler.warmup_steps", "2",
-        "--metrics.log_freq", "1", "--metrics.disable_color_printing",
-        "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
-        "--debug.seed", "42",
-        "--checkpoint.enable", "--checkpoint.folder", "checkpoint",
-        "--checkpoint.interval", str(interval),
-        "--checkpoint.async_mode", "async" if cpu else "async_with_pinned_mem",
-        "--checkpoint.keep_latest_k", "0",
+        "--job.dump_folder",
+        str(dump),
+        "--experimental.custom_import",
+        "bench.proxy",
+        "--model.name",
+        "llama3",
+        "--model.flavor",
+        "toy" if cpu else "8B_proxy8",
+        "--model.hf_assets_path",
+        str(tok),
+        "--training.dataset",
+        "c4_test",
+        "--training.dataset_path",
+        str(corpus),
+        "--training.seq_len",
+        "256" if cpu else "8192",
+        "--training.local_batch_size",
+        "1",
+        "--training.steps",
+        "1000",  # the schedule's length; the child stops at BENCH_STOP_AT=steps
+        "--lr_scheduler.warmup_steps",
+        "2",
+        "--metrics.log_freq",
+        "1",
+        "--metrics.disable_color_printing",
+        "--activation_checkpoint.mode",
+        "selective",
+        "--activation_checkpoint.selective_ac_option",
+        "op",
+        "--debug.seed",
+        "42",
+        "--checkpoint.enable",
+        "--checkpoint.folder",
+        "checkpoint",
+        "--checkpoint.interval",
+        str(interval),
+        "--checkpoint.async_mode",
+        "async" if cpu else "async_with_pinned_mem",
+        "--checkpoint.keep_latest_k",
+        "0",
     ]
     return args + ([] if cpu else ["--compile.enable"]) + extra
 
@@ -201,9 +243,16 @@ def run(name: str, args: list[str], env_extra: dict, dump: Path, timeout: float,
         watcher.join()
     lines, status, first_step_s = child.lines, child.status, (first[0] if first else None)
     (dump / "log.txt").write_text("\n".join(lines))
-    res = {"name": name, "status": status, "upload_failed": [ln for ln in lines if "upload FAILED" in ln][:1], "wall_s": child.wall_s, "first_step_s": first_step_s,
-           "losses": losses, "logged_save_s": saves,
-           "prepared_logged_s": [float(m.group(1)) for ln in lines if (m := PREP_RE.search(ln))]}
+    res = {
+        "name": name,
+        "status": status,
+        "upload_failed": [ln for ln in lines if "upload FAILED" in ln][:1],
+        "wall_s": child.wall_s,
+        "first_step_s": first_step_s,
+        "losses": losses,
+        "logged_save_s": saves,
+        "prepared_logged_s": [float(m.group(1)) for ln in lines if (m := PREP_RE.search(ln))],
+    }
     if times_json.exists():
         res["times"] = json.loads(times_json.read_text())
     if status != "ok":
@@ -220,30 +269,43 @@ def versions() -> dict:
 def pool_note(pool: dict | None) -> str:
     if not pool:
         return ""
-    return f" ({pool['gb']} GB; {pool['taken']}/{pool['storages']} used" + (f"; {pool['error']}" if pool.get("error") else "") + ")"
+    return (
+        f" ({pool['gb']} GB; {pool['taken']}/{pool['storages']} used"
+        + (f"; {pool['error']}" if pool.get("error") else "")
+        + ")"
+    )
 
 
 def to_markdown(meta: dict, results: list[dict], verdict: dict) -> str:
-    L = [f"# Checkpoint stall: {meta['date']} on {meta['machine']}", "",
-         "Proxy: Llama 3.1 8B shape, 8 layers (2.80 B params), seq_len 8192, local batch 1, selective op AC, "
-         "compile on, one GPU; full checkpoint = model + AdamW state (~33 GB), "
-         f"`checkpoint.async_mode = async_with_pinned_mem`, checkpoints at steps {meta['ckpt_steps']} to "
-         f"`{meta['ckpt_root']}`. **Proxy result** (1 GPU).", "",
-         "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v), "",
-         "Lost training time per checkpoint = sum over the checkpoint step and the "
-         f"{meta['window'] - 1} steps after it of (step wall time - median normal step).", "",
-         "A checkpoint whose upload failed was not written: its small stall means nothing (column 'upload errors').", "",
-         "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s | staging memory prepared in s (background) | logged save s | launch to first step s |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    L = [
+        f"# Checkpoint stall: {meta['date']} on {meta['machine']}",
+        "",
+        "Proxy: Llama 3.1 8B shape, 8 layers (2.80 B params), seq_len 8192, local batch 1, selective op AC, "
+        "compile on, one GPU; full checkpoint = model + AdamW state (~33 GB), "
+        f"`checkpoint.async_mode = async_with_pinned_mem`, checkpoints at steps {meta['ckpt_steps']} to "
+        f"`{meta['ckpt_root']}`. **Proxy result** (1 GPU).",
+        "",
+        "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+        "",
+        "Lost training time per checkpoint = sum over the checkpoint step and the "
+        f"{meta['window'] - 1} steps after it of (step wall time - median normal step).",
+        "",
+        "A checkpoint whose upload failed was not written: its small stall means nothing (column 'upload errors').",
+        "",
+        "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s | staging memory prepared in s (background) | logged save s | launch to first step s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         s = r.get("stall") or {}
         cks = s.get("checkpoints", [])
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         errs = "; ".join(r.get("upload_errors") or r.get("upload_failed") or []) or "none"
-        L.append(f"| {r['name']} | {r['status']} | {errs} | {f(s.get('median_step_s'))} | "
-                 f"{f(cks[0]['lost_s'] if cks else None)} | {f(cks[1]['lost_s'] if len(cks) > 1 else None)} | "
-                 f"{f(s.get('pre_checkpoint_lost_s'))} | {f(r.get('prepared_s'))}{pool_note(r.get('pool'))} | "
-                 f"{', '.join(f'{x:.2f}' for x in r.get('logged_save_s', [])) or '-'} | {f(r.get('first_step_s'))} |")
+        L.append(
+            f"| {r['name']} | {r['status']} | {errs} | {f(s.get('median_step_s'))} | "
+            f"{f(cks[0]['lost_s'] if cks else None)} | {f(cks[1]['lost_s'] if len(cks) > 1 else None)} | "
+            f"{f(s.get('pre_checkpoint_lost_s'))} | {f(r.get('prepared_s'))}{pool_note(r.get('pool'))} | "
+            f"{', '.join(f'{x:.2f}' for x in r.get('logged_save_s', [])) or '-'} | {f(r.get('first_step_s'))} |"
+        )
     L += ["", "## Resume check", "", f"```\n{json.dumps(verdict, indent=1)}\n```", ""]
     return "\n".join(L)
 
@@ -269,9 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(a.ckpt_root)
     ckpt_steps = [a.interval, 2 * a.interval]
     steps = 2 * a.interval + a.window + 1
-    meta = {"date": dt.date.today().isoformat(), "versions": versions(), "ckpt_steps": ckpt_steps,
-            "steps": steps, "window": a.window, "ckpt_root": str(root),
-            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default")}
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "versions": versions(),
+        "ckpt_steps": ckpt_steps,
+        "steps": steps,
+        "window": a.window,
+        "ckpt_root": str(root),
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+    }
     meta["machine"] = meta["versions"].get("gpu") or platform.machine()
     slug = re.sub(r"[^A-Za-z0-9.-]+", "-", meta["machine"]).strip("-")
     out = Path(a.out)
@@ -284,15 +352,24 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "verdict": verdict, "results": results}, indent=1))
         Path(f"{stem}.md").write_text(to_markdown(meta, results, verdict))
 
-    variants = {"stock": {"BENCH_CKPT_PERF": "0"}, "ours": {"BENCH_CKPT_PERF": "1"},
-                "ours-reuse-only": {"BENCH_CKPT_PERF": "1", "BENCH_PREPARE": "0"}}
+    variants = {
+        "stock": {"BENCH_CKPT_PERF": "0"},
+        "ours": {"BENCH_CKPT_PERF": "1"},
+        "ours-reuse-only": {"BENCH_CKPT_PERF": "1", "BENCH_PREPARE": "0"},
+    }
     for name, env_extra in variants.items():
         if name not in wanted:
             continue
         dump = root / name
         shutil.rmtree(dump, ignore_errors=True)
-        r = run(name, train_args(dump, corpus, tok, steps, a.interval, [], a.cpu),
-                env_extra, dump, a.per_run_timeout_s, steps)
+        r = run(
+            name,
+            train_args(dump, corpus, tok, steps, a.interval, [], a.cpu),
+            env_extra,
+            dump,
+            a.per_run_timeout_s,
+            steps,
+        )
         if "times" in r:
             r["prepared_s"] = r["times"].get("prepared_s")
             r["upload_errors"] = r["times"].get("upload_errors")
@@ -303,24 +380,42 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         if name != "ours":
             shutil.rmtree(dump, ignore_errors=True)  # one proxy checkpoint at a time
-        print(f"{r['name']:20s} {r['status']:8s} "
-              + json.dumps({k: r.get("stall", {}).get(k) for k in ("median_step_s", "pre_checkpoint_lost_s")})
-              + " lost=" + str([round(c["lost_s"], 2) for c in r.get("stall", {}).get("checkpoints", [])])
-              + f" pool={r.get('pool')} prepared_s={r.get('prepared_s')} first_step_s={r.get('first_step_s')}", flush=True)
+        print(
+            f"{r['name']:20s} {r['status']:8s} "
+            + json.dumps({k: r.get("stall", {}).get(k) for k in ("median_step_s", "pre_checkpoint_lost_s")})
+            + " lost="
+            + str([round(c["lost_s"], 2) for c in r.get("stall", {}).get("checkpoints", [])])
+            + f" pool={r.get('pool')} prepared_s={r.get('prepared_s')} first_step_s={r.get('first_step_s')}",
+            flush=True,
+        )
         save()
 
     if "resume" in wanted and (root / "ours" / "checkpoint").exists():
         dump = root / "ours"
-        last = max(int(m.group(1)) for q in (dump / "checkpoint").glob("step-*") if (m := re.search(r"step-(\d+)", q.name)))
-        r = run("ours-resume", train_args(dump, corpus, tok, last + 2, a.interval, ["--checkpoint.load_only"], a.cpu),
-                {"BENCH_CKPT_PERF": "0", "BENCH_TIMES_OUT": ""}, dump, a.per_run_timeout_s, last + 2)
+        last = max(
+            int(m.group(1)) for q in (dump / "checkpoint").glob("step-*") if (m := re.search(r"step-(\d+)", q.name))
+        )
+        r = run(
+            "ours-resume",
+            train_args(dump, corpus, tok, last + 2, a.interval, ["--checkpoint.load_only"], a.cpu),
+            {"BENCH_CKPT_PERF": "0", "BENCH_TIMES_OUT": ""},
+            dump,
+            a.per_run_timeout_s,
+            last + 2,
+        )
         ours = next((x for x in results if x["name"] == "ours"), {"losses": {}})
         pairs = {s: (ours["losses"].get(s), r["losses"].get(s)) for s in (last + 1, last + 2)}
-        ok = r["status"] == "ok" and all(x is not None and y is not None and abs(x - y) <= 2e-2 for x, y in pairs.values())
+        ok = r["status"] == "ok" and all(
+            x is not None and y is not None and abs(x - y) <= 2e-2 for x, y in pairs.values()
+        )
         resumed = any(f"Training starts at step {last + 1}" in ln for ln in (dump / "log.txt").read_text().splitlines())
-        verdict = {"checkpoint_step": last, "resumed_at_step": last + 1 if resumed else None,
-                   "loss_original_vs_resumed": {str(k): v for k, v in pairs.items()},
-                   "loadable_and_equal": bool(ok and resumed), "resume_first_step_s": r["first_step_s"]}
+        verdict = {
+            "checkpoint_step": last,
+            "resumed_at_step": last + 1 if resumed else None,
+            "loss_original_vs_resumed": {str(k): v for k, v in pairs.items()},
+            "loadable_and_equal": bool(ok and resumed),
+            "resume_first_step_s": r["first_step_s"],
+        }
         r.pop("losses", None)
         results.append(r)
         (Path(a.work) / "resume-log.txt").write_text((dump / "log.txt").read_text())

@@ -41,24 +41,30 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_torchrun(entry: list[str], env: dict[str, str], timeout: float,
-                 on_line: Callable[[str, float], None] | None = None) -> ChildRun:
+def run_torchrun(
+    entry: list[str], env: dict[str, str], timeout: float, on_line: Callable[[str, float], None] | None = None
+) -> ChildRun:
     """``torchrun --standalone --nproc_per_node 1 <entry...>``; ``on_line(line, seconds since start)``
     sees every line as it arrives. Stops reading (and kills the child) after ``timeout`` seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *entry]
     return run_command(cmd, env, timeout, on_line)
 
 
-def run_command(cmd: list[str], env: dict[str, str], timeout: float,
-                on_line: Callable[[str, float], None] | None = None,
-                on_start: Callable[[subprocess.Popen], None] | None = None) -> ChildRun:
+def run_command(
+    cmd: list[str],
+    env: dict[str, str],
+    timeout: float,
+    on_line: Callable[[str, float], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+) -> ChildRun:
     """Any command (e.g. ``run_llama_train.sh``) streamed the same way; ``on_start(proc)`` gets the
     process first (to signal it from ``on_line``)."""
     lines: list[str] = []
     timed_out = False
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     if on_start is not None:
         on_start(proc)
     try:

@@ -37,17 +37,15 @@ CPU toy mode (CI: tests/bench): ``python -m bench.goodput --cpu --out /tmp/gp --
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shutil
 import signal
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench.preemption import STAGED_RE, STEP_RE, Bench, stamp
+from bench.preemption import Bench
 
 SIDES = ("ours", "stock")
 
@@ -58,7 +56,7 @@ class GoodputBench(Bench):
         i = cmd.index("async_with_pinned_mem")
         cmd[i] = self.a.stock_mode
         if self.a.stock_mode == "disabled":
-            del cmd[i - 1:i + 1]
+            del cmd[i - 1 : i + 1]
         return cmd
 
     def schedule(self, launch_no: int, dump: Path):
@@ -81,15 +79,30 @@ class GoodputBench(Bench):
         began = time.monotonic()
         began_wall = time.time()
         for n in range(1, 5):
-            run = self.launch(build(dump, a.steps), None, self.schedule(n, dump),
-                              timeout=a.run_timeout)
+            run = self.launch(build(dump, a.steps), None, self.schedule(n, dump), timeout=a.run_timeout)
             run.pop("losses", None)
             launches.append(run)
             self.report["sides"][name] = {"partial": True, "launches": launches}
             self.write()  # a call cut short still returns what ran
-            print(json.dumps({name: n, **{k: run[k] for k in ("exit", "wall_s", "launch_to_first_step_s",
-                                                              "resumed_from", "last_step", "signal_to_exit_s")}}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        name: n,
+                        **{
+                            k: run[k]
+                            for k in (
+                                "exit",
+                                "wall_s",
+                                "launch_to_first_step_s",
+                                "resumed_from",
+                                "last_step",
+                                "signal_to_exit_s",
+                            )
+                        },
+                    }
+                ),
+                flush=True,
+            )
             if run["exit"] == 0 and n < 4:
                 break
             if run["exit"] not in (0, 143, 1, -15) or run["status"] == "timeout":
@@ -141,12 +154,18 @@ def ledger_check(dump: Path, wall: float, began: float, ended: float) -> dict:
     if not records:
         return {"found": False}
     s = summarize(records)
-    return {"found": True, "span_s": round(s["span_s"], 2), "bench_wall_s": round(wall, 2),
-            "diff_pct": round(100 * (s["span_s"] - wall) / wall, 3),
-            "first_launch_after_bench_start_s": round(s["begin"] - began, 3),
-            "last_exit_before_bench_end_s": round(ended - s["end"], 3),
-            "goodput": s["goodput"], "productive_of_span": s["productive_of_span"],
-            "seconds": {k: round(v, 2) for k, v in s["seconds"].items()}, "segments": len(s["segments"])}
+    return {
+        "found": True,
+        "span_s": round(s["span_s"], 2),
+        "bench_wall_s": round(wall, 2),
+        "diff_pct": round(100 * (s["span_s"] - wall) / wall, 3),
+        "first_launch_after_bench_start_s": round(s["begin"] - began, 3),
+        "last_exit_before_bench_end_s": round(ended - s["end"], 3),
+        "goodput": s["goodput"],
+        "productive_of_span": s["productive_of_span"],
+        "seconds": {k: round(v, 2) for k, v in s["seconds"].items()},
+        "segments": len(s["segments"]),
+    }
 
 
 def ettr(side: dict, steps: int) -> float | None:
@@ -166,37 +185,57 @@ def projection(side: dict, name: str, hours: float, ckpt_min: float, preempt_hou
     stall = side.get("stall_per_save_s") or 0.0
     lost_work = 0.0 if name == "ours" else ckpt_min * 60 / 2
     lost = cold + saves * stall + preemptions * (warm + exit_s + lost_work)
-    return {"saves": saves, "preemptions": preemptions, "cold_start_s": cold, "warm_start_s": warm,
-            "stall_per_save_s": stall, "exit_after_signal_s": exit_s, "work_lost_per_preemption_s": lost_work,
-            "lost_s": round(lost, 1), "ettr": 1 - lost / total}
+    return {
+        "saves": saves,
+        "preemptions": preemptions,
+        "cold_start_s": cold,
+        "warm_start_s": warm,
+        "stall_per_save_s": stall,
+        "exit_after_signal_s": exit_s,
+        "work_lost_per_preemption_s": lost_work,
+        "lost_s": round(lost, 1),
+        "ettr": 1 - lost / total,
+    }
 
 
 def render(report: dict) -> str:
     s = report.get("settings", {})
-    lines = [f"# Goodput under a preemption schedule: {report.get('machine')} ({report['date']})", "",
-             f"torch {report.get('torch')}; {report.get('note', '')}; {s.get('steps')} steps, a checkpoint every "
-             f"{s.get('interval')}, SIGTERM after the 1st save's staging (+{s.get('delay')} s), at step "
-             f"{int(2.5 * s.get('interval', 0))} and at step {4 * s.get('interval', 0) - 2}, each restarted at once; "
-             f"stock checkpoint mode: {s.get('stock_mode')}", "",
-             "| | wall s | median step s | ETTR measured | launch -> first step s (cold, restarts) | stall per save s | "
-             "signal -> exit s | redone steps | finished | projected ETTR (reference job) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Goodput under a preemption schedule: {report.get('machine')} ({report['date']})",
+        "",
+        f"torch {report.get('torch')}; {report.get('note', '')}; {s.get('steps')} steps, a checkpoint every "
+        f"{s.get('interval')}, SIGTERM after the 1st save's staging (+{s.get('delay')} s), at step "
+        f"{int(2.5 * s.get('interval', 0))} and at step {4 * s.get('interval', 0) - 2}, each restarted at once; "
+        f"stock checkpoint mode: {s.get('stock_mode')}",
+        "",
+        "| | wall s | median step s | ETTR measured | launch -> first step s (cold, restarts) | stall per save s | "
+        "signal -> exit s | redone steps | finished | projected ETTR (reference job) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name in SIDES:
         side = report["sides"].get(name)
         if not side or side.get("partial"):
             continue
         proj = side.get("projection", {})
-        lines.append(f"| {name} | {side['wall_s']} | {fmt(side.get('median_step_s'))} | {pct(side.get('ettr'))} | "
-                     f"{side['launch_to_first_step_s']} | {fmt(side.get('stall_per_save_s'))} | "
-                     f"{side['signal_to_exit_s']} | {side['redone_steps']} | {side['finished']} | {pct(proj.get('ettr'))} |")
+        lines.append(
+            f"| {name} | {side['wall_s']} | {fmt(side.get('median_step_s'))} | {pct(side.get('ettr'))} | "
+            f"{side['launch_to_first_step_s']} | {fmt(side.get('stall_per_save_s'))} | "
+            f"{side['signal_to_exit_s']} | {side['redone_steps']} | {side['finished']} | {pct(proj.get('ettr'))} |"
+        )
     r = report.get("ratio")
     lines += ["", f"ETTR ours / stock (measured): {fmt(r)}"]
     led = report["sides"].get("ours", {}).get("ledger")
     if led and led.get("found"):
-        lines += ["", f"Ours' ledger: span {led['span_s']} s against the bench's {led['bench_wall_s']} s "
-                      f"({led['diff_pct']:+.2f}%); goodput {pct(led['goodput'])}; seconds {led['seconds']}"]
-    lines += ["", "Reference job: " + json.dumps({n: report["sides"][n].get("projection") for n in SIDES
-                                                  if n in report["sides"]})]
+        lines += [
+            "",
+            f"Ours' ledger: span {led['span_s']} s against the bench's {led['bench_wall_s']} s "
+            f"({led['diff_pct']:+.2f}%); goodput {pct(led['goodput'])}; seconds {led['seconds']}",
+        ]
+    lines += [
+        "",
+        "Reference job: "
+        + json.dumps({n: report["sides"][n].get("projection") for n in SIDES if n in report["sides"]}),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -233,14 +272,20 @@ def main(argv=None) -> int:
     b = GoodputBench(a)
     import torch
 
-    b.report.update(machine=torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu",
-                    torch=torch.__version__, settings=vars(a), sides={},
-                    note=(f"8B shape, 4 layers, local batch {a.local_batch or 2}, seq {a.seq_len or 8192}, "
-                          "checkpoints on tmpfs") if not a.cpu else "toy")
+    b.report.update(
+        machine=torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu",
+        torch=torch.__version__,
+        settings=vars(a),
+        sides={},
+        note=(f"8B shape, 4 layers, local batch {a.local_batch or 2}, seq {a.seq_len or 8192}, checkpoints on tmpfs")
+        if not a.cpu
+        else "toy",
+    )
     existing = Path(a.out) / f"goodput-{b.report['date']}-{b.report['machine']}{a.tag}.json"
     if existing.exists():  # a second call (--sides stock after --sides ours) adds its side
-        b.report["sides"] = {k: v for k, v in json.loads(existing.read_text()).get("sides", {}).items()
-                             if not v.get("partial")}
+        b.report["sides"] = {
+            k: v for k, v in json.loads(existing.read_text()).get("sides", {}).items() if not v.get("partial")
+        }
     for name in a.sides.split(","):
         side = b.side(name)
         side["ettr"] = ettr(side, a.steps)

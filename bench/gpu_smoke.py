@@ -27,9 +27,24 @@ STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+).*?tps:\s*([0-9,]+)")
 
 def launch(dump: Path, log: Path, steps: int, shape: tuple[int, int], stop_at: int | None = None) -> dict:
     env = {**os.environ, "NGPU": "1", "CONFIG_FILE": "./train_configs/debug_model.toml", "PYTHONUNBUFFERED": "1"}
-    args = ["bash", "run_llama_train.sh", "--job.dump_folder", str(dump), "--training.steps", str(steps),
-            "--checkpoint.interval", "10", "--training.seq_len", str(shape[0]), "--training.local_batch_size", str(shape[1]),
-            "--debug.seed", "7", "--lr_scheduler.total_steps", str(steps)]
+    args = [
+        "bash",
+        "run_llama_train.sh",
+        "--job.dump_folder",
+        str(dump),
+        "--training.steps",
+        str(steps),
+        "--checkpoint.interval",
+        "10",
+        "--training.seq_len",
+        str(shape[0]),
+        "--training.local_batch_size",
+        str(shape[1]),
+        "--debug.seed",
+        "7",
+        "--lr_scheduler.total_steps",
+        str(steps),
+    ]
     start = time.monotonic()
     sent = None
     with log.open("w") as f:
@@ -46,9 +61,11 @@ def launch(dump: Path, log: Path, steps: int, shape: tuple[int, int], stop_at: i
     tps = [int(m.group(3).replace(",", "")) for m in STEP.finditer(text)]
     resumed = re.search(r"resuming from step (\d+)", text)
     return {
-        "exit": proc.returncode, "wall_s": round(time.monotonic() - start, 2),
+        "exit": proc.returncode,
+        "wall_s": round(time.monotonic() - start, 2),
         "signal_to_exit_s": None if sent is None else round(time.monotonic() - sent, 2),
-        "losses": losses, "median_tps": sorted(tps)[len(tps) // 2] if tps else None,
+        "losses": losses,
+        "median_tps": sorted(tps)[len(tps) // 2] if tps else None,
         "resumed_from": int(resumed.group(1)) if resumed else None,
         "checkpoints": sorted(p.name for p in (dump / "checkpoint").glob("step-*")),
     }
@@ -70,8 +87,14 @@ def main() -> int:
     again = launch(out / "cut", out / "resume.log", a.steps, shape)
     common = sorted(set(again["losses"]) & set(full["losses"]))
     diff = max((abs(again["losses"][s] - full["losses"][s]) for s in common), default=None)
-    report = {"date": time.strftime("%Y-%m-%d"), "uninterrupted": full, "sigterm": cut, "resumed": again,
-              "resumed_vs_uninterrupted_max_abs_loss_diff": diff, "steps_compared": len(common)}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "uninterrupted": full,
+        "sigterm": cut,
+        "resumed": again,
+        "resumed_vs_uninterrupted_max_abs_loss_diff": diff,
+        "steps_compared": len(common),
+    }
     try:
         import torch
 
@@ -81,8 +104,18 @@ def main() -> int:
         pass
     (out / "gpu-smoke.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k not in ("uninterrupted", "sigterm", "resumed")}))
-    print("exits:", full["exit"], cut["exit"], again["exit"], "resumed_from:", again["resumed_from"],
-          "signal_to_exit_s:", cut["signal_to_exit_s"], "median tps:", full["median_tps"])
+    print(
+        "exits:",
+        full["exit"],
+        cut["exit"],
+        again["exit"],
+        "resumed_from:",
+        again["resumed_from"],
+        "signal_to_exit_s:",
+        cut["signal_to_exit_s"],
+        "median tps:",
+        full["median_tps"],
+    )
     ok = full["exit"] == 0 and cut["exit"] == 143 and again["exit"] == 0 and again["resumed_from"]
     return 0 if ok else 1
 

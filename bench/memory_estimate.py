@@ -24,7 +24,6 @@ memory recorded by ``bench.proxy``) and writes the rows to OUT_JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -60,17 +59,18 @@ def settings(lbs: int, ac: str, compile_: bool, float8: bool, seq_len: int = 819
     elif ac == "op":
         mode, option = "selective", "op"
     elif ac.startswith("layer"):
-        mode, option = "selective", ac[len("layer"):]
+        mode, option = "selective", ac[len("layer") :]
     else:
         raise ValueError(f"unknown AC label {ac!r}")
-    return TrainSettings(seq_len=seq_len, local_batch_size=lbs, ac_mode=mode, ac_option=option,
-                         compile=compile_, float8=float8)
+    return TrainSettings(
+        seq_len=seq_len, local_batch_size=lbs, ac_mode=mode, ac_option=option, compile=compile_, float8=float8
+    )
 
 
 def _ac_label(mode: str) -> str:
     """memory-peaks' "selective(op)" / "selective(every 4-th layer)" / "none" / "full" -> our labels."""
     if mode.startswith("selective"):
-        inner = mode[mode.find("(") + 1:mode.rfind(")")]
+        inner = mode[mode.find("(") + 1 : mode.rfind(")")]
         digits = "".join(ch for ch in inner if ch.isdigit())
         return "op" if inner == "op" else f"layer{digits}"
     return mode
@@ -82,9 +82,16 @@ def _json_rows(path: str, source: str):
         for r in data["configs"]:
             if r.get("loss", "plain") != "plain" or not r.get("max_reserved_gib"):
                 continue
-            yield (r["config"], int(r["local_batch_size"]), _ac_label(r["ac_mode"]), bool(r["compile"]),
-                   bool(r["float8"]), float(r["max_reserved_gib"]), r.get("source") or source,
-                   int(r.get("seq_len", 8192)))
+            yield (
+                r["config"],
+                int(r["local_batch_size"]),
+                _ac_label(r["ac_mode"]),
+                bool(r["compile"]),
+                bool(r["float8"]),
+                float(r["max_reserved_gib"]),
+                r.get("source") or source,
+                int(r.get("seq_len", 8192)),
+            )
         return
     rows = data.get("results", data.get("rows", [])) if isinstance(data, dict) else data
     for r in rows:
@@ -97,8 +104,16 @@ def _json_rows(path: str, source: str):
             continue
         extra = list(r.get("extra") or [])
         seq = int(extra[extra.index("--training.seq_len") + 1]) if "--training.seq_len" in extra else 8192
-        yield (r.get("name", "?"), int(r["lbs"]), str(r["ac"]), bool(r.get("compile", True)),
-               bool(r.get("float8", False)), float(measured), source, seq)
+        yield (
+            r.get("name", "?"),
+            int(r["lbs"]),
+            str(r["ac"]),
+            bool(r.get("compile", True)),
+            bool(r.get("float8", False)),
+            float(measured),
+            source,
+            seq,
+        )
 
 
 def comparison_rows():
@@ -121,9 +136,22 @@ def compare():
     for label, lbs, ac, comp, f8, measured, source, seq in comparison_rows():
         est = estimate_memory(PROXY, settings(lbs, ac, comp, f8, seq))
         predicted = est.allocator_peak_gib
-        out.append(dict(label=label, seq=seq, lbs=lbs, ac=ac, compile=comp, float8=f8, measured=measured,
-                        estimate=predicted, error=100 * (predicted - measured) / measured,
-                        moment=est.moment, biggest=est.biggest, source=source))
+        out.append(
+            dict(
+                label=label,
+                seq=seq,
+                lbs=lbs,
+                ac=ac,
+                compile=comp,
+                float8=f8,
+                measured=measured,
+                estimate=predicted,
+                error=100 * (predicted - measured) / measured,
+                moment=est.moment,
+                biggest=est.biggest,
+                source=source,
+            )
+        )
     return out
 
 
@@ -134,14 +162,18 @@ def markdown(rows) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['seq']} | {r['lbs']} | {r['ac']} | {r['compile']} | {r['float8']} | "
-                     f"{r['measured']:.2f} | "
-                     f"{r['estimate']:.2f} | {r['error']:+.1f}% | {r['moment']} | {r['source']} |")
+        lines.append(
+            f"| {r['label']} | {r['seq']} | {r['lbs']} | {r['ac']} | {r['compile']} | {r['float8']} | "
+            f"{r['measured']:.2f} | "
+            f"{r['estimate']:.2f} | {r['error']:+.1f}% | {r['moment']} | {r['source']} |"
+        )
     errors = [abs(r["error"]) for r in rows]
     within = sum(e <= 10 for e in errors)
     lines.append("")
-    lines.append(f"{len(rows)} measurements: {within} within ±10%; mean |error| {sum(errors) / len(errors):.1f}%, "
-                 f"max |error| {max(errors):.1f}%.")
+    lines.append(
+        f"{len(rows)} measurements: {within} within ±10%; mean |error| {sum(errors) / len(errors):.1f}%, "
+        f"max |error| {max(errors):.1f}%."
+    )
     return "\n".join(lines)
 
 

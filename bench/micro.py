@@ -41,15 +41,19 @@ def attention(results: dict) -> None:
     k = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     flops = 3.5 * 4 * b * hq * s * s * d / 2  # causal: half of the full QK^T and PV, fwd + bwd
-    for name, backends in (("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("flash", [SDPBackend.FLASH_ATTENTION]),
-                           ("torchtitan_order", [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                                 SDPBackend.MATH])):
+    for name, backends in (
+        ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
+        ("flash", [SDPBackend.FLASH_ATTENTION]),
+        ("torchtitan_order", [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]),
+    ):
         for gqa in (True, False):
+
             def step():
                 kk, vv = (k, v) if gqa else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
                 with sdpa_kernel(backends, set_priority=True):
                     out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
                 out.sum().backward()
+
             key = f"sdpa_{name}_{'gqa' if gqa else 'repeat_kv'}"
             try:
                 ms = bench(step)
@@ -71,19 +75,21 @@ def loss_head(results: dict) -> None:
     ce = torch.compile(ce_sum_and_grad)
     variants = {"plain_compiled": lambda: plain((h @ w.t()).unsqueeze(0), y.unsqueeze(0))}
     for chunk in (4096, 8192, 16384):
-        variants[f"fused_chunk{chunk}"] = (
-            lambda c=chunk: fused_linear_cross_entropy(HeadInput(h, w), y, chunk_tokens=c, ce_fn=ce))
+        variants[f"fused_chunk{chunk}"] = lambda c=chunk: fused_linear_cross_entropy(
+            HeadInput(h, w), y, chunk_tokens=c, ce_fn=ce
+        )
     for name, fn in variants.items():
+
         def step():
             h.grad = w.grad = None
             (fn() / n).backward()
+
         step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         ms = bench(step)
-        results[f"head_{name}"] = {
-            "ms": ms, "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        results[f"head_{name}"] = {"ms": ms, "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
         print(name, results[f"head_{name}"], flush=True)
 
 
@@ -91,8 +97,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()
-    results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
-               "torch": torch.__version__}
+    results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     attention(results)
     loss_head(results)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,17 @@ def proxy_sizes(scale: float = 1.0) -> list[int]:
     """Byte sizes of the proxy checkpoint's storages: fp32 params, AdamW exp_avg and exp_avg_sq."""
     shapes = [(VOCAB, DIM), (VOCAB, DIM), (DIM,)]
     for _ in range(LAYERS):
-        shapes += [(DIM, DIM), (KV, DIM), (KV, DIM), (DIM, DIM), (HIDDEN, DIM), (DIM, HIDDEN), (HIDDEN, DIM), (DIM,), (DIM,)]
+        shapes += [
+            (DIM, DIM),
+            (KV, DIM),
+            (KV, DIM),
+            (DIM, DIM),
+            (HIDDEN, DIM),
+            (DIM, HIDDEN),
+            (HIDDEN, DIM),
+            (DIM,),
+            (DIM,),
+        ]
     sizes = []
     for s in shapes:
         n = 4
@@ -173,8 +182,7 @@ def case_bg(name: str, sizes: list[int]) -> dict:
             if p0 <= mid < p1:
                 extra += (y - x) - base
         lost[phase] = round(extra, 3)
-    return {"phase_s": st.seconds(), "loop_lost_s": lost, "loop_step_s": round(base, 4),
-            "loop_steps": len(stamps) - 1}
+    return {"phase_s": st.seconds(), "loop_lost_s": lost, "loop_step_s": round(base, 4), "loop_steps": len(stamps) - 1}
 
 
 def system_info() -> dict:
@@ -214,15 +222,26 @@ def main(argv: list[str] | None = None) -> int:
         fn = case_bg if a.case.startswith("bg-") else case_fg
         print("RESULT " + json.dumps(fn(a.case, sizes)), flush=True)
         return 0
-    results = {"date": dt.date.today().isoformat(), "total_gb": round(sum(sizes) / 1e9, 2),
-               "storages": len(sizes), "system": system_info(), "cases": {}}
+    results = {
+        "date": dt.date.today().isoformat(),
+        "total_gb": round(sum(sizes) / 1e9, 2),
+        "storages": len(sizes),
+        "system": system_info(),
+        "cases": {},
+    }
     for case in a.cases.split(","):
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "bench.pinning", "--case", case, "--scale", str(a.scale)],
-                              capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.pinning", "--case", case, "--scale", str(a.scale)],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        results["cases"][case] = (json.loads(line[len("RESULT "):]) if line else
-                                  {"error": (proc.stderr or proc.stdout)[-1500:]})
+        results["cases"][case] = (
+            json.loads(line[len("RESULT ") :]) if line else {"error": (proc.stderr or proc.stdout)[-1500:]}
+        )
         results["cases"][case]["process_s"] = round(time.perf_counter() - t, 1)
         print(case, json.dumps(results["cases"][case]), flush=True)
     out = Path(a.out)

@@ -47,13 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.assets import build_all
-from bench.child import REPO, child_env, run_command
+from bench.child import child_env, run_command
 
 RECIPE = "./train_configs/llama3_8b.toml"
 TS_RE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naife]+)")
 # torchtitan's own line (stock, LOG_LEVEL=debug) or ours as training/log_filter rewrites it for a person's log
-STAGED_RE = re.compile(r"Finished saving the checkpoint.*?in ([\d.]+) seconds|checkpoint(?: at step \d+)? saved in ([\d.]+) s")
+STAGED_RE = re.compile(
+    r"Finished saving the checkpoint.*?in ([\d.]+) seconds|checkpoint(?: at step \d+)? saved in ([\d.]+) s"
+)
 PREEMPT_RE = re.compile(r"preemption: .*")
 RESUMED_RE = re.compile(r"resuming from step (\d+)|Training starts at step (\d+)")  # ours | stock's
 READY_RE = re.compile(r"checkpoint upload process ready in ([\d.]+)s")
@@ -133,35 +135,95 @@ class Bench:
     # -- command lines ---------------------------------------------------------------------
     def shape(self) -> list[str]:
         a = self.a
-        return ["--experimental.custom_import", "bench.proxy",
-                "--model.flavor", "toy" if a.cpu else "8B_proxy4",
-                "--model.hf_assets_path", str(self.tok),
-                "--training.dataset", "c4_test", "--training.dataset_path", str(self.corpus),
-                "--training.seq_len", str(getattr(a, "seq_len", None) or (128 if a.cpu else 8192)),
-                "--training.local_batch_size", str(getattr(a, "local_batch", None) or 2),
-                "--lr_scheduler.warmup_steps", "10", "--lr_scheduler.total_steps", str(a.steps),
-                "--checkpoint.interval", str(a.interval), "--checkpoint.keep_latest_k", "2",
-                "--checkpoint.async_mode", "async_with_pinned_mem",
-                "--metrics.log_freq", "1", "--debug.seed", "7",
-                # bit-exact comparisons need deterministic kernels (embedding backward uses atomics)
-                *(["--debug.deterministic", "--debug.deterministic_warn_only"] if a.deterministic else [])]
+        return [
+            "--experimental.custom_import",
+            "bench.proxy",
+            "--model.flavor",
+            "toy" if a.cpu else "8B_proxy4",
+            "--model.hf_assets_path",
+            str(self.tok),
+            "--training.dataset",
+            "c4_test",
+            "--training.dataset_path",
+            str(self.corpus),
+            "--training.seq_len",
+            str(getattr(a, "seq_len", None) or (128 if a.cpu else 8192)),
+            "--training.local_batch_size",
+            str(getattr(a, "local_batch", None) or 2),
+            "--lr_scheduler.warmup_steps",
+            "10",
+            "--lr_scheduler.total_steps",
+            str(a.steps),
+            "--checkpoint.interval",
+            str(a.interval),
+            "--checkpoint.keep_latest_k",
+            "2",
+            "--checkpoint.async_mode",
+            "async_with_pinned_mem",
+            "--metrics.log_freq",
+            "1",
+            "--debug.seed",
+            "7",
+            # bit-exact comparisons need deterministic kernels (embedding backward uses atomics)
+            *(["--debug.deterministic", "--debug.deterministic_warn_only"] if a.deterministic else []),
+        ]
 
     def ours(self, dump: Path, steps: int) -> list[str]:
         cpu = ["--compile.no-enable"] if self.a.cpu else []
-        return ["bash", "run_llama_train.sh", *self.shape(), *cpu, "--job.dump_folder", str(dump),
-                "--training.steps", str(steps), "--metrics.no-enable-tensorboard"]
+        return [
+            "bash",
+            "run_llama_train.sh",
+            *self.shape(),
+            *cpu,
+            "--job.dump_folder",
+            str(dump),
+            "--training.steps",
+            str(steps),
+            "--metrics.no-enable-tensorboard",
+        ]
 
     def stock(self, dump: Path, steps: int) -> list[str]:
         """Stock torchtitan with the recipe's settings spelled out (its config parser does not know
         our sections, so the recipe file cannot be passed)."""
-        cpu = ["--compile.no-enable"] if self.a.cpu else ["--compile.enable"]  # torchtitan's default components: model, loss
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                "-m", "torchtitan.train", *self.shape(), *cpu, "--model.name", "llama3",
-                "--optimizer.name", "AdamW", "--optimizer.lr", "3e-4", "--optimizer.eps", "1e-8",
-                "--optimizer.implementation", "fused", "--training.max_norm", "1.0",
-                "--training.mixed_precision_param", "bfloat16", "--activation_checkpoint.mode", "none",
-                "--checkpoint.enable", "--checkpoint.folder", "checkpoint",
-                "--job.dump_folder", str(dump), "--training.steps", str(steps), "--metrics.disable_color_printing"]
+        cpu = (
+            ["--compile.no-enable"] if self.a.cpu else ["--compile.enable"]
+        )  # torchtitan's default components: model, loss
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            "-m",
+            "torchtitan.train",
+            *self.shape(),
+            *cpu,
+            "--model.name",
+            "llama3",
+            "--optimizer.name",
+            "AdamW",
+            "--optimizer.lr",
+            "3e-4",
+            "--optimizer.eps",
+            "1e-8",
+            "--optimizer.implementation",
+            "fused",
+            "--training.max_norm",
+            "1.0",
+            "--training.mixed_precision_param",
+            "bfloat16",
+            "--activation_checkpoint.mode",
+            "none",
+            "--checkpoint.enable",
+            "--checkpoint.folder",
+            "checkpoint",
+            "--job.dump_folder",
+            str(dump),
+            "--training.steps",
+            str(steps),
+            "--metrics.disable_color_printing",
+        ]
 
     def env(self, trace: Path | None) -> dict[str, str]:
         extra = {"NGPU": "1", "CONFIG_FILE": RECIPE, "TORCHINDUCTOR_CACHE_DIR": str(self.cache), "LOG_RANK": "0"}
@@ -203,7 +265,9 @@ class Bench:
         pre = PREEMPT_RE.findall(text)
         ready = READY_RE.findall(text)
         return {
-            "exit": run.returncode, "status": run.status, "wall_s": round(run.wall_s, 1),
+            "exit": run.returncode,
+            "status": run.status,
+            "wall_s": round(run.wall_s, 1),
             "launch_to_first_step_s": w.first_step_s,
             "signal_to_exit_s": None if w.signal_sent is None else round(ended - w.signal_sent, 2),
             "upload_in_flight_at_signal": w.in_flight,
@@ -223,6 +287,7 @@ class Bench:
     # -- actions -----------------------------------------------------------------------------
     def after_save(self, nth: int, sig: int, dump: Path):
         """Signal ``--delay`` s after the nth save's staging finished (upload in flight)."""
+
         def act(w: Watch, line: str, proc):
             if STAGED_RE.search(line) and len(w.save_steps) == nth:
                 step = w.save_steps[-1]
@@ -238,6 +303,7 @@ class Bench:
 
                 threading.Thread(target=fire, daemon=True).start()
                 w.signal_sent = -1.0  # armed
+
         return act
 
     def at_step(self, step: int):
@@ -247,6 +313,7 @@ class Bench:
                 w.signal_sent = time.monotonic()
                 w.in_flight = False
                 proc.send_signal(signal.SIGTERM)
+
         return act
 
     def stop_when_resumed(self):
@@ -254,6 +321,7 @@ class Bench:
             if RESUMED_RE.search(line):
                 w.signal_sent = time.monotonic()
                 kill_everything(proc.pid)
+
         return act
 
     # -- cases ---------------------------------------------------------------------------------
@@ -273,12 +341,20 @@ class Bench:
             first = self.launch(build(dump, a.steps), trace)
             result = {"run": first}
         else:
-            action = {"a": self.after_save(1, signal.SIGTERM, dump), "stock-a": self.after_save(1, signal.SIGTERM, dump),
-                      "b": self.at_step(int(1.3 * a.interval)), "c": self.after_save(2, signal.SIGKILL, dump)}[name]
+            action = {
+                "a": self.after_save(1, signal.SIGTERM, dump),
+                "stock-a": self.after_save(1, signal.SIGTERM, dump),
+                "b": self.at_step(int(1.3 * a.interval)),
+                "c": self.after_save(2, signal.SIGKILL, dump),
+            }[name]
             first = self.launch(build(dump, a.steps), trace, action)
             # stock restarts from step 1 (nothing to compare): stop it once it says where it starts
-            again = self.launch(build(dump, a.resume_steps), trace, self.stop_when_resumed() if stock else None,
-                                timeout=a.resume_timeout)
+            again = self.launch(
+                build(dump, a.resume_steps),
+                trace,
+                self.stop_when_resumed() if stock else None,
+                timeout=a.resume_timeout,
+            )
             result = {"run": first, "restart": again}
         result["trace_losses"] = read_trace(trace) if trace.exists() else {}
         shutil.rmtree(dump, ignore_errors=True)
@@ -303,7 +379,9 @@ class Bench:
             as_float = (lambda v: float.fromhex(v)) if exact else float
             c["compared_steps"] = [steps[0], steps[-1]] if steps else None
             c["losses_equal_d"] = bool(steps) and all(mine[s] == theirs[s] for s in steps)
-            c["max_abs_loss_diff_vs_d"] = max((abs(as_float(mine[s]) - as_float(theirs[s])) for s in steps), default=None)
+            c["max_abs_loss_diff_vs_d"] = max(
+                (abs(as_float(mine[s]) - as_float(theirs[s])) for s in steps), default=None
+            )
 
     def write(self) -> None:
         self.compare()
@@ -324,20 +402,32 @@ def read_trace(path: Path) -> dict[int, str]:
 
 
 def render(report: dict) -> str:
-    lines = [f"# Preemption on the pod's path: {report.get('machine')} ({report['date']})", "",
-             f"torch {report.get('torch')}; {report.get('note', '')}; settings: "
-             f"{ {k: v for k, v in report.get('settings', {}).items() if k in ('steps', 'resume_steps', 'interval', 'delay')} }",
-             "", "| case | exit | signal -> exit s | upload in flight at signal | preemption line | stalls s (after step: s) | "
-             "restart: resumed from, exit | losses after resume = d (steps, max diff) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Preemption on the pod's path: {report.get('machine')} ({report['date']})",
+        "",
+        f"torch {report.get('torch')}; {report.get('note', '')}; settings: "
+        f"{ {k: v for k, v in report.get('settings', {}).items() if k in ('steps', 'resume_steps', 'interval', 'delay')} }",
+        "",
+        "| case | exit | signal -> exit s | upload in flight at signal | preemption line | stalls s (after step: s) | "
+        "restart: resumed from, exit | losses after resume = d (steps, max diff) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, c in report["cases"].items():
         r, again = c["run"], c.get("restart", {})
-        lines.append(f"| {name} | {r['exit']} | {r['signal_to_exit_s']} | {r['upload_in_flight_at_signal']} | "
-                     f"{r['preemption_line'] or ''} | {r['stall_s']} | {again.get('resumed_from')}, {again.get('exit')} | "
-                     f"{c.get('losses_equal_d')} ({c.get('compared_steps')}, {c.get('max_abs_loss_diff_vs_d')}) |")
-    lines += ["", "Launch to first step (s): " + ", ".join(
-        f"{n}: {c['run'].get('launch_to_first_step_s')}" + (f" / restart {c['restart'].get('launch_to_first_step_s')}"
-                                                           if 'restart' in c else "") for n, c in report["cases"].items())]
+        lines.append(
+            f"| {name} | {r['exit']} | {r['signal_to_exit_s']} | {r['upload_in_flight_at_signal']} | "
+            f"{r['preemption_line'] or ''} | {r['stall_s']} | {again.get('resumed_from')}, {again.get('exit')} | "
+            f"{c.get('losses_equal_d')} ({c.get('compared_steps')}, {c.get('max_abs_loss_diff_vs_d')}) |"
+        )
+    lines += [
+        "",
+        "Launch to first step (s): "
+        + ", ".join(
+            f"{n}: {c['run'].get('launch_to_first_step_s')}"
+            + (f" / restart {c['restart'].get('launch_to_first_step_s')}" if "restart" in c else "")
+            for n, c in report["cases"].items()
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -354,16 +444,23 @@ def main(argv=None) -> int:
     p.add_argument("--run-timeout", type=float, default=250)
     p.add_argument("--resume-timeout", type=float, default=200)
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
-                   help="leave torchtitan's non-deterministic kernels on (losses then differ run to run)")
+    p.add_argument(
+        "--no-deterministic",
+        dest="deterministic",
+        action="store_false",
+        help="leave torchtitan's non-deterministic kernels on (losses then differ run to run)",
+    )
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     b = Bench(a)
     import torch
 
-    b.report.update(machine=torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu",
-                    torch=torch.__version__, settings=vars(a),
-                    note="8B shape, 4 layers, local batch 2, seq 8192, async_with_pinned_mem, tmpfs" if not a.cpu else "toy")
+    b.report.update(
+        machine=torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu",
+        torch=torch.__version__,
+        settings=vars(a),
+        note="8B shape, 4 layers, local batch 2, seq 8192, async_with_pinned_mem, tmpfs" if not a.cpu else "toy",
+    )
     existing = Path(a.out) / f"preemption-{b.report['date']}-{b.report['machine']}{a.tag}.json"
     if existing.exists():  # a second call appends its cases
         b.report["cases"] = json.loads(existing.read_text()).get("cases", {})
@@ -374,9 +471,18 @@ def main(argv=None) -> int:
         b.write()
         c = b.report["cases"][name]
         brief = {k: v for k, v in c["run"].items() if k not in ("losses", "tail")}
-        print(json.dumps({name: brief, "restart": {k: v for k, v in c.get("restart", {}).items() if k != "losses"},
-                          "equal": c.get("losses_equal_d"), "diff": c.get("max_abs_loss_diff_vs_d")}, default=str),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    name: brief,
+                    "restart": {k: v for k, v in c.get("restart", {}).items() if k != "losses"},
+                    "equal": c.get("losses_equal_d"),
+                    "diff": c.get("max_abs_loss_diff_vs_d"),
+                },
+                default=str,
+            ),
+            flush=True,
+        )
     return 0
 
 

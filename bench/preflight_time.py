@@ -26,9 +26,27 @@ REPO = Path(__file__).resolve().parent.parent
 def one_run(config: str, dump: str) -> tuple[float, float, int]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "torchtitan_runai.preflight", "--config", config, "--nodes", "2",
-                           "--gpus-per-node", "8", "--gpu-memory-gib", "80", "--dry-run", "--job.dump_folder", dump],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchtitan_runai.preflight",
+            "--config",
+            config,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--gpu-memory-gib",
+            "80",
+            "--dry-run",
+            "--job.dump_folder",
+            dump,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc.returncode
@@ -43,9 +61,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as dump:
         runs = [one_run(a.config, dump) for _ in range(a.runs)]
     report = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "config": a.config, "budget_s": 10,
-        "wall_s": [round(w, 2) for w, _, _ in runs], "cpu_s": [round(c, 2) for _, c, _ in runs],
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "config": a.config,
+        "budget_s": 10,
+        "wall_s": [round(w, 2) for w, _, _ in runs],
+        "cpu_s": [round(c, 2) for _, c, _ in runs],
         "exit_codes": [rc for _, _, rc in runs],
         "median_wall_s": round(statistics.median(w for w, _, _ in runs), 2),
         "median_cpu_s": round(statistics.median(c for _, c, _ in runs), 2),

@@ -43,9 +43,7 @@ def proxy4_args():
 
 
 def toy_args():
-    return llama3.TransformerModelArgs(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, rope_theta=500000
-    )
+    return llama3.TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, rope_theta=500000)
 
 
 def register() -> None:

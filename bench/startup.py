@@ -42,15 +42,30 @@ def run(name: str, cache: Path, corpus: Path, tok: Path, dump: Path, timeout: fl
 
     def on_line(line: str, now: float) -> None:
         for k, pat in MARKS.items():
-            if got[k] is None and (pat is None or (pat in line and (k != "first_step" or re.search(r"step:\s*\d+\s+loss", line)))):
+            if got[k] is None and (
+                pat is None or (pat in line and (k != "first_step" or re.search(r"step:\s*\d+\s+loss", line)))
+            ):
                 got[k] = now
 
-    child = run_torchrun(["-m", "torchtitan.train", *train_args(cfg, "gpu", corpus, tok, dump, 3)], env, timeout, on_line)
+    child = run_torchrun(
+        ["-m", "torchtitan.train", *train_args(cfg, "gpu", corpus, tok, dump, 3)], env, timeout, on_line
+    )
     lines = child.lines
-    res = {"name": name, "rc": child.returncode, **{f"{k}_s": v for k, v in got.items()},
-           "wall_s": child.wall_s,
-           "env": {k: env[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
-                                       "TORCHINDUCTOR_AUTOGRAD_CACHE", "PYTORCH_ALLOC_CONF")}}
+    res = {
+        "name": name,
+        "rc": child.returncode,
+        **{f"{k}_s": v for k, v in got.items()},
+        "wall_s": child.wall_s,
+        "env": {
+            k: env[k]
+            for k in (
+                "TORCHINDUCTOR_CACHE_DIR",
+                "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                "TORCHINDUCTOR_AUTOGRAD_CACHE",
+                "PYTORCH_ALLOC_CONF",
+            )
+        },
+    }
     if got["first_step"] is None:
         res["log_tail"] = lines[-30:]
     return res
@@ -82,16 +97,27 @@ def main(argv: list[str] | None = None) -> int:
         r = run(name, cache, corpus, tok, dump, a.per_run_timeout_s)
         results.append(r)
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        print(f"{name:8s} rc={r['rc']} first_line={f(r['first_line_s'])} training_starts={f(r['training_starts_s'])} "
-              f"first_step={f(r['first_step_s'])}", flush=True)
-        L = [f"# Launch to first step: {meta['date']} on {meta['machine']}", "",
-             "Stock torchtitan 0.2.2 `torchrun -m torchtitan.train`, 8-layer Llama 3.1 8B proxy, compile on, local batch 1, "
-             "selective op AC, seq 8192, one GPU. `cold` = empty inductor cache (every stock pod start); `warm` = "
-             "the same cache folder again (our restart: cache on the output volume). Seconds from launch.", "",
-             "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v), "",
-             "| run | rc | first log line | training starts | first step |", "| --- | --- | --- | --- | --- |"]
-        L += [f"| {x['name']} | {x['rc']} | {f(x['first_line_s'])} | {f(x['training_starts_s'])} | {f(x['first_step_s'])} |"
-              for x in results]
+        print(
+            f"{name:8s} rc={r['rc']} first_line={f(r['first_line_s'])} training_starts={f(r['training_starts_s'])} "
+            f"first_step={f(r['first_step_s'])}",
+            flush=True,
+        )
+        L = [
+            f"# Launch to first step: {meta['date']} on {meta['machine']}",
+            "",
+            "Stock torchtitan 0.2.2 `torchrun -m torchtitan.train`, 8-layer Llama 3.1 8B proxy, compile on, local batch 1, "
+            "selective op AC, seq 8192, one GPU. `cold` = empty inductor cache (every stock pod start); `warm` = "
+            "the same cache folder again (our restart: cache on the output volume). Seconds from launch.",
+            "",
+            "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+            "",
+            "| run | rc | first log line | training starts | first step |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        L += [
+            f"| {x['name']} | {x['rc']} | {f(x['first_line_s'])} | {f(x['training_starts_s'])} | {f(x['first_step_s'])} |"
+            for x in results
+        ]
         Path(f"{stem}.md").write_text("\n".join(L) + "\n")
         Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(Path(f"{stem}.md").read_text())

@@ -58,8 +58,17 @@ def C(name, group, lbs, ac="none", float8=False, **kw) -> Config:
     return Config(name, group, lbs, ac, float8, **kw)
 
 
-PROFILE = ["--profiling.enable_profiling", "--profiling.profile_freq", "10", "--profiling.profiler_warmup", "3",
-           "--profiling.profiler_active", "1", "--profiling.save_traces_folder", "profile_traces"]
+PROFILE = [
+    "--profiling.enable_profiling",
+    "--profiling.profile_freq",
+    "10",
+    "--profiling.profiler_warmup",
+    "3",
+    "--profiling.profiler_active",
+    "1",
+    "--profiling.save_traces_folder",
+    "profile_traces",
+]
 ALLOC = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # what torchtitan's run_train.sh sets
 
 SETS: dict[str, list[Config]] = {
@@ -91,8 +100,7 @@ SETS: dict[str, list[Config]] = {
         C("ours-f8-lbs4-noac-fused", "ours", 4, "none", True, loss="fused"),
         C("stock-f8-lbs4-noac", "stock", 4, "none", True),
         C("stock-f8-lbs3-noac", "stock", 3, "none", True),
-        C("ours-f8-lbs4-noac-fused-c16k", "ours", 4, "none", True, loss="fused",
-          env={"BENCH_LOSS_CHUNK": "16384"}),
+        C("ours-f8-lbs4-noac-fused-c16k", "ours", 4, "none", True, loss="fused", env={"BENCH_LOSS_CHUNK": "16384"}),
     ],
     "profile": [  # one profiled step (torchtitan's profiler, step 10) of stock's best: bench.trace_summary
         C("stock-bf16-lbs3-noac-prof", "stock", 3, extra=PROFILE),
@@ -125,28 +133,43 @@ def train_args(cfg: Config, mode: str, corpus: Path, tok: Path, dump: Path, step
     model = [] if cfg.group == "recipe" else ["--model.name", "llama3" if cfg.group == "stock" else "llama3_bench_ours"]
     args = [
         *recipe,
-        "--job.dump_folder", str(dump),
-        "--experimental.custom_import", "bench.proxy",
+        "--job.dump_folder",
+        str(dump),
+        "--experimental.custom_import",
+        "bench.proxy",
         *model,
-        "--model.flavor", "8B_proxy8" if gpu else "toy",
-        "--model.hf_assets_path", str(tok),
-        "--training.dataset", "c4_test",
-        "--training.dataset_path", str(corpus),
-        "--training.seq_len", "8192" if gpu else "256",
-        "--training.local_batch_size", str(cfg.lbs),
-        "--training.steps", str(steps),
-        "--lr_scheduler.warmup_steps", "2",
-        "--metrics.log_freq", "5" if gpu else "1",
+        "--model.flavor",
+        "8B_proxy8" if gpu else "toy",
+        "--model.hf_assets_path",
+        str(tok),
+        "--training.dataset",
+        "c4_test",
+        "--training.dataset_path",
+        str(corpus),
+        "--training.seq_len",
+        "8192" if gpu else "256",
+        "--training.local_batch_size",
+        str(cfg.lbs),
+        "--training.steps",
+        str(steps),
+        "--lr_scheduler.warmup_steps",
+        "2",
+        "--metrics.log_freq",
+        "5" if gpu else "1",
         "--metrics.disable_color_printing",
         "--checkpoint.no-enable",
-        "--debug.seed", "42",
+        "--debug.seed",
+        "42",
     ]
     if cfg.ac.startswith("layer"):
-        args += ["--activation_checkpoint.mode", "selective",
-                 "--activation_checkpoint.selective_ac_option", cfg.ac[len("layer"):]]
+        args += [
+            "--activation_checkpoint.mode",
+            "selective",
+            "--activation_checkpoint.selective_ac_option",
+            cfg.ac[len("layer") :],
+        ]
     elif cfg.ac == "op":
-        args += ["--activation_checkpoint.mode", "selective",
-                 "--activation_checkpoint.selective_ac_option", "op"]
+        args += ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
     else:
         args += ["--activation_checkpoint.mode", cfg.ac]
     args += ["--compile.enable"] if cfg.compile else ["--compile.no-enable"]
@@ -169,8 +192,9 @@ def run_one(cfg: Config, mode: str, corpus: Path, tok: Path, work: Path, steps: 
         m = LOG_RE.search(line)
         if m:
             first.append(now)
-            rows.append({k: 0.0 if v == "n/a" else float(v.replace(",", "").rstrip("GiB%"))
-                         for k, v in m.groupdict().items()})
+            rows.append(
+                {k: 0.0 if v == "n/a" else float(v.replace(",", "").rstrip("GiB%")) for k, v in m.groupdict().items()}
+            )
 
     child = run_torchrun([*entry, *train_args(cfg, mode, corpus, tok, dump, steps)], env, timeout, on_line)
     lines, wall, status = child.lines, child.wall_s, child.status
@@ -180,12 +204,16 @@ def run_one(cfg: Config, mode: str, corpus: Path, tok: Path, work: Path, steps: 
         status = "oom"
     warm = [r for r in rows if r["step"] > (5 if mode == "gpu" else 1)] or rows[-1:]
     result = {
-        **dataclasses.asdict(cfg), "precision": cfg.precision, "status": status,
+        **dataclasses.asdict(cfg),
+        "precision": cfg.precision,
+        "status": status,
         "tps": sum(r["tps"] for r in warm) / len(warm) if warm else None,
         "mfu": sum(r["mfu"] for r in warm) / len(warm) if warm else None,
         "max_reserved_logged_gib": max((r["mem"] for r in rows), default=None),
         "final_loss": rows[-1]["loss"] if rows else None,
-        "first_step_s": first_step_s, "wall_s": wall, "intervals": rows,
+        "first_step_s": first_step_s,
+        "wall_s": wall,
+        "intervals": rows,
     }
     if mem_json.exists():
         result["memory"] = json.loads(mem_json.read_text())
@@ -209,8 +237,12 @@ def versions() -> dict:
         info["cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         info["nvidia_smi"] = smi.stdout.strip()
     except Exception:
         pass
@@ -222,36 +254,52 @@ def summarize(results: list[dict]) -> dict:
     ok = [r for r in results if r["status"] == "ok" and r["tps"]]
     out = {}
     for prec in ("bf16", "float8"):
+
         def best(groups):
-            return max((r for r in ok if r["group"] in groups and r["precision"] == prec),
-                       key=lambda r: r["tps"], default=None)
+            return max(
+                (r for r in ok if r["group"] in groups and r["precision"] == prec), key=lambda r: r["tps"], default=None
+            )
+
         stock, ours = best(("stock",)), best(("ours", "recipe"))
         if stock and ours:
-            out[prec] = {"stock_best": stock["name"], "ours_best": ours["name"],
-                         "stock_tps": stock["tps"], "ours_tps": ours["tps"], "ratio": ours["tps"] / stock["tps"]}
+            out[prec] = {
+                "stock_best": stock["name"],
+                "ours_best": ours["name"],
+                "stock_tps": stock["tps"],
+                "ours_tps": ours["tps"],
+                "ratio": ours["tps"] / stock["tps"],
+            }
     return out
 
 
 def to_markdown(meta: dict, results: list[dict], summary: dict) -> str:
-    lines = [f"# Throughput: {meta['date']} on {meta['machine']}", "",
-             "Proxy: Llama 3.1 8B shape, 8 layers (2.80 B params), seq_len 8192, one GPU, AdamW, "
-             "bf16 autocast; `stock` = torchtitan 0.2.2 as shipped, `ours` = this fork's model/loss. "
-             "**Proxy results** (1 GPU, 8 layers): not a claim about the 2x8-GPU recipes.", "",
-             "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v), "",
-             "| config | group | prec | lbs | AC | compile | loss | status | tok/s | MFU % | max reserved GiB | max active GiB | first step s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Throughput: {meta['date']} on {meta['machine']}",
+        "",
+        "Proxy: Llama 3.1 8B shape, 8 layers (2.80 B params), seq_len 8192, one GPU, AdamW, "
+        "bf16 autocast; `stock` = torchtitan 0.2.2 as shipped, `ours` = this fork's model/loss. "
+        "**Proxy results** (1 GPU, 8 layers): not a claim about the 2x8-GPU recipes.",
+        "",
+        "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+        "",
+        "| config | group | prec | lbs | AC | compile | loss | status | tok/s | MFU % | max reserved GiB | max active GiB | first step s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         mem = r.get("memory", {})
-        fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
+        fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
         lines.append(
             f"| {r['name']} | {r['group']} | {r['precision']} | {r['lbs']} | {r['ac']} | {r['compile']} | "
             f"{r['loss']} | {r['status']} | {fmt(r['tps'], '{:,.0f}')} | {fmt(r['mfu'], '{:.1f}')} | "
             f"{fmt(mem.get('max_reserved_gib'), '{:.1f}')} | {fmt(mem.get('max_active_gib'), '{:.1f}')} | "
-            f"{fmt(r['first_step_s'], '{:.1f}')} |")
+            f"{fmt(r['first_step_s'], '{:.1f}')} |"
+        )
     lines += ["", "## Best per precision", ""]
     for prec, s in summary.items():
-        lines.append(f"- {prec}: ours `{s['ours_best']}` {s['ours_tps']:,.0f} tok/s vs stock "
-                     f"`{s['stock_best']}` {s['stock_tps']:,.0f} tok/s: **{s['ratio']:.3f}x**")
+        lines.append(
+            f"- {prec}: ours `{s['ours_best']}` {s['ours_tps']:,.0f} tok/s vs stock "
+            f"`{s['stock_best']}` {s['stock_tps']:,.0f} tok/s: **{s['ratio']:.3f}x**"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -288,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = run_one(cfg, a.mode, corpus, tok, work, steps, min(a.per_run_timeout_s, left))
         results.append(r)
-        print(f"{r['name']:32s} {r['status']:8s} tps={r['tps'] or 0:9,.0f} mfu={r['mfu'] or 0:5.1f} "
-              f"mem={r.get('memory', {}).get('max_reserved_gib', 0) or 0:5.1f} "
-              f"first={r['first_step_s'] or 0:5.1f}s wall={r['wall_s']:5.1f}s", flush=True)
+        print(
+            f"{r['name']:32s} {r['status']:8s} tps={r['tps'] or 0:9,.0f} mfu={r['mfu'] or 0:5.1f} "
+            f"mem={r.get('memory', {}).get('max_reserved_gib', 0) or 0:5.1f} "
+            f"first={r['first_step_s'] or 0:5.1f}s wall={r['wall_s']:5.1f}s",
+            flush=True,
+        )
         summary = summarize(results)
         Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "results": results}, indent=1))
         Path(f"{stem}.md").write_text(to_markdown(meta, results, summary))

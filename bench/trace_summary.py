@@ -74,9 +74,13 @@ def summarize(trace: dict, top: int = 25) -> dict:
         "gpu_busy_ms": round(busy / 1e3, 2),
         "gpu_idle_in_span_pct": round(100 * (1 - busy / span), 2) if span else None,
         "kernel_ms_by_family": {k: round(v / 1e3, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-        "kernel_pct_by_family": {k: round(100 * v / fam_total, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"name": n[:160], "ms": round(v[0] / 1e3, 3), "count": v[1], "family": family(n, "kernel")}
-                        for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+        "kernel_pct_by_family": {
+            k: round(100 * v / fam_total, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"name": n[:160], "ms": round(v[0] / 1e3, 3), "count": v[1], "family": family(n, "kernel")}
+            for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+        ],
     }
 
 

@@ -95,18 +95,37 @@ def main(argv=None) -> int:
         for k in [int(x) for x in a.threads.split(",")]:
             times = [write_once(sd, root / f"wt-{k}", k, sync) for _ in range(a.repeat)]
             med = statistics.median(times)
-            rows.append({"threads": k, "sync_files": sync, "seconds": [round(t, 3) for t in times],
-                         "gib_per_s": round(real / med / 2**30, 2)})
+            rows.append(
+                {
+                    "threads": k,
+                    "sync_files": sync,
+                    "seconds": [round(t, 3) for t in times],
+                    "gib_per_s": round(real / med / 2**30, 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "cpus": os.cpu_count(),
-              "torch": torch.__version__, "dir": str(root), "fs": fs_type(root), "bytes": real, "rows": rows}
+    report = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "dir": str(root),
+        "fs": fs_type(root),
+        "bytes": real,
+        "rows": rows,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"writer-threads-{report['date']}-{report['machine']}{('-' + a.tag) if a.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# DCP writer threads: {report['machine']}, {report['cpus']} CPUs, torch {report['torch']}",
-             "", f"{real / 2**30:.1f} GiB host state dict to `{root}` ({report['fs']}), median of {a.repeat}.", "",
-             "| threads | sync_files | GiB/s | seconds |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# DCP writer threads: {report['machine']}, {report['cpus']} CPUs, torch {report['torch']}",
+        "",
+        f"{real / 2**30:.1f} GiB host state dict to `{root}` ({report['fs']}), median of {a.repeat}.",
+        "",
+        "| threads | sync_files | GiB/s | seconds |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += [f"| {r['threads']} | {r['sync_files']} | {r['gib_per_s']} | {r['seconds']} |" for r in rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0

@@ -26,8 +26,9 @@ import argparse
 import os
 import re
 import sys
-import tomllib
 from importlib import metadata
+
+import tomllib
 
 IMAGE_OWNED = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*)$")
 """Never installed by the project: the base image's CUDA build of these is the one we run."""
@@ -65,8 +66,9 @@ def runtime_requirements(pyproject_text: str) -> list[str]:
     return [d for d in deps if not IMAGE_OWNED.match(requirement_name(d))]
 
 
-def plan(requirements: list[str], installed: dict[str, str],
-         base_constraints: list[str] = ()) -> tuple[list[str], list[str]]:
+def plan(
+    requirements: list[str], installed: dict[str, str], base_constraints: list[str] = ()
+) -> tuple[list[str], list[str]]:
     """(constraints, requirements) for installing ``requirements`` into an image with
     ``installed`` ({name: version}) and the base's own constraint lines: the image's versions win."""
     have = {canonical(n): (n, v) for n, v in installed.items()}
@@ -154,18 +156,24 @@ def main(argv: list[str]) -> int:
     if args.cmd == "plan":
         torch_version = next((v for n, v in installed.items() if canonical(n) == "torch"), None)
         if torch_version is None or torch_too_old(torch_version):
-            print(f"pin_to_image: base image torch {torch_version} is older than "
-                  f"{'.'.join(map(str, MIN_TORCH))}, which torchtitan 0.2.2 needs; pick a newer "
-                  "NGC release (--build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3)", file=sys.stderr)
+            print(
+                f"pin_to_image: base image torch {torch_version} is older than "
+                f"{'.'.join(map(str, MIN_TORCH))}, which torchtitan 0.2.2 needs; pick a newer "
+                "NGC release (--build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3)",
+                file=sys.stderr,
+            )
             return 1
         with open(args.pyproject) as f:
             wanted = runtime_requirements(f.read())
         bad = out_of_range(wanted, installed)
         if bad:
-            print("pin_to_image: the base image ships versions outside pyproject.toml's ranges: "
-                  + "; ".join(bad) + ". Fix: widen the range in pyproject.toml [project].dependencies "
-                  "(if the project works with the base's version) or choose another BASE_IMAGE",
-                  file=sys.stderr)
+            print(
+                "pin_to_image: the base image ships versions outside pyproject.toml's ranges: "
+                + "; ".join(bad)
+                + ". Fix: widen the range in pyproject.toml [project].dependencies "
+                "(if the project works with the base's version) or choose another BASE_IMAGE",
+                file=sys.stderr,
+            )
             return 1
         constraints, requirements = plan(wanted, installed, base_constraint_lines())
         with open(args.constraints, "w") as f:
@@ -173,17 +181,22 @@ def main(argv: list[str]) -> int:
             f.write("\n".join(constraints) + "\n")
         with open(args.requirements, "w") as f:
             f.write("\n".join(requirements) + "\n")
-        print(f"pin_to_image: torch {torch_version} kept; {len(installed)} image packages pinned, "
-              f"{len(requirements)} requirements resolved against them")
+        print(
+            f"pin_to_image: torch {torch_version} kept; {len(installed)} image packages pinned, "
+            f"{len(requirements)} requirements resolved against them"
+        )
         return 0
 
     with open(args.constraints) as f:
         lines = f.read().splitlines()
-    before = set(lines[0][len(INSTALLED_HEADER):].split()) if lines and lines[0].startswith(INSTALLED_HEADER) else set()
+    before = (
+        set(lines[0][len(INSTALLED_HEADER) :].split()) if lines and lines[0].startswith(INSTALLED_HEADER) else set()
+    )
     diff = changed(lines, installed, before)
     if diff:
-        print("pin_to_image: the install changed packages the base image ships:\n  "
-              + "\n  ".join(diff), file=sys.stderr)
+        print(
+            "pin_to_image: the install changed packages the base image ships:\n  " + "\n  ".join(diff), file=sys.stderr
+        )
         return 1
     print("pin_to_image: base image packages unchanged (torch included)")
     return 0

@@ -16,7 +16,9 @@ def write_ckpt(folder: Path, step: int, mark: bool = True, dp: int = 2, steps: i
     path = folder / f"step-{step}"
     dcp.save({"w": torch.arange(1000, dtype=torch.float32) * step, "b": torch.ones(10)}, checkpoint_id=str(path))
     if mark:
-        ckfolder.mark_complete(path, ckfolder.marker_record(step, "full", path, resume.schedule_of(config(steps=steps)), 2, dp, "job"))
+        ckfolder.mark_complete(
+            path, ckfolder.marker_record(step, "full", path, resume.schedule_of(config(steps=steps)), 2, dp, "job")
+        )
     return path
 
 
@@ -25,9 +27,14 @@ def stock_ckpt(folder: Path, step: int, full: bool = True, dp: int = 2) -> Path:
     path = folder / f"step-{step}"
     sd = {"tok_embeddings.weight": torch.randn(64, 8), "norm.weight": torch.ones(8)}
     if full:
-        sd.update({"optimizer": {"state": {"tok_embeddings.weight": {"exp_avg": torch.zeros(64, 8)}}},
-                   "train_state": {"step": torch.tensor(step)}, "lr_scheduler": {"lr_scheduler_0": {"last_epoch": step}},
-                   "dataloader": {f"dp_rank_{r}": {"pos": r} for r in range(dp)}})
+        sd.update(
+            {
+                "optimizer": {"state": {"tok_embeddings.weight": {"exp_avg": torch.zeros(64, 8)}}},
+                "train_state": {"step": torch.tensor(step)},
+                "lr_scheduler": {"lr_scheduler_0": {"last_epoch": step}},
+                "dataloader": {f"dp_rank_{r}": {"pos": r} for r in range(dp)},
+            }
+        )
     dcp.save(sd, checkpoint_id=str(path))
     return path
 
@@ -35,8 +42,9 @@ def stock_ckpt(folder: Path, step: int, full: bool = True, dp: int = 2) -> Path:
 def config(steps=10, warmup=2, total=None, folder="ckpt", dump="."):
     return SimpleNamespace(
         training=SimpleNamespace(steps=steps),
-        lr_scheduler=SimpleNamespace(warmup_steps=warmup, total_steps=total, decay_ratio=None,
-                                     decay_type="linear", min_lr_factor=0.0),
+        lr_scheduler=SimpleNamespace(
+            warmup_steps=warmup, total_steps=total, decay_ratio=None, decay_type="linear", min_lr_factor=0.0
+        ),
         job=SimpleNamespace(dump_folder=dump),
         checkpoint=SimpleNamespace(enable=True, folder=folder, load_step=-1, initial_load_path=None),
         resilience=SimpleNamespace(take_over_folder=False),

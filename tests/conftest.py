@@ -18,8 +18,21 @@ DEBUG_CONFIG = "./train_configs/debug_model.toml"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")
 # Environment of a pod: nothing of the cluster shapes leaks in from the developer's shell.
-CLUSTER_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NGPU", "CONFIG_FILE",
-                "OVERRIDE_PET_NNODES", "LOG_RANK", "MAX_RESTARTS", "JOB_UUID", "JOB_NAME", "OUTPUT_DIR")
+CLUSTER_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NGPU",
+    "CONFIG_FILE",
+    "OVERRIDE_PET_NNODES",
+    "LOG_RANK",
+    "MAX_RESTARTS",
+    "JOB_UUID",
+    "JOB_NAME",
+    "OUTPUT_DIR",
+)
 
 
 def free_port() -> int:
@@ -58,7 +71,9 @@ def trained_run(tmp_path_factory):
     """One real 2-rank CPU run of the debug model (12 steps, checkpoints at 6 and 12), shared read-only;
     every rank's output at LOG_LEVEL=debug (each rank logs its seed there)."""
     dump = tmp_path_factory.mktemp("trained") / "dump"
-    proc = run_launcher(["--job.dump_folder", str(dump), "--training.steps", "12", "--checkpoint.interval", "6"],
-                        pod_env(NGPU="2", LOG_RANK="all", LOG_LEVEL="debug"))
+    proc = run_launcher(
+        ["--job.dump_folder", str(dump), "--training.steps", "12", "--checkpoint.interval", "6"],
+        pod_env(NGPU="2", LOG_RANK="all", LOG_LEVEL="debug"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"dump": dump, "checkpoint": dump / "checkpoint", "stdout": proc.stdout, "stderr": proc.stderr}

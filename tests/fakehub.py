@@ -137,12 +137,17 @@ class _Handler(BaseHTTPRequestHandler):
         if not authorized:
             if given is not None:
                 return self._error(401, None, "Invalid credentials in Authorization header", body)
-            return self._error(401, "GatedRepo", "Access to this model is restricted. You must be "
-                               "authenticated to access it.", body)
+            return self._error(
+                401, "GatedRepo", "Access to this model is restricted. You must be authenticated to access it.", body
+            )
         if given in fake.ungated_tokens:
-            return self._error(403, "GatedRepo", "Access to this model is restricted and you are "
-                               "not in the authorized list. Visit the model page to ask for access.",
-                               body)
+            return self._error(
+                403,
+                "GatedRepo",
+                "Access to this model is restricted and you are "
+                "not in the authorized list. Visit the model page to ask for access.",
+                body,
+            )
 
         match = _RESOLVE.match(path)
         if match:

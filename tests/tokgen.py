@@ -38,9 +38,17 @@ TEST_TEXT = (
 
 def llama3_special_tokens() -> list[str]:
     named = [
-        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
     ]
     return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
 
@@ -59,8 +67,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def write_tokenizer(folder: Path, vocab_size: int = 600,
-                    formats: tuple[str, ...] = ("hf", "tiktoken")) -> Path:
+def write_tokenizer(folder: Path, vocab_size: int = 600, formats: tuple[str, ...] = ("hf", "tiktoken")) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(ignore_merges=True))
@@ -72,8 +79,10 @@ def write_tokenizer(folder: Path, vocab_size: int = 600,
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False, min_frequency=1,
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        min_frequency=1,
     )
     tok.train_from_iterator(CORPUS * 3, trainer=trainer)
     base = tok.get_vocab_size()
@@ -81,7 +90,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 600,
     tok.add_special_tokens(specials)
     bos = base
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", bos)],
     )
     if "hf" in formats:
@@ -90,8 +100,14 @@ def write_tokenizer(folder: Path, vocab_size: int = 600,
             "bos_token": "<|begin_of_text|>",
             "eos_token": "<|end_of_text|>",
             "added_tokens_decoder": {
-                str(base + i): {"content": t, "special": True, "normalized": False,
-                                "lstrip": False, "rstrip": False, "single_word": False}
+                str(base + i): {
+                    "content": t,
+                    "special": True,
+                    "normalized": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "single_word": False,
+                }
                 for i, t in enumerate(specials)
             },
             "tokenizer_class": "PreTrainedTokenizerFast",

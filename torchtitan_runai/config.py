@@ -307,7 +307,9 @@ def read_toml(path: str, setting: str = "CONFIG_FILE") -> dict[str, Any]:
     try:
         text = p.read_bytes()
     except OSError as e:
-        raise UserError(setting, path, f"cannot be read ({e.strerror})", "make the file readable by the container's user")
+        raise UserError(
+            setting, path, f"cannot be read ({e.strerror})", "make the file readable by the container's user"
+        )
     try:
         # utf-8-sig: a byte-order mark (Windows editors add one) is not TOML, but it is no mistake either.
         return tomllib.loads(text.decode("utf-8-sig"))
@@ -408,8 +410,12 @@ def check_cli_flags(args: list[str], cls: type) -> None:
         if f"{head}.{key}" in valid:
             continue
         near = difflib.get_close_matches(f"{head}.{key}", sorted(valid), n=1, cutoff=0.6)
-        raise UserError("command line", arg, f"unknown flag --{flag}",
-                        f"did you mean --{near[0]}?" if near else "run with --help for every valid flag")
+        raise UserError(
+            "command line",
+            arg,
+            f"unknown flag --{flag}",
+            f"did you mean --{near[0]}?" if near else "run with --help for every valid flag",
+        )
 
 
 def torchtitan_args(args: list[str]) -> list[str]:
@@ -432,12 +438,13 @@ def _without_bom(args: list[str]):
         return
     with tempfile.TemporaryDirectory(prefix="runai-config-") as scratch:
         copy = Path(scratch) / Path(path).name
-        copy.write_bytes(Path(path).read_bytes()[len(BOM):])
+        copy.write_bytes(Path(path).read_bytes()[len(BOM) :])
         yield [str(copy) if a == path else a.replace(f"={path}", f"={copy}") for a in args]
 
 
-def parse_config(args: list[str], world_size: int | None = None,
-                 before_validate: Callable[[Any, int], Any] | None = None):
+def parse_config(
+    args: list[str], world_size: int | None = None, before_validate: Callable[[Any, int], Any] | None = None
+):
     """Parse TOML + command line exactly as the ranks will, then validate the values (not the model:
     ``job.parse_job_config`` does both). Raises UserError.
 
@@ -450,8 +457,12 @@ def parse_config(args: list[str], world_size: int | None = None,
         job = values.get("job", {})
         custom = job.get("custom_config_module") if isinstance(job, dict) else None
         if custom not in (None, "", CUSTOM_CONFIG_MODULE):
-            raise UserError("job.custom_config_module", custom, "this fork's config sections live in its own module",
-                            f"remove the key or set it to '{CUSTOM_CONFIG_MODULE}'")
+            raise UserError(
+                "job.custom_config_module",
+                custom,
+                "this fork's config sections live in its own module",
+                f"remove the key or set it to '{CUSTOM_CONFIG_MODULE}'",
+            )
         check_toml_schema(values, schema)
     check_cli_flags(args, schema)
     stderr = io.StringIO()
@@ -465,8 +476,12 @@ def parse_config(args: list[str], world_size: int | None = None,
         if e.code in (0, None):  # --help
             print(stderr.getvalue(), end="")
             raise
-        raise UserError("command line", " ".join(args), f"rejected by torchtitan's parser: {message[-600:]}",
-                        "fix or remove that argument (run with --help for every valid flag)")
+        raise UserError(
+            "command line",
+            " ".join(args),
+            f"rejected by torchtitan's parser: {message[-600:]}",
+            "fix or remove that argument (run with --help for every valid flag)",
+        )
     except (ValueError, TypeError) as e:
         raise UserError("config", toml_path, str(e), "fix the config file")
     if before_validate is not None and world_size is not None:
@@ -499,8 +514,12 @@ def check_world_size(config, world_size: int) -> None:
     degrees = parallel_degrees(config)
     for name, value in degrees.items():
         if value == 0 or value < -1 or (value == -1 and name != "data_parallel_shard_degree"):
-            raise UserError(f"parallelism.{name}", value, "invalid degree",
-                            "use a positive integer (data_parallel_shard_degree may be -1: all remaining ranks)")
+            raise UserError(
+                f"parallelism.{name}",
+                value,
+                "invalid degree",
+                "use a positive integer (data_parallel_shard_degree may be -1: all remaining ranks)",
+            )
     fixed = 1
     for name, value in degrees.items():
         if value > 0:
@@ -509,11 +528,19 @@ def check_world_size(config, world_size: int) -> None:
     shown = ", ".join(f"{k}={v}" for k, v in degrees.items() if v != 1)
     if shard == -1:
         if world_size % fixed:
-            raise UserError("parallelism", shown, f"the fixed degrees multiply to {fixed}, which does not divide the world size {world_size} (nodes x GPUs per node)",
-                            f"choose degrees whose product divides {world_size}, or change the node/GPU count")
+            raise UserError(
+                "parallelism",
+                shown,
+                f"the fixed degrees multiply to {fixed}, which does not divide the world size {world_size} (nodes x GPUs per node)",
+                f"choose degrees whose product divides {world_size}, or change the node/GPU count",
+            )
     elif fixed != world_size:
-        raise UserError("parallelism", shown, f"the degrees multiply to {fixed} but the world size is {world_size} (nodes x GPUs per node)",
-                        f"make the product equal {world_size}, or set data_parallel_shard_degree = -1")
+        raise UserError(
+            "parallelism",
+            shown,
+            f"the degrees multiply to {fixed} but the world size is {world_size} (nodes x GPUs per node)",
+            f"make the product equal {world_size}, or set data_parallel_shard_degree = -1",
+        )
 
 
 def global_batch_of(training: Any, dp_degree: int) -> int:
@@ -544,33 +571,50 @@ def validate(config, world_size: int | None = None) -> None:
     t = config.training
     why = check_seed(config.debug.seed)
     if why:
-        raise UserError("debug.seed", config.debug.seed, why, "pick a seed in [0, 4294967295] or remove debug.seed to draw one")
+        raise UserError(
+            "debug.seed", config.debug.seed, why, "pick a seed in [0, 4294967295] or remove debug.seed to draw one"
+        )
     _positive("training.steps", t.steps, "set training.steps to the number of optimizer steps to run (> 0)")
     _positive("training.local_batch_size", t.local_batch_size, "set a per-rank batch size >= 1")
     _positive("training.seq_len", t.seq_len, "set the sequence length in tokens (e.g. 8192)")
     if t.seq_len > MAX_SEQ_LEN:
-        raise UserError("training.seq_len", t.seq_len, f"exceeds Llama 3.1's trained context of {MAX_SEQ_LEN} tokens",
-                        f"use at most {MAX_SEQ_LEN}")
+        raise UserError(
+            "training.seq_len",
+            t.seq_len,
+            f"exceeds Llama 3.1's trained context of {MAX_SEQ_LEN} tokens",
+            f"use at most {MAX_SEQ_LEN}",
+        )
     p = config.parallelism
     tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
     divisor = tp * (2 * cp if cp > 1 else 1)
     if divisor > 1 and t.seq_len % divisor:
         parts = f"tensor_parallel_degree={tp}" + (f" x 2 x context_parallel_degree={cp}" if cp > 1 else "")
-        raise UserError("training.seq_len", t.seq_len, f"must be divisible by {divisor} ({parts})",
-                        f"use a multiple of {divisor}, e.g. {(t.seq_len // divisor + 1) * divisor}")
+        raise UserError(
+            "training.seq_len",
+            t.seq_len,
+            f"must be divisible by {divisor} ({parts})",
+            f"use a multiple of {divisor}, e.g. {(t.seq_len // divisor + 1) * divisor}",
+        )
     if config.metrics.log_freq <= 0:
         raise UserError("metrics.log_freq", config.metrics.log_freq, "must be positive", "log every N steps, e.g. 10")
     ck = config.checkpoint
     if ck.enable:
         _positive("checkpoint.interval", ck.interval, "save every N steps, e.g. 500")
         if ck.keep_latest_k < 0 or ck.keep_latest_k == 1:
-            raise UserError("checkpoint.keep_latest_k", ck.keep_latest_k,
-                            "must be 0 (keep all) or at least 2, so a damaged newest checkpoint has a fallback",
-                            "use 2 or more")
+            raise UserError(
+                "checkpoint.keep_latest_k",
+                ck.keep_latest_k,
+                "must be 0 (keep all) or at least 2, so a damaged newest checkpoint has a fallback",
+                "use 2 or more",
+            )
     perf = getattr(config, "checkpoint_perf", None)
     if perf is not None and not 1 <= perf.writer_threads <= 256:
-        raise UserError("checkpoint_perf.writer_threads", perf.writer_threads, "must be between 1 and 256",
-                        "use 16 (the measured knee on a GPU host) or the count your volume scales to")
+        raise UserError(
+            "checkpoint_perf.writer_threads",
+            perf.writer_threads,
+            "must be between 1 and 256",
+            "use 16 (the measured knee on a GPU host) or the count your volume scales to",
+        )
     gp = getattr(config, "goodput", None)
     if gp is not None:
         _positive("goodput.log_freq", gp.log_freq, "print a goodput line every N steps, e.g. 100")
@@ -579,19 +623,29 @@ def validate(config, world_size: int | None = None) -> None:
     res = getattr(config, "resilience", None)
     if res is not None:
         if res.hang_timeout_seconds < 0:
-            raise UserError("resilience.hang_timeout_seconds", res.hang_timeout_seconds, "must not be negative",
-                            "use 0 (off) or a number of seconds above one step plus one checkpoint save, e.g. 600")
+            raise UserError(
+                "resilience.hang_timeout_seconds",
+                res.hang_timeout_seconds,
+                "must not be negative",
+                "use 0 (off) or a number of seconds above one step plus one checkpoint save, e.g. 600",
+            )
         if res.heartbeat_seconds <= 0:
             raise UserError("resilience.heartbeat_seconds", res.heartbeat_seconds, "must be positive", "use e.g. 2")
     if ck.enable and ck.async_mode not in ("disabled", "async", "async_with_pinned_mem"):
-        raise UserError("checkpoint.async_mode", ck.async_mode, "unknown mode",
-                        'use "disabled", "async" or "async_with_pinned_mem"')
+        raise UserError(
+            "checkpoint.async_mode", ck.async_mode, "unknown mode", 'use "disabled", "async" or "async_with_pinned_mem"'
+        )
     if ck.enable and ck.last_save_in_hf:
-        raise UserError("checkpoint.last_save_in_hf", True,
-                        "makes the final (and a preemption) checkpoint model-only, which cannot be resumed",
-                        "remove it and set [export] at_end = true for a Hugging Face copy at the end")
+        raise UserError(
+            "checkpoint.last_save_in_hf",
+            True,
+            "makes the final (and a preemption) checkpoint model-only, which cannot be resumed",
+            "remove it and set [export] at_end = true for a Hugging Face copy at the end",
+        )
     if config.lr_scheduler.warmup_steps < 0:
-        raise UserError("lr_scheduler.warmup_steps", config.lr_scheduler.warmup_steps, "must not be negative", "use 0 or more")
+        raise UserError(
+            "lr_scheduler.warmup_steps", config.lr_scheduler.warmup_steps, "must not be negative", "use 0 or more"
+        )
     ex = getattr(config, "export", None)
     if ex is not None and ex.at_end:
         if not ck.enable:
@@ -600,11 +654,19 @@ def validate(config, world_size: int | None = None) -> None:
             raise UserError("export.dtype", ex.dtype, "unsupported", f"one of {EXPORT_DTYPES}")
     fused_model = config.model.name == FUSED_TRAIN_SPEC_NAME
     if config.perf.loss == "fused" and not fused_model:
-        raise UserError("perf.loss", "fused", "needs the model whose output layer feeds the loss",
-                        f'set model.name = "{FUSED_TRAIN_SPEC_NAME}" or perf.loss = "plain"')
+        raise UserError(
+            "perf.loss",
+            "fused",
+            "needs the model whose output layer feeds the loss",
+            f'set model.name = "{FUSED_TRAIN_SPEC_NAME}" or perf.loss = "plain"',
+        )
     if fused_model and (tp > 1 or p.pipeline_parallel_degree > 1):
-        raise UserError("model.name", FUSED_TRAIN_SPEC_NAME, "the fused output layer supports FSDP/DDP only",
-                        f'use model.name = "{TRAIN_SPEC_NAME}" with tensor or pipeline parallelism')
+        raise UserError(
+            "model.name",
+            FUSED_TRAIN_SPEC_NAME,
+            "the fused output layer supports FSDP/DDP only",
+            f'use model.name = "{TRAIN_SPEC_NAME}" with tensor or pipeline parallelism',
+        )
     if config.perf.loss_chunk_tokens <= 0:
         raise UserError("perf.loss_chunk_tokens", config.perf.loss_chunk_tokens, "must be positive", "use e.g. 8192")
     if world_size is not None:
@@ -612,6 +674,9 @@ def validate(config, world_size: int | None = None) -> None:
         dp = data_parallel_degree(config, world_size)
         gbs = t.global_batch_size
         if gbs > 0 and gbs % (t.local_batch_size * dp):
-            raise UserError("training.global_batch_size", gbs,
-                            f"must be a multiple of local_batch_size x data-parallel degree = {t.local_batch_size} x {dp}",
-                            f"use a multiple of {t.local_batch_size * dp}, or -1")
+            raise UserError(
+                "training.global_batch_size",
+                gbs,
+                f"must be a multiple of local_batch_size x data-parallel degree = {t.local_batch_size} x {dp}",
+                f"use a multiple of {t.local_batch_size * dp}, or -1",
+            )

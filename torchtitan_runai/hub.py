@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # secrets
 
+
 def _raw_token(strict: bool = True) -> str | None:
     raw = os.environ.get(TOKEN_ENV)
     if raw is None and os.environ.get(TOKEN_PATH_ENV):
@@ -50,8 +51,12 @@ def _raw_token(strict: bool = True) -> str | None:
         except OSError as error:
             if not strict:
                 return None
-            raise UserError(TOKEN_PATH_ENV, os.environ[TOKEN_PATH_ENV], f"cannot read the token file ({error.strerror})",
-                            "mount the Secret there (runai --secret-volume) or unset HF_TOKEN_PATH") from None
+            raise UserError(
+                TOKEN_PATH_ENV,
+                os.environ[TOKEN_PATH_ENV],
+                f"cannot read the token file ({error.strerror})",
+                "mount the Secret there (runai --secret-volume) or unset HF_TOKEN_PATH",
+            ) from None
     return raw
 
 
@@ -141,8 +146,7 @@ def cached_snapshot(hub: Hub, cache_dir: Path, usable: Callable[[Path], bool] = 
     from huggingface_hub import try_to_load_from_cache
 
     for name in hub.files:
-        found = try_to_load_from_cache(hub.repo_id, name, cache_dir=str(cache_dir),
-                                       revision=hub.revision)
+        found = try_to_load_from_cache(hub.repo_id, name, cache_dir=str(cache_dir), revision=hub.revision)
         if isinstance(found, str):
             folder = _snapshot_folder(found, name)
             if usable(folder):
@@ -167,8 +171,12 @@ def locked_download(hub: Hub, cache_dir: Path, usable: Callable[[Path], bool], w
     try:
         (cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError("hub.cache_dir", str(cache_dir), f"cannot create the cache folder ({error})",
-                        "set hub.cache_dir (or HF_HUB_CACHE) to a writable folder, e.g. on the PVC")
+        raise UserError(
+            "hub.cache_dir",
+            str(cache_dir),
+            f"cannot create the cache folder ({error})",
+            "set hub.cache_dir (or HF_HUB_CACHE) to a writable folder, e.g. on the PVC",
+        )
     lock = FileLock(str(cache_dir / ".locks" / _lock_name(hub.repo_id)), timeout=hub.lock_timeout_s)
     try:
         with lock:
@@ -178,9 +186,9 @@ def locked_download(hub: Hub, cache_dir: Path, usable: Callable[[Path], bool], w
             if offline() or not hub.allow_download:
                 setting = "HF_HUB_OFFLINE" if offline() else "hub.allow_download"
                 raise UserError(
-                    setting, os.environ.get("HF_HUB_OFFLINE") if offline() else False,
-                    f"downloads are off and the {what} of {hub.repo_id}@{hub.revision} is not in "
-                    f"the cache {cache_dir}",
+                    setting,
+                    os.environ.get("HF_HUB_OFFLINE") if offline() else False,
+                    f"downloads are off and the {what} of {hub.repo_id}@{hub.revision} is not in the cache {cache_dir}",
                     "stage it first (python -m torchtitan_runai.stage --config FILE) or point "
                     "hub.cache_dir / HF_HUB_CACHE at the staged cache",
                 )
@@ -191,19 +199,30 @@ def locked_download(hub: Hub, cache_dir: Path, usable: Callable[[Path], bool], w
                     folder = _snapshot_folder(path, name)
             if folder is None or not usable(folder):
                 raise UserError(
-                    "hub.repo_id", hub.repo_id,
+                    "hub.repo_id",
+                    hub.repo_id,
                     f"the repo has none of the tokenizer files {hub.files} at revision {hub.revision}",
                     "name a repo with tokenizer.json or original/tokenizer.model, or fix hub.files",
                 )
             return folder
     except Timeout:
-        raise UserError("hub.lock_timeout_s", hub.lock_timeout_s,
-                        f"another process held the download lock in {cache_dir} too long",
-                        "check for a stuck process, or remove the stale lock file under .locks/")
+        raise UserError(
+            "hub.lock_timeout_s",
+            hub.lock_timeout_s,
+            f"another process held the download lock in {cache_dir} too long",
+            "check for a stuck process, or remove the stale lock file under .locks/",
+        )
 
 
-def download_file(hub: Hub, name: str, *, cache_dir: Path | None = None, local_dir: Path | None = None,
-                  repo_type: str | None = None, optional: bool = True) -> Path | None:
+def download_file(
+    hub: Hub,
+    name: str,
+    *,
+    cache_dir: Path | None = None,
+    local_dir: Path | None = None,
+    repo_type: str | None = None,
+    optional: bool = True,
+) -> Path | None:
     """One file of ``hub.repo_id`` through our backoff and errors; None when an optional file is
     absent from the repo. Into the cache (``cache_dir``) or a plain folder (``local_dir``)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -218,14 +237,20 @@ def download_file(hub: Hub, name: str, *, cache_dir: Path | None = None, local_d
         # through our bounded backoff (and tests can keep it short).
         with_backoff(
             lambda: get_hf_file_metadata(url, token=token or False, endpoint=endpoint),
-            retries=hub.retries, backoff_s=hub.backoff_s, max_backoff_s=hub.max_backoff_s,
+            retries=hub.retries,
+            backoff_s=hub.backoff_s,
+            max_backoff_s=hub.max_backoff_s,
             what=f"Hub download of {hub.repo_id}",
         )
         path = hf_hub_download(
-            hub.repo_id, name, revision=hub.revision, repo_type=repo_type,
+            hub.repo_id,
+            name,
+            revision=hub.revision,
+            repo_type=repo_type,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             local_dir=str(local_dir) if local_dir is not None else None,
-            token=token or False, endpoint=endpoint,
+            token=token or False,
+            endpoint=endpoint,
         )
     except RemoteEntryNotFoundError as error:
         if optional:
@@ -254,8 +279,15 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError))
 
 
-def with_backoff(fn: Callable[[], T], *, retries: int, backoff_s: float, max_backoff_s: float,
-                 what: str, sleep: Callable[[float], None] = time.sleep) -> T:
+def with_backoff(
+    fn: Callable[[], T],
+    *,
+    retries: int,
+    backoff_s: float,
+    max_backoff_s: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """``fn()``, retried on transient errors with exponential backoff, at most ``retries`` times."""
     wait = backoff_s
     for attempt in range(retries + 1):
@@ -287,54 +319,68 @@ def hub_error(error: BaseException, hub: Hub, token: str | None) -> UserError:
     token_state = "HF_TOKEN is set" if token else "HF_TOKEN is not set"
     if isinstance(error, GatedRepoError) and status == 403:
         result = UserError(
-            "hub.repo_id", hub.repo_id,
-            "403 Forbidden: the licence of this gated model has not been accepted for the account "
-            "of HF_TOKEN",
+            "hub.repo_id",
+            hub.repo_id,
+            "403 Forbidden: the licence of this gated model has not been accepted for the account of HF_TOKEN",
             f"sign in at {page}, accept the licence on the model page, wait for approval, then retry",
         )
     elif isinstance(error, RevisionNotFoundError):
-        result = UserError("hub.revision", hub.revision, f"404: no such revision in {hub.repo_id}",
-                           "use an existing branch, tag or commit")
+        result = UserError(
+            "hub.revision",
+            hub.revision,
+            f"404: no such revision in {hub.repo_id}",
+            "use an existing branch, tag or commit",
+        )
     elif status == 401 or (isinstance(error, GatedRepoError) and status != 403):
         result = UserError(
-            TOKEN_ENV, "***" if token else None,
-            f"401 Unauthorized from the Hub for {hub.repo_id} ({token_state}; the token is missing, "
-            "wrong or expired)",
+            TOKEN_ENV,
+            "***" if token else None,
+            f"401 Unauthorized from the Hub for {hub.repo_id} ({token_state}; the token is missing, wrong or expired)",
             "create a read token at https://huggingface.co/settings/tokens and pass it as the "
             "HF_TOKEN environment variable (e.g. runai -e HF_TOKEN=$HF_TOKEN)",
         )
     elif isinstance(error, RepositoryNotFoundError) or status == 404:
-        result = UserError("hub.repo_id", hub.repo_id,
-                           f"404: repository not found ({token_state}; private repos need a token "
-                           "with access)", "check the repo name on https://huggingface.co")
+        result = UserError(
+            "hub.repo_id",
+            hub.repo_id,
+            f"404: repository not found ({token_state}; private repos need a token with access)",
+            "check the repo name on https://huggingface.co",
+        )
     elif isinstance(error, OfflineModeIsEnabled):
-        result = UserError("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE"),
-                           "offline mode and the tokenizer is not cached",
-                           "stage it with python -m torchtitan_runai.stage, or unset HF_HUB_OFFLINE")
+        result = UserError(
+            "HF_HUB_OFFLINE",
+            os.environ.get("HF_HUB_OFFLINE"),
+            "offline mode and the tokenizer is not cached",
+            "stage it with python -m torchtitan_runai.stage, or unset HF_HUB_OFFLINE",
+        )
     elif status == 429:
         result = UserError(
-            "hub.repo_id", hub.repo_id,
+            "hub.repo_id",
+            hub.repo_id,
             f"429 rate limited by the Hub after {hub.retries + 1} attempts",
             "stage the tokenizer onto the PVC once (python -m torchtitan_runai.stage) so pods do "
             "not all call the Hub, or raise hub.retries / hub.backoff_s",
         )
     elif isinstance(error, HfHubHTTPError) and status is not None and status >= 500:
-        result = UserError("hub.repo_id", hub.repo_id,
-                           f"the Hub answered {status} after {hub.retries + 1} attempts",
-                           "retry later, or use a staged cache with HF_HUB_OFFLINE=1")
+        result = UserError(
+            "hub.repo_id",
+            hub.repo_id,
+            f"the Hub answered {status} after {hub.retries + 1} attempts",
+            "retry later, or use a staged cache with HF_HUB_OFFLINE=1",
+        )
     elif isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)):
         result = UserError(
-            "HF_ENDPOINT", endpoint,
-            f"cannot reach the Hub (no network? {type(error).__name__}) after {hub.retries + 1} "
-            "attempts",
+            "HF_ENDPOINT",
+            endpoint,
+            f"cannot reach the Hub (no network? {type(error).__name__}) after {hub.retries + 1} attempts",
             "check the pod's network/proxy, or stage the tokenizer and set HF_HUB_OFFLINE=1",
         )
     else:
-        result = UserError("hub.repo_id", hub.repo_id, f"download failed: {describe(error)}",
-                           "check hub.* settings and HF_TOKEN")
+        result = UserError(
+            "hub.repo_id", hub.repo_id, f"download failed: {describe(error)}", "check hub.* settings and HF_TOKEN"
+        )
     result.why, result.fix = redact(result.why), redact(result.fix)
     if token:
         result.why, result.fix = redact(result.why, token), redact(result.fix, token)
     result.args = (result.line(),)
     return result
-

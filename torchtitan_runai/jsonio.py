@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON so that readers see the old file or the whole new one, never a part."""
     path = Path(path)

@@ -1,4 +1,7 @@
-"""``python -m torchtitan_runai.manifest``: Run:ai commands and Kubeflow specs (manual: ``torchtitan_runai.launcher.manifest``)."""
+"""``python -m torchtitan_runai.manifest``: Run:ai commands and Kubeflow specs.
+
+The manual: ``torchtitan_runai.launcher.manifest``.
+"""
 
 from torchtitan_runai.launcher.manifest import entry
 

@@ -46,13 +46,18 @@ def _import_custom_module(config: Any) -> None:
     try:
         importlib.import_module(module)
     except ImportError as e:
-        raise UserError("experimental.custom_import", module, f"cannot be imported ({e})",
-                        "make the module importable from the working directory or PYTHONPATH, or remove the setting")
+        raise UserError(
+            "experimental.custom_import",
+            module,
+            f"cannot be imported ({e})",
+            "make the module importable from the working directory or PYTHONPATH, or remove the setting",
+        )
 
 
 def _unknown_flavor(config: Any, flavors) -> UserError:
-    return UserError("model.flavor", config.model.flavor, f"not a flavor of {config.model.name}",
-                     "use one of " + ", ".join(flavors))
+    return UserError(
+        "model.flavor", config.model.flavor, f"not a flavor of {config.model.name}", "use one of " + ", ".join(flavors)
+    )
 
 
 def lookup(config: Any) -> tuple["upstream.TrainSpec", Any]:
@@ -63,8 +68,12 @@ def lookup(config: Any) -> tuple["upstream.TrainSpec", Any]:
     try:
         spec = upstream.get_train_spec(STOCK_SPECS[0] if name in OUR_SPECS else name)
     except Exception:  # torchtitan raises ValueError/ImportError for unknown names
-        raise UserError("model.name", name, "no such train spec",
-                        f"use '{TRAIN_SPEC_NAME}' (this fork's Llama 3.1 spec) or '{FUSED_TRAIN_SPEC_NAME}'") from None
+        raise UserError(
+            "model.name",
+            name,
+            "no such train spec",
+            f"use '{TRAIN_SPEC_NAME}' (this fork's Llama 3.1 spec) or '{FUSED_TRAIN_SPEC_NAME}'",
+        ) from None
     if flavor not in spec.model_args:
         raise _unknown_flavor(config, spec.model_args)
     return spec, copy.deepcopy(spec.model_args[flavor])
@@ -88,9 +97,13 @@ def check_trainable_spec(config: Any) -> None:
     line) and fails in the ranks; a stock checkpoint still exports, so ``check_model`` allows it."""
     name = config.model.name
     if name in STOCK_SPECS:
-        raise UserError("model.name", name, "is stock torchtitan's train spec, which this fork does not train",
-                        f'use model.name = "{TRAIN_SPEC_NAME}" (the same Llama 3.1 model and flavors, with this '
-                        "fork's data, tokenizer, CPU and log support)")
+        raise UserError(
+            "model.name",
+            name,
+            "is stock torchtitan's train spec, which this fork does not train",
+            f'use model.name = "{TRAIN_SPEC_NAME}" (the same Llama 3.1 model and flavors, with this '
+            "fork's data, tokenizer, CPU and log support)",
+        )
 
 
 def check_model(config: Any) -> Any:
@@ -101,6 +114,10 @@ def check_model(config: Any) -> Any:
         for attr in ("n_heads", "n_kv_heads"):
             heads = getattr(args, attr, None) or args.n_heads
             if heads % tp:
-                raise UserError("parallelism.tensor_parallel_degree", tp,
-                                f"does not divide the model's {attr} ({heads})", "use a divisor of it, e.g. 8")
+                raise UserError(
+                    "parallelism.tensor_parallel_degree",
+                    tp,
+                    f"does not divide the model's {attr} ({heads})",
+                    "use a divisor of it, e.g. 8",
+                )
     return args

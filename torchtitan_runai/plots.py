@@ -65,8 +65,9 @@ def _series(scalars: dict[str, dict[int, float]], name: str) -> tuple[list[int],
     return [], []
 
 
-def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike | None = None,
-                         title: str | None = None) -> Path:
+def plot_training_curves(
+    folder: str | os.PathLike, output: str | os.PathLike | None = None, title: str | None = None
+) -> Path:
     """Write the PNG; returns its path. Raises UserError when there is nothing to plot."""
     import matplotlib
 
@@ -75,14 +76,18 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike | 
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError("DUMP_OR_TB_DIR", str(folder), "no such folder",
-                        "pass the job's dump_folder or its TensorBoard folder")
+        raise UserError(
+            "DUMP_OR_TB_DIR", str(folder), "no such folder", "pass the job's dump_folder or its TensorBoard folder"
+        )
     scalars = read_scalars(folder)
     steps, loss = _series(scalars, LOSS)
     if not steps:
-        raise UserError("DUMP_OR_TB_DIR", str(folder),
-                        f"no '{LOSS}' scalars in any TensorBoard event file below it",
-                        "enable metrics.enable_tensorboard and point at its folder")
+        raise UserError(
+            "DUMP_OR_TB_DIR",
+            str(folder),
+            f"no '{LOSS}' scalars in any TensorBoard event file below it",
+            "enable metrics.enable_tensorboard and point at its folder",
+        )
     output = Path(output) if output else _default_output(folder)
 
     figure, (loss_ax, tps_ax) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
@@ -93,8 +98,7 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike | 
     loss_ax.set_ylabel("loss")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(loc="upper right")
-    loss_ax.set_title(title or f"{folder.resolve().name}: last step {steps[-1]}, "
-                               f"loss {loss[-1]:.4f}")
+    loss_ax.set_title(title or f"{folder.resolve().name}: last step {steps[-1]}, loss {loss[-1]:.4f}")
 
     tps_steps, tps = _series(scalars, TPS)
     tps_ax.plot(tps_steps, tps, color="tab:green", label="tokens/s per device")
@@ -139,8 +143,9 @@ def plot_at_end(job_config: Any) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torchtitan_runai.plots",
-                                     description="Plot loss and throughput from TensorBoard files.")
+    parser = argparse.ArgumentParser(
+        prog="python -m torchtitan_runai.plots", description="Plot loss and throughput from TensorBoard files."
+    )
     parser.add_argument("folder", help="job.dump_folder, its TensorBoard folder, or above")
     parser.add_argument("-o", "--output", help=f"PNG path (default: <tb folder>/{storage.PLOT_NAME})")
     parser.add_argument("--title")

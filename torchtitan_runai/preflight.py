@@ -1,4 +1,7 @@
-"""``python -m torchtitan_runai.preflight``: fit and machine checks (manual: ``torchtitan_runai.launcher.preflight``)."""
+"""``python -m torchtitan_runai.preflight``: fit and machine checks.
+
+The manual: ``torchtitan_runai.launcher.preflight``.
+"""
 
 from torchtitan_runai.launcher.preflight import entry
 

@@ -27,8 +27,14 @@ SEED = 1234
 
 _SUBJECTS = "the cat|a dog|the old sailor|my neighbour|the small robot|a tired student|the baker|our teacher".split("|")
 _VERBS = "sees|builds|carries|paints|finds|loses|cooks|writes about|remembers|follows".split("|")
-_OBJECTS = "a red boat|the green door|an empty box|the long road|a warm loaf|the quiet river|a paper map|the tall tree".split("|")
-_PLACES = "in the morning|near the harbour|after the rain|at the market|under the bridge|before dinner|on the hill".split("|")
+_OBJECTS = (
+    "a red boat|the green door|an empty box|the long road|a warm loaf|the quiet river|a paper map|the tall tree".split(
+        "|"
+    )
+)
+_PLACES = (
+    "in the morning|near the harbour|after the rain|at the market|under the bridge|before dinner|on the hill".split("|")
+)
 
 
 def make_corpus(n_docs: int = N_DOCS, seed: int = SEED) -> list[str]:
@@ -63,8 +69,14 @@ def write_tokenizer(texts, tok_dir: Path, vocab_size: int = VOCAB_SIZE) -> Path:
     """Train on ``texts`` and write tokenizer.json + tokenizer_config.json (what torchtitan loads)."""
     tok_dir.mkdir(parents=True, exist_ok=True)
     train_tokenizer(texts, vocab_size).save(str(tok_dir / "tokenizer.json"))
-    config = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False,
-              "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tok_dir
 

@@ -1,4 +1,7 @@
-"""``python -m torchtitan_runai.stage``: stage the tokenizer and data onto a PVC (manual: ``torchtitan_runai.launcher.stage``)."""
+"""``python -m torchtitan_runai.stage``: stage the tokenizer and data onto a PVC.
+
+The manual: ``torchtitan_runai.launcher.stage``.
+"""
 
 from torchtitan_runai.launcher.stage import entry
 

@@ -158,8 +158,9 @@ def resolve_storage(
     )
 
 
-def apply_output_dir(config: Any, train_args: list[str], env: Mapping[str, str],
-                     parse: Callable[[list[str]], Any]) -> tuple[Any, list[str], StoragePaths]:
+def apply_output_dir(
+    config: Any, train_args: list[str], env: Mapping[str, str], parse: Callable[[list[str]], Any]
+) -> tuple[Any, list[str], StoragePaths]:
     """``OUTPUT_DIR`` applied to a parsed config: (the config, the trainer's arguments, the paths).
 
     When ``OUTPUT_DIR`` moves the dump folder, ``--job.dump_folder`` is added to the arguments and
@@ -272,8 +273,7 @@ def recommend_keep_latest_k(pvc_bytes: int, one_checkpoint_bytes: int) -> int:
         raise UserError(
             "PVC size",
             f"{pvc_bytes / 1e12:.2f} TB",
-            f"holds fewer than 3 checkpoints of {one_checkpoint_bytes / 1e9:.0f} GB "
-            "(2 kept + 1 being written)",
+            f"holds fewer than 3 checkpoints of {one_checkpoint_bytes / 1e9:.0f} GB (2 kept + 1 being written)",
             f"use a PVC of at least {need / 1e12:.1f} TB",
         )
     return min(fit, MAX_RECOMMENDED_KEEP)
@@ -305,8 +305,12 @@ def grace_period(env: Mapping[str, str]) -> tuple[int, str]:
     if not text:
         return DEFAULT_GRACE_S, "Kubernetes' default"
     if not text.isdigit() or int(text) < 1:
-        raise UserError(GRACE_PERIOD_ENV, text, "is not a whole number of seconds",
-                        "set it to the pod's terminationGracePeriodSeconds, e.g. 300 (the manifest generator does)")
+        raise UserError(
+            GRACE_PERIOD_ENV,
+            text,
+            "is not a whole number of seconds",
+            "set it to the pod's terminationGracePeriodSeconds, e.g. 300 (the manifest generator does)",
+        )
     return int(text), GRACE_PERIOD_ENV
 
 
@@ -315,9 +319,7 @@ def default_shutdown_timeout(env: Mapping[str, str]) -> int:
     return max(1, grace_period(env)[0] - SHUTDOWN_MARGIN_S)
 
 
-def recommended_grace_seconds(
-    one_checkpoint_bytes: int, nodes: int, write_bytes_per_s_per_node: float = 5e8
-) -> int:
+def recommended_grace_seconds(one_checkpoint_bytes: int, nodes: int, write_bytes_per_s_per_node: float = 5e8) -> int:
     """Pod ``terminationGracePeriodSeconds``: time for the SIGTERM checkpoint, every node writing
     its share at ``write_bytes_per_s_per_node`` (500 MB/s: a conservative shared-filesystem rate),
     plus 60 s to finish the step and tear down; within [180, 3600]. Only an upper bound: the pod

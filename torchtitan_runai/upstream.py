@@ -67,13 +67,15 @@ check_torchtitan_version()
 # ---------------------------------------------------------------------------------------------
 # torchtitan's package, initialised on first need
 
-_LIGHT_MODULES = frozenset({
-    "torchtitan.config",
-    "torchtitan.config.job_config",
-    "torchtitan.config.manager",
-    "torchtitan.tools.logging",
-    "torchtitan.components.tokenizer",
-})
+_LIGHT_MODULES = frozenset(
+    {
+        "torchtitan.config",
+        "torchtitan.config.job_config",
+        "torchtitan.config.manager",
+        "torchtitan.tools.logging",
+        "torchtitan.components.tokenizer",
+    }
+)
 """The modules config validation needs. They import torch, tyro and tokenizers but nothing of
 torchtitan outside this set, so they may run before torchtitan's package ``__init__``."""
 
@@ -213,8 +215,9 @@ def _instance(cls: str, given: dict[str, Any], classes: dict[str, dict[str, Any]
     values = {**fields, **given}
     if any(v is _REQUIRED for v in values.values()):
         raise _Unreadable(f"{cls}: a field without a default is not given")
-    return types.SimpleNamespace(**{k: _instance(v.cls, {}, classes) if isinstance(v, _Factory) else v
-                                    for k, v in values.items()})
+    return types.SimpleNamespace(
+        **{k: _instance(v.cls, {}, classes) if isinstance(v, _Factory) else v for k, v in values.items()}
+    )
 
 
 def _dataclass_fields(tree: ast.Module, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -233,7 +236,10 @@ def _dataclass_fields(tree: ast.Module, names: tuple[str, ...]) -> dict[str, dic
                 fields[item.target.id] = _REQUIRED
             elif isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
                 factory = {k.arg: k.value for k in value.keywords}
-                if set(factory) != {"default_factory"} or getattr(factory["default_factory"], "id", None) not in classes:
+                if (
+                    set(factory) != {"default_factory"}
+                    or getattr(factory["default_factory"], "id", None) not in classes
+                ):
                     raise _Unreadable(ast.unparse(value))
                 fields[item.target.id] = _Factory(factory["default_factory"].id)
             else:
@@ -260,8 +266,9 @@ def _table_entries(source: Path, table: str, cls: str) -> list[tuple[str, ast.Ca
 def read_llama3_flavors(root: Path) -> dict[str, types.SimpleNamespace]:
     """The Llama 3 flavor table of the torchtitan package at ``root``, read from its source (raises
     ``_Unreadable`` when it is not a table of ``TransformerModelArgs(key=literal, ...)``)."""
-    classes = _dataclass_fields(ast.parse((root / "models/llama3/model/args.py").read_text()),
-                                ("TransformerModelArgs", "RoPEScalingArgs"))
+    classes = _dataclass_fields(
+        ast.parse((root / "models/llama3/model/args.py").read_text()), ("TransformerModelArgs", "RoPEScalingArgs")
+    )
     entries = _table_entries(root / "models/llama3/__init__.py", "llama3_args", "TransformerModelArgs")
     return {name: _construct(call, classes) for name, call in entries}
 

@@ -5,14 +5,18 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 @pytest.mark.slow
 def test_throughput_harness_runs_at_toy_size(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--mode", "cpu", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--mode", "cpu", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = list(tmp_path.glob("*.json"))
     assert results, "the harness writes a results file"
@@ -25,9 +29,24 @@ def test_throughput_harness_runs_at_toy_size(tmp_path):
 
 @pytest.mark.slow
 def test_goodput_harness_runs_the_schedule_for_both_sides_at_toy_size(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.goodput", "--cpu", "--out", str(tmp_path),
-                           "--ckpt-root", str(tmp_path / "ck"), "--work", str(tmp_path / "work")],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.goodput",
+            "--cpu",
+            "--out",
+            str(tmp_path),
+            "--ckpt-root",
+            str(tmp_path / "ck"),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = tmp_path.glob("goodput-*.json")
     report = json.loads(result.read_text())

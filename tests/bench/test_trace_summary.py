@@ -13,7 +13,9 @@ def test_families_of_h100_kernel_names():
     assert family("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "kernel") == "attention"
     assert family("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "kernel") == "triton reduction"
     assert family("triton_poi_fused_mul_silu_1", "kernel") == "triton pointwise"
-    assert family("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", "kernel") == "optimizer"
+    assert (
+        family("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", "kernel") == "optimizer"
+    )
     assert family("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_add_clamp_1", "kernel") == "triton pointwise"
     assert family("triton_tem_fused_mm_0", "kernel") == "matmul"
     assert family("Memcpy DtoD (Device -> Device)", "gpu_memcpy") == "copy/cast"
@@ -24,13 +26,15 @@ def test_union_counts_overlaps_once():
 
 
 def test_summary_shares_and_idle_time():
-    trace = {"traceEvents": [
-        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#10", "ts": 0, "dur": 1000},
-        k("sm90_xmma_gemm_bf16", 0, 600),
-        k("triton_poi_fused_mul_silu_1", 600, 100),
-        k("cudnn_generated_fort_native_sdpa", 800, 200),  # 100 us idle before it
-        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5},
-    ]}
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#10", "ts": 0, "dur": 1000},
+            k("sm90_xmma_gemm_bf16", 0, 600),
+            k("triton_poi_fused_mul_silu_1", 600, 100),
+            k("cudnn_generated_fort_native_sdpa", 800, 200),  # 100 us idle before it
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5},
+        ]
+    }
     s = summarize(trace)
     assert s["step_ms"] == 1.0 and s["gpu_busy_ms"] == 0.9
     assert s["gpu_idle_in_span_pct"] == 10.0

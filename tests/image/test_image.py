@@ -40,8 +40,20 @@ STEP = re.compile(r"step:\s*(\d+)\s+loss:")
 
 # crun (podman's default) rejects hybrid cgroup hosts; podman's default rlimits exceed a
 # sandbox's hard limits; --network none: the rehearsal needs loopback only (and proves it is offline).
-PODMAN_RUN = ["podman", "run", "--runtime", "runc", "--ulimit", "nofile=20000:20000",
-              "--ulimit", "nproc=32768:32768", "--network", "none", "--shm-size", "1g"]
+PODMAN_RUN = [
+    "podman",
+    "run",
+    "--runtime",
+    "runc",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+    "--network",
+    "none",
+    "--shm-size",
+    "1g",
+]
 REHEARSAL_ENV = ["-e", "NGPU=2", "-e", "CONFIG_FILE=./train_configs/debug_model.toml"]
 
 
@@ -55,8 +67,10 @@ def require_tools() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     reason = None
     if missing:
-        reason = (f"container tools not installed: {', '.join(missing)} "
-                  "(apt-get install buildah podman runc debootstrap; .ci/run does)")
+        reason = (
+            f"container tools not installed: {', '.join(missing)} "
+            "(apt-get install buildah podman runc debootstrap; .ci/run does)"
+        )
     elif os.geteuid() != 0:
         reason = "the image checks need root (rootful buildah and podman, as in CI)"
     if reason is None:
@@ -111,15 +125,17 @@ def test_pip_check_is_clean_and_the_base_constraints_hold(images):
     proc = in_image(images["image"], "-m", "pip", "check")
     assert "No broken requirements found" in proc.stdout, proc.stdout + proc.stderr
     # every pin of the base's own constraint file still holds in the final image
-    check = ("import os, re\nfrom importlib import metadata as m\n"
-             "have = {}\n"
-             "for d in m.distributions(): have.setdefault(re.sub(r'[-_.]+', '-', d.metadata['Name']).lower(), d.version)\n"
-             "bad = []\n"
-             "for line in open(os.environ['PIP_CONSTRAINT']):\n"
-             "    name, _, v = line.strip().partition('==')\n"
-             "    key = re.sub(r'[-_.]+', '-', name).lower()\n"
-             "    if v and key in have and have[key] != v: bad.append(f'{name}: {v} -> {have[key]}')\n"
-             "print('changed:', bad)\n")
+    check = (
+        "import os, re\nfrom importlib import metadata as m\n"
+        "have = {}\n"
+        "for d in m.distributions(): have.setdefault(re.sub(r'[-_.]+', '-', d.metadata['Name']).lower(), d.version)\n"
+        "bad = []\n"
+        "for line in open(os.environ['PIP_CONSTRAINT']):\n"
+        "    name, _, v = line.strip().partition('==')\n"
+        "    key = re.sub(r'[-_.]+', '-', name).lower()\n"
+        "    if v and key in have and have[key] != v: bad.append(f'{name}: {v} -> {have[key]}')\n"
+        "print('changed:', bad)\n"
+    )
     assert "changed: []" in in_image(images["image"], "-c", check).stdout
 
 
@@ -144,8 +160,8 @@ for name in ("torch", "triton"):
 def test_torch_and_triton_are_the_bases_byte_for_byte(images):
     base = in_image(images["base"], "-c", TORCH_FINGERPRINT).stdout.split("\n")
     image = in_image(images["image"], "-c", TORCH_FINGERPRINT).stdout.split("\n")
-    assert [l for l in image if l] == [l for l in base if l], (base, image)
-    assert all(l.endswith("modified: 0") for l in image if l), image  # every file matches its RECORD hash
+    assert [line for line in image if line] == [line for line in base if line], (base, image)
+    assert all(line.endswith("modified: 0") for line in image if line), image  # every file matches its RECORD hash
 
 
 def test_the_build_time_ca_bundle_is_not_in_the_image(images):
@@ -164,11 +180,9 @@ def test_the_image_holds_every_shipped_file_git_tracks(images):
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     want = sorted(f for f in tracked.splitlines() if f.startswith(SHIPPED))
     assert any(f.startswith("torchtitan_runai/checkpoint/") for f in want)
-    listing = ("import os, sys\n"
-               "for f in sys.argv[1:]:\n"
-               "    print(f if os.path.isfile(f) else 'MISSING ' + f)\n")
+    listing = "import os, sys\nfor f in sys.argv[1:]:\n    print(f if os.path.isfile(f) else 'MISSING ' + f)\n"
     proc = in_image(images["image"], "-c", listing, *want)
-    assert [l for l in proc.stdout.splitlines() if l.startswith("MISSING")] == []
+    assert [line for line in proc.stdout.splitlines() if line.startswith("MISSING")] == []
 
 
 def test_dry_run_prints_the_torchrun_command(images):
@@ -181,8 +195,20 @@ def test_dry_run_prints_the_torchrun_command(images):
 @pytest.mark.parametrize("user", [[], ["--user", "12345:0"]], ids=["image-user-1000", "arbitrary-uid-group-0"])
 def test_rehearsal_trains_as_the_image_user_and_an_arbitrary_uid(images, tmp_path, user):
     out = output_dir(tmp_path)
-    proc = sh([*PODMAN_RUN, "--rm", *user, *REHEARSAL_ENV, "-v", f"{out}:/outputs",
-               images["image"], "--training.steps", "12"], timeout=900)
+    proc = sh(
+        [
+            *PODMAN_RUN,
+            "--rm",
+            *user,
+            *REHEARSAL_ENV,
+            "-v",
+            f"{out}:/outputs",
+            images["image"],
+            "--training.steps",
+            "12",
+        ],
+        timeout=900,
+    )
     log = proc.stdout + proc.stderr
     assert steps(log) and max(steps(log)) == 12, log[-3000:]
     checkpoints = sorted(out.rglob("step-*"))
@@ -194,8 +220,17 @@ def test_rehearsal_trains_as_the_image_user_and_an_arbitrary_uid(images, tmp_pat
 def test_sigterm_checkpoints_exits_143_and_the_next_run_resumes(images, tmp_path):
     out = output_dir(tmp_path)
     name = f"ttr-preempt-{uuid.uuid4().hex[:8]}"
-    run = [*PODMAN_RUN, "--name", name, *REHEARSAL_ENV, "-v", f"{out}:/outputs", images["image"],
-           "--training.steps", "400"]
+    run = [
+        *PODMAN_RUN,
+        "--name",
+        name,
+        *REHEARSAL_ENV,
+        "-v",
+        f"{out}:/outputs",
+        images["image"],
+        "--training.steps",
+        "400",
+    ]
     sh([*run[:2], "-d", *run[2:]])
     try:
         log = wait_for_log(name, lambda text: max(steps(text), default=0) >= 13, timeout=600)
@@ -213,11 +248,26 @@ def test_sigterm_checkpoints_exits_143_and_the_next_run_resumes(images, tmp_path
 
     # the next pod: resumes from that checkpoint (stopped again once it has trained a step)
     name2 = f"{name}-resume"
-    sh([*PODMAN_RUN, "-d", "--name", name2, *REHEARSAL_ENV, "-v", f"{out}:/outputs", images["image"],
-        "--training.steps", "400"])
+    sh(
+        [
+            *PODMAN_RUN,
+            "-d",
+            "--name",
+            name2,
+            *REHEARSAL_ENV,
+            "-v",
+            f"{out}:/outputs",
+            images["image"],
+            "--training.steps",
+            "400",
+        ]
+    )
     try:
-        text = wait_for_log(name2, lambda t: f"resuming from step {complete[-1]}" in t
-                            and max(steps(t), default=0) > complete[-1], timeout=600)
+        text = wait_for_log(
+            name2,
+            lambda t: f"resuming from step {complete[-1]}" in t and max(steps(t), default=0) > complete[-1],
+            timeout=600,
+        )
     finally:
         sh(["podman", "rm", "-f", name2], check=False)
     assert min(steps(text)) == complete[-1] + 1, text[-3000:]
@@ -247,7 +297,9 @@ def test_runs_as_uid_1000_by_default_and_reports_its_size(images):
     assert config["Entrypoint"][0] == "/usr/bin/tini"
     base, image = image_size(images["base"]), image_size(images["image"])
     added = image - base
-    report(f"image size {image / 1e9:.2f} GB; stand-in base {base / 1e9:.2f} GB; added by the Dockerfile "
-           f"{added / 1e6:.0f} MB")
+    report(
+        f"image size {image / 1e9:.2f} GB; stand-in base {base / 1e9:.2f} GB; added by the Dockerfile "
+        f"{added / 1e6:.0f} MB"
+    )
     # the project adds its Python dependencies and code, nothing like a second torch
     assert 0 < added < 800e6, added

@@ -28,21 +28,41 @@ def read_trace(path) -> dict[int, str]:
 
 def launch_env(tmp: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "MASTER_", "JOB_", "TORCHELASTIC"))}
-    env.update(NGPU="2", CONFIG_FILE=CONFIG, TORCHTITAN_RUNAI_STEP_TRACE=str(tmp / "trace.jsonl"),
-               PYTHONUNBUFFERED="1", LOG_RANK="all")
+    env.update(
+        NGPU="2",
+        CONFIG_FILE=CONFIG,
+        TORCHTITAN_RUNAI_STEP_TRACE=str(tmp / "trace.jsonl"),
+        PYTHONUNBUFFERED="1",
+        LOG_RANK="all",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def train_args(tmp: Path, steps: int, interval: int, *more: str) -> list[str]:
-    return ["--training.steps", str(steps), "--checkpoint.interval", str(interval),
-            "--job.dump_folder", str(tmp / "out"), "--metrics.log_freq", "1", *more]
+    return [
+        "--training.steps",
+        str(steps),
+        "--checkpoint.interval",
+        str(interval),
+        "--job.dump_folder",
+        str(tmp / "out"),
+        "--metrics.log_freq",
+        "1",
+        *more,
+    ]
 
 
 def start(tmp: Path, args: list[str], log_name: str = "log.txt", **env) -> subprocess.Popen:
     log = open(tmp / log_name, "w")
-    return subprocess.Popen([str(REPO / "run_llama_train.sh"), *args], cwd=REPO, env=launch_env(tmp, **env),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(REPO / "run_llama_train.sh"), *args],
+        cwd=REPO,
+        env=launch_env(tmp, **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def run(tmp: Path, args: list[str], timeout: float = 240, log_name: str = "log.txt", **env) -> tuple[int, str]:

@@ -19,5 +19,6 @@ device.select_device()
 try:
     upstream.get_train_spec(SPEC)
 except ValueError:
-    upstream.register_train_spec(SPEC, dataclasses.replace(upstream.llama3.get_train_spec(),
-                                                           parallelize_fn=spec.parallelize))
+    upstream.register_train_spec(
+        SPEC, dataclasses.replace(upstream.llama3.get_train_spec(), parallelize_fn=spec.parallelize)
+    )

@@ -3,8 +3,8 @@
 import json
 
 import torch
-
 from conftest import DEBUG_CONFIG, REPO
+
 from torchtitan_runai.hf.export import export_checkpoint, model_args_for, read_model_state_dict
 from torchtitan_runai.job import load_job_config
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 from resilience_util import run, start, train_args, wait_for_step
 

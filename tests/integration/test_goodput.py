@@ -18,17 +18,24 @@ import sys
 import time
 
 import pytest
+from resilience_util import REPO, start, trace_steps, train_args, worker_pids
 
 from torchtitan_runai.goodput.ledger import read_records
 from torchtitan_runai.goodput.report import first_step_share, summarize, typical_step_s, work_at
 
-from resilience_util import REPO, start, trace_steps, train_args, worker_pids
-
 pytestmark = pytest.mark.slow
 
 STEPS, INTERVAL, GAP = 24, 8, 2.0
-ARGS = ["--checkpoint.async_mode", "async_with_pinned_mem", "--goodput.log_freq", "4",
-        "--goodput.heartbeat_seconds", "0.5", "--debug.seed", "7"]
+ARGS = [
+    "--checkpoint.async_mode",
+    "async_with_pinned_mem",
+    "--goodput.log_freq",
+    "4",
+    "--goodput.heartbeat_seconds",
+    "0.5",
+    "--debug.seed",
+    "7",
+]
 
 
 def wait_for(tmp, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
@@ -73,8 +80,14 @@ def job(tmp_path_factory):
     ended = time.time()
     logs = [(tmp / f"pod{i}.txt").read_text() for i in (1, 2, 3)]
     records = read_records(tmp / "out/checkpoint/goodput")
-    return {"tmp": tmp, "wall": ended - began, "logs": logs, "records": records, "killed_at": killed_at,
-            "summary": summarize(records)}
+    return {
+        "tmp": tmp,
+        "wall": ended - began,
+        "logs": logs,
+        "records": records,
+        "killed_at": killed_at,
+        "summary": summarize(records),
+    }
 
 
 def segments(job):
@@ -116,7 +129,7 @@ def test_the_gaps_between_pods_are_away(job):
 def test_goodput_lines_json_tensorboard_and_the_command(job, tmp_path):
     pod1, _, pod3 = job["logs"]
     assert "[launch] goodput: " in pod1 and "[launch] goodput: " in pod3
-    final = [l for l in pod3.splitlines() if l.startswith("[launch] goodput: ")][-1]
+    final = [line for line in pod3.splitlines() if line.startswith("[launch] goodput: ")][-1]
     assert "2 restart(s)" in final and "redone steps" in final and "preemption saves" in final
     assert sum("INFO - goodput: " in line for line in pod3.splitlines()) >= 2  # every 4 steps, rank 0 only
     summary = json.loads((job["tmp"] / "out/goodput.json").read_text())
@@ -128,8 +141,13 @@ def test_goodput_lines_json_tensorboard_and_the_command(job, tmp_path):
     assert any(k.endswith("goodput/goodput(%)") for k in scalars), sorted(scalars)[:20]
 
     png = tmp_path / "g.png"
-    proc = subprocess.run([sys.executable, "-m", "torchtitan_runai.goodput", str(job["tmp"] / "out"), "-o", str(png)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchtitan_runai.goodput", str(job["tmp"] / "out"), "-o", str(png)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "redone steps" in proc.stdout and "ended: preempted" in proc.stdout and "ended: finished" in proc.stdout
     assert png.stat().st_size > 10_000

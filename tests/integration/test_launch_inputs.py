@@ -26,16 +26,29 @@ TOKENIZER = REPO / "assets" / "rehearsal" / "tokenizer"
 
 
 def hub_args(tmp: Path) -> list[str]:
-    return ["--job.dump_folder", str(tmp / "dump"), "--hub.repo_id", REPO_ID,
-            "--model.hf_assets_path", str(tmp / "no-local-tokenizer"), "--hub.cache_dir", str(tmp / "hub-cache"),
-            "--hub.retries", "1", "--hub.backoff_s", "0.1"]
+    return [
+        "--job.dump_folder",
+        str(tmp / "dump"),
+        "--hub.repo_id",
+        REPO_ID,
+        "--model.hf_assets_path",
+        str(tmp / "no-local-tokenizer"),
+        "--hub.cache_dir",
+        str(tmp / "hub-cache"),
+        "--hub.retries",
+        "1",
+        "--hub.backoff_s",
+        "0.1",
+    ]
 
 
 def test_newline_token_trains_and_never_appears_anywhere(tmp_path):
     with FakeHub(token=CANARY) as hub:
         hub.add_folder(REPO_ID, TOKENIZER)
-        proc = run_launcher([*hub_args(tmp_path), "--training.steps", "2", "--checkpoint.interval", "2"],
-                            pod_env(NGPU="2", LOG_RANK="all", HF_ENDPOINT=hub.url, HF_TOKEN=CANARY + "\n"))
+        proc = run_launcher(
+            [*hub_args(tmp_path), "--training.steps", "2", "--checkpoint.interval", "2"],
+            pod_env(NGPU="2", LOG_RANK="all", HF_ENDPOINT=hub.url, HF_TOKEN=CANARY + "\n"),
+        )
         gets = hub.gets("/tokenizer.json")
         refused = [r for r in hub.requests if "/resolve/" in r[1] and not r[2]]
     out = proc.stdout + proc.stderr
@@ -56,8 +69,11 @@ def closed_port() -> int:
 
 
 def test_unreachable_hub_is_the_launchers_one_line_before_any_worker(tmp_path):
-    proc = run_launcher(hub_args(tmp_path), pod_env(NGPU="2", LOG_RANK="0", HF_TOKEN=CANARY,
-                                                    HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}"), timeout=120)
+    proc = run_launcher(
+        hub_args(tmp_path),
+        pod_env(NGPU="2", LOG_RANK="0", HF_TOKEN=CANARY, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}"),
+        timeout=120,
+    )
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(errors) == 1 and "HF_ENDPOINT" in errors[0] and "cannot reach the Hub" in errors[0], proc.stderr

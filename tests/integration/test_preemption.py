@@ -10,7 +10,6 @@ model's checkpoint is ~38 MB per rank, so an upload takes ~10 s.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,10 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from resilience_util import REPO, losses, run, start, trace_steps, train_args, worker_pids
 
 from torchtitan_runai.checkpoint.folder import MARKER, examine, scan
-
-from resilience_util import REPO, losses, run, start, trace_steps, train_args, worker_pids
 
 SEED = ["--debug.seed", "1234"]
 STEPS, INTERVAL = 10, 5
@@ -153,8 +151,14 @@ def test_sigterm_before_the_first_step_exits_143_at_once_and_leaves_the_folder_a
     resumed_copy(pinned_baseline[0], tmp_path)
     before = sorted(p.name for p in (tmp_path / "out/checkpoint").iterdir())
     p = start(tmp_path, train_args(tmp_path, STEPS, 2, *SEED, *PINNED))
-    wait_until("the trainer loading step 5", lambda: "resuming from step 5 (" in
-               "".join(line for line in (tmp_path / "log.txt").read_text().splitlines() if "[rank" in line), p)
+    wait_until(
+        "the trainer loading step 5",
+        lambda: (
+            "resuming from step 5 ("
+            in "".join(line for line in (tmp_path / "log.txt").read_text().splitlines() if "[rank" in line)
+        ),
+        p,
+    )
     sent = time.monotonic()
     p.send_signal(signal.SIGTERM)
     rc = p.wait(60)
@@ -176,17 +180,58 @@ STOCK_CPU = "tests.integration.stock_cpu"
 def test_a_folder_written_by_stock_torchtitan_is_adopted_and_resumed(tmp_path):
     """torchtitan's own Trainer (``torchtitan.train``, its llama3 spec) writes the folder, on 2 CPU
     ranks through the device/gloo shims our package applies (``stock_cpu``); then our launcher."""
-    data = ["--model.flavor", "debugmodel", "--model.hf_assets_path", "./assets/rehearsal/tokenizer",
-            "--training.dataset", "c4_test", "--training.dataset_path", "./assets/rehearsal/data",
-            "--training.seq_len", "128", "--training.local_batch_size", "4", "--debug.seed", "1234",
-            "--training.mixed_precision_param", "float32", "--optimizer.lr", "8e-4",
-            "--lr_scheduler.warmup_steps", "5"]
+    data = [
+        "--model.flavor",
+        "debugmodel",
+        "--model.hf_assets_path",
+        "./assets/rehearsal/tokenizer",
+        "--training.dataset",
+        "c4_test",
+        "--training.dataset_path",
+        "./assets/rehearsal/data",
+        "--training.seq_len",
+        "128",
+        "--training.local_batch_size",
+        "4",
+        "--debug.seed",
+        "1234",
+        "--training.mixed_precision_param",
+        "float32",
+        "--optimizer.lr",
+        "8e-4",
+        "--lr_scheduler.warmup_steps",
+        "5",
+    ]
     dump = tmp_path / "out"
-    stock = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "torchtitan.train", "--experimental.custom_import", STOCK_CPU, "--model.name", "llama3_stock_cpu", *data,
-             "--job.dump_folder", str(dump), "--training.steps", "4", "--checkpoint.enable",
-             "--checkpoint.interval", "2", "--checkpoint.folder", "checkpoint", "--compile.no-enable",
-             "--metrics.log_freq", "1", "--lr_scheduler.total_steps", "8"]
+    stock = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "torchtitan.train",
+        "--experimental.custom_import",
+        STOCK_CPU,
+        "--model.name",
+        "llama3_stock_cpu",
+        *data,
+        "--job.dump_folder",
+        str(dump),
+        "--training.steps",
+        "4",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.folder",
+        "checkpoint",
+        "--compile.no-enable",
+        "--metrics.log_freq",
+        "1",
+        "--lr_scheduler.total_steps",
+        "8",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "MASTER_", "TORCHELASTIC"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(stock, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -199,9 +244,24 @@ def test_a_folder_written_by_stock_torchtitan_is_adopted_and_resumed(tmp_path):
     files = {p.relative_to(folder): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
     # keep_latest_k 0: no retirement of old checkpoints, so any change to stock's files would be ours
-    rc, log = run(tmp_path, ["--training.steps", "8", "--checkpoint.interval", "3", "--checkpoint.keep_latest_k", "0",
-                             "--job.dump_folder", str(dump),
-                             "--metrics.log_freq", "1", *data, "--lr_scheduler.total_steps", "8"])
+    rc, log = run(
+        tmp_path,
+        [
+            "--training.steps",
+            "8",
+            "--checkpoint.interval",
+            "3",
+            "--checkpoint.keep_latest_k",
+            "0",
+            "--job.dump_folder",
+            str(dump),
+            "--metrics.log_freq",
+            "1",
+            *data,
+            "--lr_scheduler.total_steps",
+            "8",
+        ],
+    )
     assert rc == 0, log[-4000:]
     assert f"adopted {folder / 'step-2'}" in log
     assert "resuming from step 2 (" in log

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CLUSTER_VARS, REPO
 
 CLUSTER_ONLY = {
@@ -33,11 +32,28 @@ CLUSTER_ONLY = {
 }
 
 NOISE = [  # what main's make train printed that a reader does not need (issue 16's list)
-    r"OMP_NUM_THREADS", r"UserWarning", r"lspci", r"Peak flops undefined", r"already initialized",
-    r'"n_layers"', r"with \{", r"Generating train split", r"WARNING - WARNING", r"at last step",
-    r"global_batch_size=-1", r"Building device mesh", r"\[GC\]", r"Trainer is initialized",
-    r"Sleeping \d+ seconds", r"Training completed", r"purge thread", r"Checkpointing active",
-    r"model\.safetensors\.index\.json", r"Saving the checkpoint", r"Autocast", r"TensorBoard logging enabled",
+    r"OMP_NUM_THREADS",
+    r"UserWarning",
+    r"lspci",
+    r"Peak flops undefined",
+    r"already initialized",
+    r'"n_layers"',
+    r"with \{",
+    r"Generating train split",
+    r"WARNING - WARNING",
+    r"at last step",
+    r"global_batch_size=-1",
+    r"Building device mesh",
+    r"\[GC\]",
+    r"Trainer is initialized",
+    r"Sleeping \d+ seconds",
+    r"Training completed",
+    r"purge thread",
+    r"Checkpointing active",
+    r"model\.safetensors\.index\.json",
+    r"Saving the checkpoint",
+    r"Autocast",
+    r"TensorBoard logging enabled",
 ]
 STEPS, CHECKPOINTS = 30, 3
 LINE_BUDGET = STEPS + CHECKPOINTS + 20  # main: 115 lines (117 with an empty datasets cache)
@@ -57,8 +73,16 @@ def cluster_only(command: str) -> bool:
 def fresh(tmp_path_factory) -> Path:
     """The repository as a fresh clone has it (tracked and new files, nothing ignored)."""
     root = tmp_path_factory.mktemp("fresh") / "torchtitan-runai"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -76,12 +100,14 @@ def fresh(tmp_path_factory) -> Path:
 def shell(root: Path, commands: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     # a reader's terminal: no cluster variables, no venv, and not inside `make test` (MAKELEVEL
     # would make the README's `make train` print "make[1]: Leaving directory ..." last)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PET_", "MAKE", "MFLAGS"))
-           and k not in (*CLUSTER_VARS, "PYTHONPATH", "VIRTUAL_ENV", "LOG_LEVEL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PET_", "MAKE", "MFLAGS"))
+        and k not in (*CLUSTER_VARS, "PYTHONPATH", "VIRTUAL_ENV", "LOG_LEVEL")
+    }
     script = "set -e\n" + "\n".join(commands) + "\n"
-    return subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_example_is_run_or_named_cluster_only():
@@ -122,6 +148,11 @@ def check_person_log(log: str) -> None:
     assert sum("checkpoint at step" in line for line in lines) == CHECKPOINTS - 1  # + the final one, below
     # the goodput of the whole run, from rank 0 at the last step and from the launcher at its exit
     assert re.search(r"INFO - goodput: \d+\.\d% of \d:\d\d:\d\d \(productive ", log)
-    assert re.match(r"\[launch\] goodput: \d+\.\d% of .*start-up .*; 0 restart\(s\), 3 save\(s\)$", lines[-2]), lines[-2]
-    assert re.fullmatch(r"\[launch\] training finished: step 30 of 30 in \d+:\d\d:\d\d; newest checkpoint "
-                        r"outputs/debug_model/checkpoint/step-30", lines[-1]), lines[-1]
+    assert re.match(r"\[launch\] goodput: \d+\.\d% of .*start-up .*; 0 restart\(s\), 3 save\(s\)$", lines[-2]), lines[
+        -2
+    ]
+    assert re.fullmatch(
+        r"\[launch\] training finished: step 30 of 30 in \d+:\d\d:\d\d; newest checkpoint "
+        r"outputs/debug_model/checkpoint/step-30",
+        lines[-1],
+    ), lines[-1]

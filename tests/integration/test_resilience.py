@@ -13,12 +13,11 @@ import signal
 import time
 
 import pytest
+from resilience_util import losses, run, start, trace_steps, train_args, wait_for_step, worker_pids
 
-from torchtitan_runai.training.checkpoint.manager import saved_keys
 from torchtitan_runai.goodput.ledger import read_records
 from torchtitan_runai.goodput.report import summarize
-
-from resilience_util import losses, run, start, trace_steps, train_args, wait_for_step, worker_pids
+from torchtitan_runai.training.checkpoint.manager import saved_keys
 
 SEED = ["--debug.seed", "1234"]
 STEPS, INTERVAL = 10, 5
@@ -59,9 +58,14 @@ def test_sigterm_saves_full_checkpoint_exits_143_and_resumes_exactly(baseline, t
     assert marker["kind"] == "full" and marker["dp_degree"] == 2
     keys = saved_keys(tmp_path / f"out/checkpoint/step-{stopped}")
     # the global data position: once, plus 2 ranks x local batch 4 = 8 lanes (training/data_position)
-    assert {"rng.rank0.cpu", "rng.rank1.cpu", "dataloader.position", "dataloader.lane_000000",
-            "dataloader.lane_000007", "lr_scheduler"} <= {
-        k.split(".")[0] if k.startswith("lr_scheduler") else k for k in keys}
+    assert {
+        "rng.rank0.cpu",
+        "rng.rank1.cpu",
+        "dataloader.position",
+        "dataloader.lane_000000",
+        "dataloader.lane_000007",
+        "lr_scheduler",
+    } <= {k.split(".")[0] if k.startswith("lr_scheduler") else k for k in keys}
     # the pod comes back: same job, same folder, a stale lock from the killed launcher
     rc, log = run(tmp_path, train_args(tmp_path, STEPS, INTERVAL, *SEED), log_name="resume.txt", JOB_NAME="job-a")
     assert rc == 0, log[-3000:]
@@ -139,8 +143,9 @@ def test_other_job_is_refused_and_can_take_over(baseline, tmp_path):
     rc, log = run(tmp_path, train_args(tmp_path, STEPS, INTERVAL), JOB_UUID="0000-other")
     assert rc == 2 and "belongs to another job" in log and "--resilience.take_over_folder" in log
     owner = json.loads((tmp_path / "out/checkpoint/job.json").read_text())
-    rc, log = run(tmp_path, train_args(tmp_path, STEPS, INTERVAL, "--resilience.take_over_folder"),
-                  JOB_UUID="0000-other")
+    rc, log = run(
+        tmp_path, train_args(tmp_path, STEPS, INTERVAL, "--resilience.take_over_folder"), JOB_UUID="0000-other"
+    )
     assert rc == 0 and "the run is complete" in log
     now = json.loads((tmp_path / "out/checkpoint/job.json").read_text())
     assert now["job"] == "0000-other" and now["previous"]["job"] == owner["job"]
@@ -151,8 +156,13 @@ def test_other_job_is_refused_and_can_take_over(baseline, tmp_path):
 @pytest.mark.slow
 def test_hung_rank_is_named_and_job_fails_fast(tmp_path):
     timeout = 6
-    p = start(tmp_path, train_args(tmp_path, 200, 100, "--resilience.hang_timeout_seconds", str(timeout),
-                                   "--resilience.heartbeat_seconds", "1"), MAX_RESTARTS=0)
+    p = start(
+        tmp_path,
+        train_args(
+            tmp_path, 200, 100, "--resilience.hang_timeout_seconds", str(timeout), "--resilience.heartbeat_seconds", "1"
+        ),
+        MAX_RESTARTS=0,
+    )
     wait_for_step(tmp_path, 3, p)
     hung = worker_pids(p.pid)[1]
     os.kill(hung, signal.SIGSTOP)

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO, free_port, launcher_cmd, pod_env
 
 STEPS, AT, GLOBAL_BATCH = 4, 2, 4
@@ -29,8 +28,19 @@ SEED = "1234"
 
 
 def train_args(tmp, *more: str) -> list[str]:
-    return ["--job.dump_folder", str(tmp / "out"), "--training.steps", str(STEPS), "--checkpoint.interval", str(AT),
-            "--metrics.log_freq", "1", "--debug.seed", SEED, *more]
+    return [
+        "--job.dump_folder",
+        str(tmp / "out"),
+        "--training.steps",
+        str(STEPS),
+        "--checkpoint.interval",
+        str(AT),
+        "--metrics.log_freq",
+        "1",
+        "--debug.seed",
+        SEED,
+        *more,
+    ]
 
 
 def env(tmp, **extra) -> dict[str, str]:
@@ -39,8 +49,14 @@ def env(tmp, **extra) -> dict[str, str]:
 
 def launch(tmp, ngpu: int, *more: str) -> str:
     tmp.mkdir(exist_ok=True)
-    proc = subprocess.run(launcher_cmd(*train_args(tmp, *more)), env=env(tmp, NGPU=str(ngpu)), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        launcher_cmd(*train_args(tmp, *more)),
+        env=env(tmp, NGPU=str(ngpu)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -48,11 +64,26 @@ def launch(tmp, ngpu: int, *more: str) -> str:
 
 def pod(index: int, nnodes: int, port: int, tmp, *more: str) -> subprocess.Popen:
     """A Kubeflow PyTorchJob / Run:ai pod of ``nnodes`` (1 process each), master on loopback."""
-    e = env(tmp, MASTER_ADDR="127.0.0.1", PET_MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-            PET_MASTER_PORT=str(port), RANK=str(index), PET_NODE_RANK=str(index), WORLD_SIZE=str(nnodes),
-            PET_NNODES=str(nnodes), PET_NPROC_PER_NODE="1")
-    return subprocess.Popen(launcher_cmd(*train_args(tmp, *more)), env=e, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    e = env(
+        tmp,
+        MASTER_ADDR="127.0.0.1",
+        PET_MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PET_MASTER_PORT=str(port),
+        RANK=str(index),
+        PET_NODE_RANK=str(index),
+        WORLD_SIZE=str(nnodes),
+        PET_NNODES=str(nnodes),
+        PET_NPROC_PER_NODE="1",
+    )
+    return subprocess.Popen(
+        launcher_cmd(*train_args(tmp, *more)),
+        env=e,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def launch_pods(tmp, nnodes: int, *more: str) -> str:
@@ -99,8 +130,9 @@ def ref2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref1(tmp_path_factory):
     """The same at 1 rank, local batch 4, the corpus streamed (``data.streaming``: c4's code path)."""
-    return reference(tmp_path_factory, "ref1", lambda tmp: launch(tmp, 1, "--training.local_batch_size", "4",
-                                                                  "--data.streaming"))
+    return reference(
+        tmp_path_factory, "ref1", lambda tmp: launch(tmp, 1, "--training.local_batch_size", "4", "--data.streaming")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +149,10 @@ def from_checkpoint(ref: dict, tmp) -> None:
 
 
 def check_resumed(ref: dict, tmp, out: str, n: int, m: int, local: int, accumulation: int) -> None:
-    line = (f"resuming at data-parallel {m} (checkpoint written at {n}): global batch {GLOBAL_BATCH} kept, "
-            f"local batch {local} × accumulation {accumulation}, data position {AT * GLOBAL_BATCH} sequences")
+    line = (
+        f"resuming at data-parallel {m} (checkpoint written at {n}): global batch {GLOBAL_BATCH} kept, "
+        f"local batch {local} × accumulation {accumulation}, data position {AT * GLOBAL_BATCH} sequences"
+    )
     assert line in out, out[-4000:]
     windows, steps = read_trace(tmp)
     # after the change: every lane's windows AT.. exactly once, each lane read by its owner under M
@@ -168,8 +202,14 @@ def test_two_pods_resume_as_one_pod(ref_pods, tmp_path):
 
 def test_a_size_that_cannot_keep_the_global_batch_is_refused(ref2, tmp_path):
     from_checkpoint(ref2, tmp_path)
-    proc = subprocess.run(launcher_cmd(*train_args(tmp_path, "--training.local_batch_size", "2")),
-                          env=env(tmp_path, NGPU="3"), cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        launcher_cmd(*train_args(tmp_path, "--training.local_batch_size", "2")),
+        env=env(tmp_path, NGPU="3"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "world size = '2 -> 3'" in proc.stderr and "global batch of 4 sequences" in proc.stderr
     assert "1 (world size 1), 2 (world size 2), 4 (world size 4)" in proc.stderr
@@ -191,8 +231,14 @@ def test_per_rank_checkpoint_resumes_at_its_size_and_is_refused_at_another(tmp_p
     assert {s: step_loss(r) for s, r in steps.items()} == {s: step_loss(ref_steps[s]) for s in (3, 4)}
     refused = tmp_path / "refused"
     from_checkpoint({"dir": ref}, refused)
-    proc = subprocess.run(launcher_cmd(*train_args(refused)), env=env(refused, NGPU="2"), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        launcher_cmd(*train_args(refused)),
+        env=env(refused, NGPU="2"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "world size = '1 -> 2'" in proc.stderr and "per-rank data positions" in proc.stderr
     assert "initial_load_model_only" in proc.stderr and "Traceback" not in proc.stderr

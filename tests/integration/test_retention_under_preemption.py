@@ -22,20 +22,28 @@ import time
 from pathlib import Path
 
 import pytest
-
-from torchtitan_runai.checkpoint.folder import MARKER, folder_bytes, scan
-from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
-
 from resilience_util import REPO, launch_env, losses, wait_for_step
 
+from torchtitan_runai.checkpoint.folder import MARKER, scan
+from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
+
 STEPS, INTERVAL, KEEP = 20, 5, 2
-SETTINGS = ["--checkpoint.keep_latest_k", str(KEEP), "--checkpoint.async_mode", "async_with_pinned_mem",
-            "--debug.seed", "1234"]
+SETTINGS = [
+    "--checkpoint.keep_latest_k",
+    str(KEEP),
+    "--checkpoint.async_mode",
+    "async_with_pinned_mem",
+    "--debug.seed",
+    "1234",
+]
 
 
 def _unshare_works() -> bool:
-    return shutil.which("unshare") is not None and shutil.which("nsenter") is not None and subprocess.run(
-        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and shutil.which("nsenter") is not None
+        and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+    )
 
 
 needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="needs root for unshare -m / nsenter")
@@ -48,9 +56,18 @@ class Volume:
         mount.mkdir(parents=True, exist_ok=True)
         self.mount = mount
         self.holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             f"mount -t tmpfs -o size={size} tmpfs {mount} && echo ready && exec sleep 3600"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs -o size={size} tmpfs {mount} && echo ready && exec sleep 3600",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.holder.stdout.readline().strip() == "ready"
 
     def path(self, inside: Path) -> Path:
@@ -69,15 +86,30 @@ class Volume:
 
 
 def train_args(dump: Path) -> list[str]:
-    return ["--training.steps", str(STEPS), "--checkpoint.interval", str(INTERVAL), "--job.dump_folder", str(dump),
-            "--metrics.log_freq", "1", *SETTINGS]
+    return [
+        "--training.steps",
+        str(STEPS),
+        "--checkpoint.interval",
+        str(INTERVAL),
+        "--job.dump_folder",
+        str(dump),
+        "--metrics.log_freq",
+        "1",
+        *SETTINGS,
+    ]
 
 
 def start(tmp: Path, args: list[str], log_name: str, volume: Volume | None = None, **env) -> subprocess.Popen:
     log = open(tmp / log_name, "w")
     prefix = volume.prefix() if volume else []
-    return subprocess.Popen([*prefix, str(REPO / "run_llama_train.sh"), *args], cwd=REPO, env=launch_env(tmp, **env),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*prefix, str(REPO / "run_llama_train.sh"), *args],
+        cwd=REPO,
+        env=launch_env(tmp, **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(p: subprocess.Popen, tmp: Path, log_name: str, timeout: float = 240) -> tuple[int, str]:
@@ -143,13 +175,15 @@ def test_repeated_preemptions_with_async_uploads_keep_at_most_keep_latest_k(tmp_
 
 def debug_checkpoint_bytes() -> int:
     """What preflight counts for one debug-model checkpoint (12 bytes per parameter)."""
+    from torchtitan_runai import model_lookup
     from torchtitan_runai.job import parse_job_config
     from torchtitan_runai.launcher.memory_estimate import TrainSettings, estimate_memory
-    from torchtitan_runai import model_lookup
 
     config = parse_job_config(["--job.config_file", "train_configs/debug_model.toml"])
-    return BYTES_PER_PARAM_FULL_CHECKPOINT * estimate_memory(model_lookup.model_args(config),
-                                                            TrainSettings.from_config(config, 2)).params
+    return (
+        BYTES_PER_PARAM_FULL_CHECKPOINT
+        * estimate_memory(model_lookup.model_args(config), TrainSettings.from_config(config, 2)).params
+    )
 
 
 @pytest.mark.slow

@@ -58,8 +58,11 @@ class Tree:
 
     def modules(self) -> set[str]:
         """Every module file of the package, relative to it; empty ``__init__.py`` files aside."""
-        return {p.relative_to(self.package).as_posix() for p in self.package.rglob("*.py")
-                if not (p.name == "__init__.py" and not p.read_text().strip())}
+        return {
+            p.relative_to(self.package).as_posix()
+            for p in self.package.rglob("*.py")
+            if not (p.name == "__init__.py" and not p.read_text().strip())
+        }
 
 
 REAL = Tree(REPO / PACKAGE, REPO)
@@ -78,8 +81,12 @@ def _bound_names(body: list[ast.stmt]) -> dict[str, ast.AST]:
                     if isinstance(leaf, ast.Name):
                         found[leaf.id] = node
         elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            for block in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", []),
-                          *(handler.body for handler in getattr(node, "handlers", []))):
+            for block in (
+                node.body,
+                getattr(node, "orelse", []),
+                getattr(node, "finalbody", []),
+                *(handler.body for handler in getattr(node, "handlers", [])),
+            ):
                 found.update(_bound_names(block))
     return found
 
@@ -92,8 +99,11 @@ def _class_members(cls: ast.ClassDef) -> dict[str, ast.AST]:
             continue
         this = method.args.args[0].arg
         for node in ast.walk(method):
-            targets = node.targets if isinstance(node, ast.Assign) else (
-                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else ([node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+            )
             for target in targets:
                 for leaf in ast.walk(target):
                     if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == this:
@@ -148,7 +158,7 @@ def module_table_names(doc: str) -> list[str]:
     start = next((i for i, line in enumerate(lines) if MODULE_TABLE_HEADER.match(line)), None)
     assert start is not None, "no module table (header '| module | concern |')"
     names: list[str] = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         names += SPAN.findall(line.split("|")[1])
@@ -175,8 +185,11 @@ def references(doc: str) -> list[str]:
 def paths(doc: str) -> list[str]:
     """Backquoted paths in the prose and ``*.py`` words of the diagrams (the Layout tree aside)."""
     prose = CODE_BLOCK.sub("", doc)
-    found = [span for span in SPAN.findall(prose)
-             if PATH.fullmatch(span) and ("/" in span or span.endswith(".py")) and not REFERENCE.fullmatch(span)]
+    found = [
+        span
+        for span in SPAN.findall(prose)
+        if PATH.fullmatch(span) and ("/" in span or span.endswith(".py")) and not REFERENCE.fullmatch(span)
+    ]
     layout = layout_block(doc)
     for block in CODE_BLOCK.findall(doc):
         if block != layout:
@@ -192,8 +205,9 @@ def problems(doc: str, tree: Tree = REAL) -> list[str]:
     in_layout = layout_modules(layout_block(doc))
     found += [f"Layout: {PACKAGE}/{path} does not exist" for path in in_layout if not (tree.package / path).is_file()]
     in_table = module_table_names(doc)
-    found += [f"module table: `{name}` does not exist" for name in in_table
-              if name not in checked and not tree.exists(name)]
+    found += [
+        f"module table: `{name}` does not exist" for name in in_table if name not in checked and not tree.exists(name)
+    ]
     for module in sorted(tree.modules()):
         if module not in in_layout:
             found.append(f"Layout: {PACKAGE}/{module} is missing")
@@ -210,14 +224,19 @@ def test_the_architecture_doc_names_only_what_exists():
 
 def test_the_real_doc_with_names_from_before_the_re_lay_fails():
     """Names the doc used before the package was re-laid out: each is one problem against today's code."""
-    stale = ("\n| old | `launch:plan_launch` (the thin command defines none), `training/resilience:StopFlag`, "
-             "`training/checkpoint/manager:RunaiCheckpointManager.no_such_method`, `training/logs.py` |\n")
+    stale = (
+        "\n| old | `launch:plan_launch` (the thin command defines none), `training/resilience:StopFlag`, "
+        "`training/checkpoint/manager:RunaiCheckpointManager.no_such_method`, `training/logs.py` |\n"
+    )
     assert problems(DOC.read_text() + stale) == [
         f"`launch:plan_launch`: {PACKAGE}/launch.py defines no 'plan_launch'",
         f"`training/resilience:StopFlag`: no module {PACKAGE}/training/resilience.py",
-        (f"`training/checkpoint/manager:RunaiCheckpointManager.no_such_method`: "
-         f"{PACKAGE}/training/checkpoint/manager.py:RunaiCheckpointManager defines no 'no_such_method'"),
-        "`training/logs.py`: no such module, file or folder"]
+        (
+            f"`training/checkpoint/manager:RunaiCheckpointManager.no_such_method`: "
+            f"{PACKAGE}/training/checkpoint/manager.py:RunaiCheckpointManager defines no 'no_such_method'"
+        ),
+        "`training/logs.py`: no such module, file or folder",
+    ]
 
 
 DOC_TEMPLATE = """# Architecture
@@ -259,10 +278,13 @@ def _small_package(root: Path) -> Tree:
         "errors.py": "EXIT_HUNG = 142\nfrom json import dumps as imported_here\n",
         "config.py": "try:\n    FAST = True\nexcept ImportError:\n    SLOW = True\n",
         "job.py": "def parse_job_config(args, resume=False):\n    pass\n",
-        "goodput/__init__.py": "", "goodput/ledger.py": "class Ledger:\n    def switch(self, state):\n        pass\n",
+        "goodput/__init__.py": "",
+        "goodput/ledger.py": "class Ledger:\n    def switch(self, state):\n        pass\n",
         "launcher/__init__.py": "",
-        "launcher/launch.py": ("def plan_launch(env):\n    pass\n\n\ndef main():\n    pass\n\n\n"
-                               "class LaunchPlan:\n    @property\n    def world_size(self):\n        return 1\n"),
+        "launcher/launch.py": (
+            "def plan_launch(env):\n    pass\n\n\ndef main():\n    pass\n\n\n"
+            "class LaunchPlan:\n    @property\n    def world_size(self):\n        return 1\n"
+        ),
         "training/__init__.py": "",
         "training/trainer.py": "class RunaiTrainer:\n    def __init__(self):\n        self.stop_flag = None\n",
         "training/checkpoint/__init__.py": "",
@@ -275,9 +297,12 @@ def _small_package(root: Path) -> Tree:
     return Tree(package, root)
 
 
-def _doc(bad_span: str = "`config:FAST`", bad_word: str = "config:SLOW",
-         layout_extra: str = "job.py goodput/ledger.py",
-         table_extra: str = "`job.py`, `goodput/ledger.py`, `bench/`") -> str:
+def _doc(
+    bad_span: str = "`config:FAST`",
+    bad_word: str = "config:SLOW",
+    layout_extra: str = "job.py goodput/ledger.py",
+    table_extra: str = "`job.py`, `goodput/ledger.py`, `bench/`",
+) -> str:
     return DOC_TEMPLATE.format(bad_span=bad_span, bad_word=bad_word, layout_extra=layout_extra, table_extra=table_extra)
 
 
@@ -285,9 +310,15 @@ def test_a_true_small_doc_passes(tmp_path):
     tree = _small_package(tmp_path)
     doc = _doc()
     assert "config:SLOW" in references(doc) and "job:parse_job_config(resume=True)" in references(doc)
-    assert layout_modules(layout_block(doc)) == ["errors.py", "config.py", "job.py", "goodput/ledger.py",
-                                                 "launcher/launch.py", "training/trainer.py",
-                                                 "training/checkpoint/manager.py"]
+    assert layout_modules(layout_block(doc)) == [
+        "errors.py",
+        "config.py",
+        "job.py",
+        "goodput/ledger.py",
+        "launcher/launch.py",
+        "training/trainer.py",
+        "training/checkpoint/manager.py",
+    ]
     assert problems(doc, tree) == []
 
 
@@ -314,9 +345,13 @@ def test_a_bogus_reference_is_caught(tmp_path):
 def test_a_wrong_or_incomplete_layout_or_module_table_is_caught(tmp_path):
     tree = _small_package(tmp_path)
     assert problems(_doc(layout_extra="job.py goodput/ledger.py logs.py"), tree) == [
-        f"Layout: {PACKAGE}/logs.py does not exist"]
+        f"Layout: {PACKAGE}/logs.py does not exist"
+    ]
     assert problems(_doc(table_extra="`job.py`, `goodput/ledger.py`, `bench/`, `Makefile`"), tree) == [
-        "module table: `Makefile` does not exist"]
+        "module table: `Makefile` does not exist"
+    ]
     assert problems(_doc(layout_extra="job.py"), tree) == [f"Layout: {PACKAGE}/goodput/ledger.py is missing"]
     assert problems(_doc(table_extra="`job.py`, `memory_estimate.py`"), tree) == [
-        "`memory_estimate.py`: no such module, file or folder", f"module table: {PACKAGE}/goodput/ledger.py has no row"]
+        "`memory_estimate.py`: no such module, file or folder",
+        f"module table: {PACKAGE}/goodput/ledger.py has no row",
+    ]

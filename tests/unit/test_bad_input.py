@@ -58,33 +58,51 @@ def corrupt_tokenizer(tmp: Path) -> Path:
 CASES = [
     ("missing-config", lambda tmp: str(tmp / "nope.toml"), [], {}, "CONFIG_FILE"),
     ("config-is-a-directory", lambda tmp: str(tmp), [], {}, "CONFIG_FILE"),
-    ("config-not-utf8", lambda tmp: (tmp / "b.toml").write_bytes(b"\xff\xfe[job]") and str(tmp / "b.toml"), [], {},
-     "CONFIG_FILE"),
+    (
+        "config-not-utf8",
+        lambda tmp: (tmp / "b.toml").write_bytes(b"\xff\xfe[job]") and str(tmp / "b.toml"),
+        [],
+        {},
+        "CONFIG_FILE",
+    ),
     ("toml-syntax-error", lambda tmp: toml(tmp, "[job]\ndump_folder = './x'\nsteps = = 3\n"), [], {}, "line 3"),
     ("unknown-key", replace("steps = 30", "stepz = 30"), [], {}, "training.stepz"),
     ("unknown-section", lambda tmp: toml(tmp, BASE + "\n[trainin]\nsteps = 3\n"), [], {}, "trainin"),
     ("wrong-type", replace("steps = 30", 'steps = "ten"'), [], {}, "training.steps"),
     ("seed-too-big", lambda tmp: toml(tmp, BASE + "\n[debug]\nseed = 4294967296\n"), [], {}, "debug.seed"),
     ("seed-negative", None, ["--debug.seed", "-1"], {}, "debug.seed"),
-    ("degrees-vs-world-size", replace("data_parallel_shard_degree = -1", "data_parallel_shard_degree = 3"), [], {},
-     "parallelism"),
-    ("seq-len-vs-tp", replace("seq_len = 128", "seq_len = 127"),
-     ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"], {},
-     "training.seq_len"),
+    (
+        "degrees-vs-world-size",
+        replace("data_parallel_shard_degree = -1", "data_parallel_shard_degree = 3"),
+        [],
+        {},
+        "parallelism",
+    ),
+    (
+        "seq-len-vs-tp",
+        replace("seq_len = 128", "seq_len = 127"),
+        ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"],
+        {},
+        "training.seq_len",
+    ),
     ("steps-zero", replace("steps = 30", "steps = 0"), [], {}, "training.steps"),
     ("steps-negative", None, ["--training.steps", "-5"], {}, "training.steps"),
     ("missing-tokenizer", None, ["--model.hf_assets_path", "/nonexistent/tokenizer"], {}, "model.hf_assets_path"),
     ("missing-dataset", None, ["--training.dataset_path", "/nonexistent/data"], {}, "training.dataset_path"),
-    ("empty-dataset", None, ["--training.dataset", "local", "--training.dataset_path", "{tmp}/empty"], {},
-     "training.dataset_path"),
+    (
+        "empty-dataset",
+        None,
+        ["--training.dataset", "local", "--training.dataset_path", "{tmp}/empty"],
+        {},
+        "training.dataset_path",
+    ),
     ("interval-zero", None, ["--checkpoint.interval", "0"], {}, "checkpoint.interval"),
     ("keep-latest-1", None, ["--checkpoint.keep_latest_k", "1"], {}, "checkpoint.keep_latest_k"),
     ("unknown-flavor", None, ["--model.flavor", "9000B"], {}, "model.flavor"),
     ("global-batch", None, ["--training.global_batch_size", "7"], {}, "training.global_batch_size"),
     ("seq-len-too-long", None, ["--training.seq_len", "140000"], {}, "training.seq_len"),
     ("warmup-negative", None, ["--lr_scheduler.warmup_steps", "-1"], {}, "lr_scheduler.warmup_steps"),
-    ("hang-timeout-negative", None, ["--resilience.hang_timeout_seconds", "-3"], {},
-     "resilience.hang_timeout_seconds"),
+    ("hang-timeout-negative", None, ["--resilience.hang_timeout_seconds", "-3"], {}, "resilience.hang_timeout_seconds"),
     ("async-mode", None, ["--checkpoint.async_mode", "sometimes"], {}, "checkpoint.async_mode"),
     ("load-step-incomplete", None, ["--checkpoint.load_step", "5"], {}, "checkpoint.load_step"),
     ("load-step-missing", None, ["--checkpoint.load_step", "7"], {}, "checkpoint.load_step"),
@@ -94,17 +112,45 @@ CASES = [
     ("master-port-missing", None, [], {"MASTER_ADDR": "127.0.0.1", "PET_NNODES": "2"}, "MASTER_PORT"),
     # issue 16: found by a new user
     ("nodes-without-master-addr", None, [], {"PET_NNODES": "2"}, "MASTER_ADDR"),
-    ("node-rank-past-node-count", None, [],
-     {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "PET_NNODES": "2", "RANK": "5"}, "RANK"),
+    (
+        "node-rank-past-node-count",
+        None,
+        [],
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "PET_NNODES": "2", "RANK": "5"},
+        "RANK",
+    ),
     ("stock-llama3-spec", None, ["--model.name", "llama3"], {}, "llama3_runai"),
-    ("config-with-bom-and-bad-key", lambda tmp: (tmp / "bom.toml").write_bytes(
-        b"\xef\xbb\xbf" + BASE.replace("steps = 30", "stepz = 30").encode()) and str(tmp / "bom.toml"), [], {},
-     "training.stepz"),
-    ("corrupt-tokenizer-json", lambda tmp: corrupt_tokenizer(tmp) and None, ["--model.hf_assets_path", "{tmp}/tok"],
-     {}, "tokenizer.json"),
-    ("hub-offline-empty-cache", None, ["--hub.repo_id", "meta-llama/Llama-3.1-8B", "--model.hf_assets_path",
-                                       "{tmp}/no-tokenizer", "--hub.cache_dir", "{tmp}/hub-cache"],
-     {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+    (
+        "config-with-bom-and-bad-key",
+        lambda tmp: (
+            (tmp / "bom.toml").write_bytes(b"\xef\xbb\xbf" + BASE.replace("steps = 30", "stepz = 30").encode())
+            and str(tmp / "bom.toml")
+        ),
+        [],
+        {},
+        "training.stepz",
+    ),
+    (
+        "corrupt-tokenizer-json",
+        lambda tmp: corrupt_tokenizer(tmp) and None,
+        ["--model.hf_assets_path", "{tmp}/tok"],
+        {},
+        "tokenizer.json",
+    ),
+    (
+        "hub-offline-empty-cache",
+        None,
+        [
+            "--hub.repo_id",
+            "meta-llama/Llama-3.1-8B",
+            "--model.hf_assets_path",
+            "{tmp}/no-tokenizer",
+            "--hub.cache_dir",
+            "{tmp}/hub-cache",
+        ],
+        {"HF_HUB_OFFLINE": "1"},
+        "HF_HUB_OFFLINE",
+    ),
 ]
 
 
@@ -125,8 +171,14 @@ def launch(tmp: Path, config: str | None, args: list[str], env: dict, wrap: str 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "MASTER_", "JOB_"))}
     full_env.update({"NGPU": "2", "CONFIG_FILE": config or str(REPO / "train_configs/debug_model.toml")})
     full_env.update(env)
-    argv = [sys.executable, "-m", "torchtitan_runai.launch", "--job.dump_folder", str(dump),
-            *[a.replace("{tmp}", str(tmp)) for a in args]]
+    argv = [
+        sys.executable,
+        "-m",
+        "torchtitan_runai.launch",
+        "--job.dump_folder",
+        str(dump),
+        *[a.replace("{tmp}", str(tmp)) for a in args],
+    ]
     if wrap:
         argv = ["unshare", "-m", "sh", "-c", f"{wrap} && exec {shlex.join(argv)}"]
     return subprocess.run(argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
@@ -154,8 +206,11 @@ def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict,
         raise AssertionError("the launcher got as far as starting workers")
 
     monkeypatch.setattr(launcher, "run_agent", no_workers)
-    monkeypatch.setattr(sys, "argv", ["run_llama_train.sh", "--job.dump_folder", str(tmp / "dump"),
-                                      *[a.replace("{tmp}", str(tmp)) for a in args]])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["run_llama_train.sh", "--job.dump_folder", str(tmp / "dump"), *[a.replace("{tmp}", str(tmp)) for a in args]],
+    )
     monkeypatch.chdir(REPO)
     for key in [k for k in os.environ if k.startswith(("PET_", "MASTER_", "JOB_"))]:
         del os.environ[key]
@@ -185,8 +240,9 @@ def pod_environ():
 
 
 @pytest.mark.parametrize("name, make_config, args, env, setting", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capfd, monkeypatch, pod_environ, name, make_config, args,
-                                                env, setting):
+def test_bad_input_is_one_clear_line_and_exit_2(
+    tmp_path, capfd, monkeypatch, pod_environ, name, make_config, args, env, setting
+):
     (tmp_path / "empty").mkdir()
     config = make_config(tmp_path) if make_config else None
     before = existing_checkpoint(tmp_path / "dump")
@@ -209,8 +265,10 @@ def test_bad_input_from_a_real_launcher_process(tmp_path, name, make_config, arg
 
 
 def _unshare_works() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+    )
 
 
 needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="needs root (or user namespaces) for unshare -m")
@@ -221,8 +279,7 @@ def test_read_only_checkpoint_folder(tmp_path):
     dump = tmp_path / "dump"
     before = existing_checkpoint(dump)
     folder = dump / "checkpoint"
-    result = launch(tmp_path, None, [], {},
-                    wrap=f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}")
+    result = launch(tmp_path, None, [], {}, wrap=f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}")
     check(result, "checkpoint.folder", before, folder)
     assert "read-only file system" in result.stderr
 

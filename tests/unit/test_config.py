@@ -7,8 +7,8 @@ import pytest
 
 from torchtitan_runai import TRAIN_SPEC_NAME, upstream
 from torchtitan_runai.config import torchtitan_args
-from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.job import parse_job_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
@@ -69,8 +69,12 @@ def test_cli_overrides_win_over_toml(monkeypatch):
 
 def test_custom_module_is_added_once():
     assert torchtitan_args(["--x"]) == ["--x", "--job.custom_config_module=torchtitan_runai.config"]
-    assert torchtitan_args(["--job.custom_config_module=torchtitan_runai.config"]).count(
-        "--job.custom_config_module=torchtitan_runai.config") == 1
+    assert (
+        torchtitan_args(["--job.custom_config_module=torchtitan_runai.config"]).count(
+            "--job.custom_config_module=torchtitan_runai.config"
+        )
+        == 1
+    )
 
 
 def write(tmp_path, body: str) -> str:
@@ -80,15 +84,18 @@ def write(tmp_path, body: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("extra, setting, words", [
-    ("[training2]\nsteps = 1", "training2", "unknown config section"),
-    ("[debug]\nseeed = 1", "debug.seeed", "did you mean 'debug.seed'"),
-    ("[debug]\nseed = 4294967296", "debug.seed", "[0, 2**32)"),
-    ("[debug]\nseed = -1", "debug.seed", "[0, 2**32)"),
-    ("[comm]\ninit_timeout_seconds = \"ten\"", "comm.init_timeout_seconds", "wrong type"),
-    ("[profiling]\nprofile_freq = 2.5", "profiling.profile_freq", "wrong type"),
-    ("[comm]\nmode = \"fast\"", "comm.mode", "one of"),
-])
+@pytest.mark.parametrize(
+    "extra, setting, words",
+    [
+        ("[training2]\nsteps = 1", "training2", "unknown config section"),
+        ("[debug]\nseeed = 1", "debug.seeed", "did you mean 'debug.seed'"),
+        ("[debug]\nseed = 4294967296", "debug.seed", "[0, 2**32)"),
+        ("[debug]\nseed = -1", "debug.seed", "[0, 2**32)"),
+        ('[comm]\ninit_timeout_seconds = "ten"', "comm.init_timeout_seconds", "wrong type"),
+        ("[profiling]\nprofile_freq = 2.5", "profiling.profile_freq", "wrong type"),
+        ('[comm]\nmode = "fast"', "comm.mode", "one of"),
+    ],
+)
 def test_schema_errors(tmp_path, monkeypatch, extra, setting, words):
     monkeypatch.chdir(REPO)
     with pytest.raises(UserError) as e:
@@ -97,17 +104,20 @@ def test_schema_errors(tmp_path, monkeypatch, extra, setting, words):
     assert words in e.value.line()
 
 
-@pytest.mark.parametrize("args, setting", [
-    (["--training.steps", "0"], "training.steps"),
-    (["--training.seq_len", "127", "--parallelism.tensor_parallel_degree", "2"], "training.seq_len"),
-    (["--training.seq_len", "140000"], "training.seq_len"),
-    (["--model.flavor", "9B"], "model.flavor"),
-    (["--parallelism.data_parallel_replicate_degree", "3"], "parallelism"),
-    (["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"], "parallelism"),
-    (["--checkpoint.keep_latest_k", "1"], "checkpoint.keep_latest_k"),
-    (["--training.global_batch_size", "6"], "training.global_batch_size"),
-    (["--training.stepz", "3"], "command line"),
-])
+@pytest.mark.parametrize(
+    "args, setting",
+    [
+        (["--training.steps", "0"], "training.steps"),
+        (["--training.seq_len", "127", "--parallelism.tensor_parallel_degree", "2"], "training.seq_len"),
+        (["--training.seq_len", "140000"], "training.seq_len"),
+        (["--model.flavor", "9B"], "model.flavor"),
+        (["--parallelism.data_parallel_replicate_degree", "3"], "parallelism"),
+        (["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"], "parallelism"),
+        (["--checkpoint.keep_latest_k", "1"], "checkpoint.keep_latest_k"),
+        (["--training.global_batch_size", "6"], "training.global_batch_size"),
+        (["--training.stepz", "3"], "command line"),
+    ],
+)
 def test_value_errors(monkeypatch, args, setting):
     monkeypatch.chdir(REPO)
     with pytest.raises(UserError) as e:
@@ -129,7 +139,8 @@ def test_custom_import_can_add_flavors_before_they_are_checked(tmp_path, monkeyp
     (tmp_path / "my_flavors.py").write_text(
         "import dataclasses\n"
         "from torchtitan.models.llama3 import llama3_args\n"
-        "llama3_args.setdefault('8B_4layers', dataclasses.replace(llama3_args['8B'], n_layers=4))\n")
+        "llama3_args.setdefault('8B_4layers', dataclasses.replace(llama3_args['8B'], n_layers=4))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(REPO)
     base = ["--job.config_file", str(REPO / "train_configs/llama3_8b.toml"), "--model.flavor", "8B_4layers"]
@@ -146,16 +157,25 @@ def test_custom_import_can_add_flavors_before_they_are_checked(tmp_path, monkeyp
 def test_custom_import_that_cannot_be_imported_is_named(monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(UserError) as e:
-        parse_job_config(["--job.config_file", str(REPO / "train_configs/llama3_8b.toml"),
-                          "--experimental.custom_import", "no_such_module_here"], world_size=16)
+        parse_job_config(
+            [
+                "--job.config_file",
+                str(REPO / "train_configs/llama3_8b.toml"),
+                "--experimental.custom_import",
+                "no_such_module_here",
+            ],
+            world_size=16,
+        )
     assert e.value.setting == "experimental.custom_import" and "PYTHONPATH" in e.value.line()
 
 
 def test_nested_section_flags_such_as_float8_are_known(monkeypatch):
     monkeypatch.chdir(REPO)
     base = ["--job.config_file", str(REPO / "train_configs/llama3_8b.toml")]
-    config = parse_job_config(base + ["--model.converters", "quantize.linear.float8",
-                                      "--quantize.linear.float8.filter_fqns", "output"], world_size=16)
+    config = parse_job_config(
+        base + ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.filter_fqns", "output"],
+        world_size=16,
+    )
     assert config.quantize.linear.float8.filter_fqns == ["output"]
     with pytest.raises(UserError) as e:
         parse_job_config(base + ["--quantize.linear.float8.filter_fqn", "output"], world_size=16)

@@ -12,10 +12,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -67,7 +67,7 @@ def test_hadolint_is_not_a_rubber_stamp(tmp_path):
 
 
 def release_env() -> dict[str, str]:
-    pairs = (l.split("=", 1) for l in RELEASE_ENV.read_text().splitlines() if l and not l.startswith("#"))
+    pairs = (line.split("=", 1) for line in RELEASE_ENV.read_text().splitlines() if line and not line.startswith("#"))
     return {k: v for k, v in pairs}
 
 
@@ -139,8 +139,14 @@ def test_runs_as_non_root_numeric_uid_with_writable_home_and_caches():
     users = [a for i, a in ins if i == "USER"]
     assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), users  # numeric: runAsNonRoot checks it
     env = " ".join(a for i, a in ins if i == "ENV")
-    for var in ("HOME=/home/trainer", "USER=", "XDG_CACHE_HOME=", "TRITON_CACHE_DIR=",
-                "TORCHINDUCTOR_CACHE_DIR=", "OUTPUT_DIR=/outputs"):
+    for var in (
+        "HOME=/home/trainer",
+        "USER=",
+        "XDG_CACHE_HOME=",
+        "TRITON_CACHE_DIR=",
+        "TORCHINDUCTOR_CACHE_DIR=",
+        "OUTPUT_DIR=/outputs",
+    ):
         assert var in env, var
     assert "HF_HOME" not in env  # it must follow OUTPUT_DIR (torchtitan_runai.storage)
     runs = " ".join(a for i, a in ins if i == "RUN")
@@ -162,7 +168,7 @@ def test_tini_is_pid1_and_the_entrypoint_is_run_llama_train():
 
 def test_dockerignore_keeps_secrets_venvs_and_outputs_out():
     patterns = {
-        l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")
     }
     assert {".git", ".venv", "outputs", "*.safetensors", ".env", "**/__pycache__", "tests"} <= patterns
     for needed in ("torchtitan_runai", "train_configs", "docker", "run_llama_train.sh", "pyproject.toml", "train.py"):
@@ -213,13 +219,25 @@ def test_plan_and_verify_cli_roundtrip(tmp_path):
     # in this venv, as if it were the image: everything pinned, nothing changes
     script = str(REPO / "docker" / "pin_to_image.py")
     c, r = tmp_path / "c.txt", tmp_path / "r.txt"
-    res = subprocess.run([sys.executable, script, "plan", str(REPO / "pyproject.toml"), "--constraints", str(c),
-                          "--requirements", str(r)], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "plan",
+            str(REPO / "pyproject.toml"),
+            "--constraints",
+            str(c),
+            "--requirements",
+            str(r),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
-    assert any(l.startswith("torch==") for l in c.read_text().splitlines())
+    assert any(line.startswith("torch==") for line in c.read_text().splitlines())
     assert "torchtitan==0.2.2" in r.read_text().splitlines()
     assert subprocess.run([sys.executable, script, "verify", str(c)], capture_output=True).returncode == 0
-    tampered = [("torch==0.0.1" if l.startswith("torch==") else l) for l in c.read_text().splitlines()]
+    tampered = [("torch==0.0.1" if line.startswith("torch==") else line) for line in c.read_text().splitlines()]
     c.write_text("\n".join(tampered) + "\n")
     res = subprocess.run([sys.executable, script, "verify", str(c)], capture_output=True, text=True)
     assert res.returncode == 1 and "torch: 0.0.1 ->" in res.stderr
@@ -228,7 +246,18 @@ def test_plan_and_verify_cli_roundtrip(tmp_path):
 def test_plan_refuses_a_base_that_ships_a_dependency_outside_the_range(tmp_path):
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\ndependencies = ["pytest>=999"]\n')  # this venv has an older pytest
-    res = subprocess.run([sys.executable, str(REPO / "docker" / "pin_to_image.py"), "plan", str(pyproject),
-                          "--constraints", str(tmp_path / "c"), "--requirements", str(tmp_path / "r")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "docker" / "pin_to_image.py"),
+            "plan",
+            str(pyproject),
+            "--constraints",
+            str(tmp_path / "c"),
+            "--requirements",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and "pytest >=999 (the base ships" in res.stderr and "Traceback" not in res.stderr

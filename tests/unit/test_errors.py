@@ -27,15 +27,22 @@ def test_the_line_names_the_setting_its_value_why_and_the_fix():
     assert error.line() == "training.steps = 0: must be positive. Fix: set training.steps to the number of steps"
     assert str(error) == error.line()
     assert (error.setting, error.value, error.why, error.fix) == (
-        "training.steps", 0, "must be positive", "set training.steps to the number of steps")
+        "training.steps",
+        0,
+        "must be positive",
+        "set training.steps to the number of steps",
+    )
 
 
 def test_the_value_is_shown_as_python_writes_it_and_left_out_when_none():
-    assert UserError("NGPU", "two", "must be an integer", "set NGPU").line() == \
-        "NGPU = 'two': must be an integer. Fix: set NGPU"
+    assert (
+        UserError("NGPU", "two", "must be an integer", "set NGPU").line()
+        == "NGPU = 'two': must be an integer. Fix: set NGPU"
+    )
     assert UserError("PET_NNODES", None, "is not set", "set it").line() == "PET_NNODES: is not set. Fix: set it"
-    assert UserError("hub.allow_download", False, "is off", "turn it on").line().startswith(
-        "hub.allow_download = False: ")
+    assert (
+        UserError("hub.allow_download", False, "is off", "turn it on").line().startswith("hub.allow_download = False: ")
+    )
 
 
 def run_cli(main, monkeypatch, argv=("prog", "--a", "b")):
@@ -95,8 +102,9 @@ def test_a_hung_job_exits_128_plus_sigalrm():
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_output_is_flushed_and_the_code_kept():

@@ -20,8 +20,8 @@ from tokgen import write_tokenizer  # noqa: E402
 
 from torchtitan_runai import hub  # noqa: E402
 from torchtitan_runai.config import Hub  # noqa: E402
-from torchtitan_runai.inputs.tokenizer_files import ensure_tokenizer  # noqa: E402
 from torchtitan_runai.errors import UserError  # noqa: E402
+from torchtitan_runai.inputs.tokenizer_files import ensure_tokenizer  # noqa: E402
 
 REPO = "meta-llama/Llama-3.1-8B"
 CANARY = "hf_CANARYnewline0123456789abcdefTOKEN"
@@ -34,8 +34,15 @@ def tok_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def env(monkeypatch):
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_HOME", "HF_ENDPOINT", "HF_TOKEN",
-                 "HF_TOKEN_PATH"):
+    for name in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_HUB_CACHE",
+        "HF_HOME",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+        "HF_TOKEN_PATH",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -50,9 +57,11 @@ def fake(env, tok_dir):
 
 def job(tmp_path: Path, **hub_fields) -> SimpleNamespace:
     hub_fields.setdefault("backoff_s", 0.01)
-    return SimpleNamespace(model=SimpleNamespace(hf_assets_path=str(tmp_path / "none")),
-                           job=SimpleNamespace(dump_folder=str(tmp_path / "out")),
-                           hub=Hub(repo_id=REPO, **hub_fields))
+    return SimpleNamespace(
+        model=SimpleNamespace(hf_assets_path=str(tmp_path / "none")),
+        job=SimpleNamespace(dump_folder=str(tmp_path / "out")),
+        hub=Hub(repo_id=REPO, **hub_fields),
+    )
 
 
 def assert_no_canary(*texts: str) -> None:
@@ -101,10 +110,16 @@ def test_a_token_the_client_rejects_never_reaches_a_message(fake, env, tmp_path,
     assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
-@pytest.mark.parametrize("spelling", [
-    lambda t: t, lambda t: repr(t), lambda t: repr(t.encode()), lambda t: f"Bearer {t}",
-    lambda t: repr(f"Bearer {t}".encode()),
-])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda t: t,
+        lambda t: repr(t),
+        lambda t: repr(t.encode()),
+        lambda t: f"Bearer {t}",
+        lambda t: repr(f"Bearer {t}".encode()),
+    ],
+)
 def test_redact_covers_every_spelling_of_the_token(env, spelling):
     raw = CANARY + "\n"
     env.setenv("HF_TOKEN", raw)

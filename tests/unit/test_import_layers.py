@@ -35,7 +35,7 @@ def imported_modules(source: str, name: str, is_package: bool, modules: set[str]
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             # "from pkg import mod" names a module; "from mod import thing" names mod
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
@@ -52,8 +52,7 @@ def imported_modules(source: str, name: str, is_package: bool, modules: set[str]
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     files = {module_name(p, root): p for p in root.rglob("*.py")}
     modules = set(files)
-    return {name: imported_modules(p.read_text(), name, p.name == "__init__.py", modules)
-            for name, p in files.items()}
+    return {name: imported_modules(p.read_text(), name, p.name == "__init__.py", modules) for name, p in files.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -65,7 +64,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -119,8 +118,12 @@ def side(module: str) -> str:
 
 def crossings(graph: dict[str, set[str]]) -> list[str]:
     """Every import that goes from one side to the other, or from the base up to a side."""
-    allowed = {"command": {"command", "launcher", "base"}, "launcher": {"launcher", "base"},
-               "training": {"training", "base"}, "base": {"base"}}
+    allowed = {
+        "command": {"command", "launcher", "base"},
+        "launcher": {"launcher", "base"},
+        "training": {"training", "base"},
+        "base": {"base"},
+    }
     return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if side(d) not in allowed[side(m)])
 
 
@@ -141,17 +144,20 @@ def test_a_crossing_is_caught_lazy_imports_included(tmp_path):
     (pkg / "training" / "tokenizer.py").write_text("from torchtitan_runai.errors import *\n")
     (pkg / "launcher" / "launch.py").write_text("def main():\n    from torchtitan_runai.training import tokenizer\n")
     (pkg / "storage.py").write_text("from .launcher import launch\n")
-    assert crossings(import_graph(pkg)) == [f"{PACKAGE}.launcher.launch -> {PACKAGE}.training",
-                                            f"{PACKAGE}.launcher.launch -> {PACKAGE}.training.tokenizer",
-                                            f"{PACKAGE}.storage -> {PACKAGE}.launcher",
-                                            f"{PACKAGE}.storage -> {PACKAGE}.launcher.launch"]
+    assert crossings(import_graph(pkg)) == [
+        f"{PACKAGE}.launcher.launch -> {PACKAGE}.training",
+        f"{PACKAGE}.launcher.launch -> {PACKAGE}.training.tokenizer",
+        f"{PACKAGE}.storage -> {PACKAGE}.launcher",
+        f"{PACKAGE}.storage -> {PACKAGE}.launcher.launch",
+    ]
 
 
 def test_base_modules_import_no_feature():
     graph = import_graph()
     assert graph[f"{PACKAGE}.errors"] == set()
-    assert graph[f"{PACKAGE}.config"] <= {f"{PACKAGE}.{m}" for m in ("errors", "upstream", "seed")}, \
-        graph[f"{PACKAGE}.config"]
+    assert graph[f"{PACKAGE}.config"] <= {f"{PACKAGE}.{m}" for m in ("errors", "upstream", "seed")}, graph[
+        f"{PACKAGE}.config"
+    ]
     assert graph[f"{PACKAGE}.seed"] <= {f"{PACKAGE}.errors"}
 
 
@@ -162,12 +168,15 @@ def test_the_old_config_export_circle_would_be_caught(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "errors.py").write_text("")
-    (pkg / "config.py").write_text("from torchtitan_runai.errors import UserError\n"
-                                   "from torchtitan_runai.export import Export\n")
-    (pkg / "export.py").write_text("from torchtitan_runai.errors import UserError\n\n\n"
-                                   "def load_job_config(path):\n"
-                                   "    from torchtitan_runai.config import parse_job_config\n"
-                                   "    return parse_job_config(path)\n")
+    (pkg / "config.py").write_text(
+        "from torchtitan_runai.errors import UserError\nfrom torchtitan_runai.export import Export\n"
+    )
+    (pkg / "export.py").write_text(
+        "from torchtitan_runai.errors import UserError\n\n\n"
+        "def load_job_config(path):\n"
+        "    from torchtitan_runai.config import parse_job_config\n"
+        "    return parse_job_config(path)\n"
+    )
     graph = import_graph(pkg)
     assert graph[f"{PACKAGE}.export"] == {f"{PACKAGE}.errors", f"{PACKAGE}.config"}
     cycle = find_cycle(graph)

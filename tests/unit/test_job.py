@@ -42,14 +42,20 @@ def test_tensor_parallel_must_divide_the_heads(tmp_path):
     with pytest.raises(UserError) as err:
         parse_job_config(args(tmp_path, *tp, "--parallelism.tensor_parallel_degree", "3"), world_size=3)
     assert err.value.setting == "parallelism.tensor_parallel_degree" and "n_heads (16)" in err.value.why
-    config = parse_job_config(args(tmp_path, "--parallelism.data_parallel_shard_degree", "1",
-                                   "--parallelism.tensor_parallel_degree", "2"), world_size=2)
+    config = parse_job_config(
+        args(tmp_path, "--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "2"),
+        world_size=2,
+    )
     assert config.parallelism.tensor_parallel_degree == 2
 
 
 def test_a_hugging_face_initial_load_is_checked(tmp_path):
-    hf = ["--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_model_only",
-          "--checkpoint.initial_load_path", str(tmp_path / "no-such-model")]
+    hf = [
+        "--checkpoint.initial_load_in_hf",
+        "--checkpoint.initial_load_model_only",
+        "--checkpoint.initial_load_path",
+        str(tmp_path / "no-such-model"),
+    ]
     with pytest.raises(UserError) as err:
         parse_job_config(args(tmp_path, *hf), world_size=2)
     assert err.value.setting == "checkpoint.initial_load_path" and "no such folder" in err.value.why
@@ -76,8 +82,16 @@ def global_order_ckpt(folder: Path, step: int, global_batch: int, world_size: in
     """A complete checkpoint whose marker carries a global data position (what a resume may re-split)."""
     path = write_ckpt(folder, step, mark=False)
     record = ckfolder.marker_record(step, "full", path, resume.schedule_of(ckpt_util.config()), world_size, dp, "job")
-    record["data"] = {"format": resume.GLOBAL_ORDER, "global_batch": global_batch, "local_batch": 4,
-                      "accumulation": global_batch // (4 * dp), "seq_len": 128, "tp": 1, "pp": 1, "cp": 1}
+    record["data"] = {
+        "format": resume.GLOBAL_ORDER,
+        "global_batch": global_batch,
+        "local_batch": 4,
+        "accumulation": global_batch // (4 * dp),
+        "seq_len": 128,
+        "tp": 1,
+        "pp": 1,
+        "cp": 1,
+    }
     ckfolder.mark_complete(path, record)
     return path
 
@@ -100,5 +114,7 @@ def test_resume_refuses_per_rank_positions_at_another_size(tmp_path):
     with pytest.raises(UserError) as err:
         parse_job_config(args(tmp_path), world_size=4, resume=True)
     assert err.value.setting == "world size" and "per-rank data positions" in err.value.why
-    assert parse_job_config(args(tmp_path, "--checkpoint.no-enable"), world_size=4,
-                            resume=True).training.local_batch_size == 4  # nothing to resume from
+    assert (
+        parse_job_config(args(tmp_path, "--checkpoint.no-enable"), world_size=4, resume=True).training.local_batch_size
+        == 4
+    )  # nothing to resume from

@@ -7,15 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, upstream
+from torchtitan_runai import FUSED_TRAIN_SPEC_NAME, TRAIN_SPEC_NAME, model_lookup, upstream
 from torchtitan_runai.errors import UserError
-from torchtitan_runai import model_lookup
 
 
 def config(name=TRAIN_SPEC_NAME, flavor="debugmodel", tp=1, custom_import=""):
-    return SimpleNamespace(model=SimpleNamespace(name=name, flavor=flavor),
-                           parallelism=SimpleNamespace(tensor_parallel_degree=tp),
-                           experimental=SimpleNamespace(custom_import=custom_import))
+    return SimpleNamespace(
+        model=SimpleNamespace(name=name, flavor=flavor),
+        parallelism=SimpleNamespace(tensor_parallel_degree=tp),
+        experimental=SimpleNamespace(custom_import=custom_import),
+    )
 
 
 def test_lookup_returns_the_flavors_args_as_a_copy():
@@ -27,11 +28,14 @@ def test_lookup_returns_the_flavors_args_as_a_copy():
     assert model_lookup.model_args(config(flavor="8B")).dim == 4096
 
 
-@pytest.mark.parametrize("cfg, setting", [
-    (config(name="llama9"), "model.name"),
-    (config(flavor="9000B"), "model.flavor"),
-    (config(custom_import="no_such_module_here"), "experimental.custom_import"),
-])
+@pytest.mark.parametrize(
+    "cfg, setting",
+    [
+        (config(name="llama9"), "model.name"),
+        (config(flavor="9000B"), "model.flavor"),
+        (config(custom_import="no_such_module_here"), "experimental.custom_import"),
+    ],
+)
 def test_unknown_names_are_one_user_error(cfg, setting):
     with pytest.raises(UserError) as e:
         model_lookup.lookup(cfg)

@@ -41,7 +41,7 @@ def test_runs_merge_by_step_newest_wins(resumed_job):
     scalars = plots.read_scalars(resumed_job)
     loss = scalars["loss_metrics/global_avg_loss"]
     assert sorted(loss) == list(range(1, 41))
-    assert loss[10] == pytest.approx(1.0)        # first run only
+    assert loss[10] == pytest.approx(1.0)  # first run only
     assert loss[25] == pytest.approx(10 / 25 + 1)  # re-run after resume replaces it
     assert scalars["throughput(tps)"][40] == 1040.0
 
@@ -55,9 +55,13 @@ def test_plot_defaults_beside_tensorboard_files(resumed_job):
 
 def test_cli_writes_requested_file(resumed_job, tmp_path):
     out = tmp_path / "curves" / "x.png"
-    run = subprocess.run([sys.executable, "-m", "torchtitan_runai.plots",
-                          str(resumed_job / "tb"), "-o", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "torchtitan_runai.plots", str(resumed_job / "tb"), "-o", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(out)
     assert out.read_bytes()[:8] == PNG_MAGIC

@@ -24,7 +24,10 @@ def test_output_dir_moves_dump_checkpoints_tb_and_hf_cache_together():
 def test_without_output_dir_the_config_decides_and_hf_default_is_kept():
     paths = storage.resolve_storage({}, "./runs/a", "ckpt", "board")
     assert (paths.dump_folder, paths.checkpoint_folder, paths.tensorboard_folder) == (
-        "./runs/a", "./runs/a/ckpt", "./runs/a/board")
+        "./runs/a",
+        "./runs/a/ckpt",
+        "./runs/a/board",
+    )
     assert paths.hf_home is None and paths.env_updates() == {}
 
 
@@ -38,11 +41,14 @@ def test_defaults_are_torchtitans():
     assert paths.checkpoint_folder == "/o/checkpoint" and paths.tensorboard_folder == "/o/tb"
 
 
-@pytest.mark.parametrize("env,kwargs,setting", [
-    ({"OUTPUT_DIR": "outputs"}, {}, "OUTPUT_DIR"),
-    ({"OUTPUT_DIR": "/o"}, {"checkpoint_folder": "/elsewhere"}, "checkpoint.folder"),
-    ({"OUTPUT_DIR": "/o"}, {"tb_folder": "/tmp/tb"}, "metrics.save_tb_folder"),
-])
+@pytest.mark.parametrize(
+    "env,kwargs,setting",
+    [
+        ({"OUTPUT_DIR": "outputs"}, {}, "OUTPUT_DIR"),
+        ({"OUTPUT_DIR": "/o"}, {"checkpoint_folder": "/elsewhere"}, "checkpoint.folder"),
+        ({"OUTPUT_DIR": "/o"}, {"tb_folder": "/tmp/tb"}, "metrics.save_tb_folder"),
+    ],
+)
 def test_paths_that_would_leave_the_pvc_are_user_errors(env, kwargs, setting):
     with pytest.raises(UserError) as err:
         storage.resolve_storage(env, **kwargs)
@@ -58,10 +64,17 @@ def test_documented_checkpoint_sizes():
         storage.checkpoint_bytes("debugmodel")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("10Ti", 10 * 1024**4), ("500Gi", 500 * 1024**3), ("2T", 2 * 10**12), ("1.5Ti", int(1.5 * 1024**4)),
-    ("123", 123), ("2e12", 2 * 10**12),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("10Ti", 10 * 1024**4),
+        ("500Gi", 500 * 1024**3),
+        ("2T", 2 * 10**12),
+        ("1.5Ti", int(1.5 * 1024**4)),
+        ("123", 123),
+        ("2e12", 2 * 10**12),
+    ],
+)
 def test_parse_size(text, expected):
     assert storage.parse_size(text) == expected
 
@@ -105,8 +118,11 @@ def test_grace_period_grows_with_checkpoint_per_node_and_is_bounded():
 
 
 def test_output_dir_is_applied_by_parsing_again_with_the_dump_folder():
-    config = SimpleNamespace(job=SimpleNamespace(dump_folder="./outputs"), checkpoint=SimpleNamespace(folder="ckpt"),
-                             metrics=SimpleNamespace(save_tb_folder="tb"))
+    config = SimpleNamespace(
+        job=SimpleNamespace(dump_folder="./outputs"),
+        checkpoint=SimpleNamespace(folder="ckpt"),
+        metrics=SimpleNamespace(save_tb_folder="tb"),
+    )
     parsed = []
 
     def parse(args):

@@ -34,9 +34,13 @@ def test_other_versions_fail_with_one_clear_line(found):
 
 def test_only_upstream_imports_torchtitan():
     """Every .py of the repo (the package's subpackages, bench/, tests/) but torchtitan_runai/upstream.py."""
-    offenders = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
-                 if not any(part.startswith(".") for part in p.relative_to(REPO).parts)  # .venv, copies
-                 and p != REPO / "torchtitan_runai" / "upstream.py" and IMPORT.search(p.read_text())]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in REPO.rglob("*.py")
+        if not any(part.startswith(".") for part in p.relative_to(REPO).parts)  # .venv, copies
+        and p != REPO / "torchtitan_runai" / "upstream.py"
+        and IMPORT.search(p.read_text())
+    ]
     assert offenders == []
     assert IMPORT.search("    from torchtitan.models import llama3")  # the pattern sees lazy imports too
 

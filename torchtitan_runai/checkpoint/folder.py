@@ -142,8 +142,15 @@ def adopted_record(keys: set[str]) -> dict[str, Any]:
     has_train_state = any(k.startswith("train_state") for k in keys)
     dp = len({k.split(".")[1] for k in keys if k.startswith("dataloader.dp_rank_")})
     kind = "full" if has_model and has_optimizer and has_train_state else "model-only"
-    return {"kind": kind, "adopted": True, "dp_degree": dp or None, "world_size": None,
-            "has_model": has_model, "has_optimizer": has_optimizer, "has_train_state": has_train_state}
+    return {
+        "kind": kind,
+        "adopted": True,
+        "dp_degree": dp or None,
+        "world_size": None,
+        "has_model": has_model,
+        "has_optimizer": has_optimizer,
+        "has_train_state": has_train_state,
+    }
 
 
 def examine(path: Path, step: int | None = None) -> StepFolder:
@@ -199,8 +206,9 @@ def quarantine(found: StepFolder, folder: Path) -> Path:
     return target
 
 
-def marker_record(step: int, kind: str, path: Path, schedule: Mapping[str, Any], world_size: int,
-                  dp_degree: int, job_id: str | None) -> dict[str, Any]:
+def marker_record(
+    step: int, kind: str, path: Path, schedule: Mapping[str, Any], world_size: int, dp_degree: int, job_id: str | None
+) -> dict[str, Any]:
     """The completion marker's content for the ``step-N`` folder ``path`` (see the module docstring)."""
     files = {
         p.name: p.stat().st_size
@@ -222,7 +230,6 @@ def marker_record(step: int, kind: str, path: Path, schedule: Mapping[str, Any],
 
 def mark_complete(path: Path, record: Mapping[str, Any]) -> None:
     write_json_atomic(Path(path) / MARKER, record)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +268,9 @@ def _untouchable(found: list[StepFolder], protect: Collection[int], now: float) 
     return keep
 
 
-def over_count(found: list[StepFolder], keep_latest_k: int, protect: Collection[int] = (),
-               now: float | None = None) -> list[StepFolder]:
+def over_count(
+    found: list[StepFolder], keep_latest_k: int, protect: Collection[int] = (), now: float | None = None
+) -> list[StepFolder]:
     """The folders the count rule removes (oldest first) from ``found`` (``scan``'s list)."""
     if keep_latest_k <= 0:
         return []
@@ -275,14 +283,25 @@ def over_count(found: list[StepFolder], keep_latest_k: int, protect: Collection[
             break
         kept.add(f.step)
     newest_complete = complete[0].step if complete else None
-    doomed = [f for f in found if f.step not in spared and (
-        (f.complete and f.step not in kept) or
-        (not f.complete and newest_complete is not None and f.step < newest_complete))]
+    doomed = [
+        f
+        for f in found
+        if f.step not in spared
+        and (
+            (f.complete and f.step not in kept)
+            or (not f.complete and newest_complete is not None and f.step < newest_complete)
+        )
+    ]
     return sorted(doomed, key=lambda f: f.step)
 
 
-def for_room(found: list[StepFolder], short_bytes: int, sizes: Mapping[int, int], protect: Collection[int] = (),
-             now: float | None = None) -> list[StepFolder]:
+def for_room(
+    found: list[StepFolder],
+    short_bytes: int,
+    sizes: Mapping[int, int],
+    protect: Collection[int] = (),
+    now: float | None = None,
+) -> list[StepFolder]:
     """The folders the room rule removes (oldest first) to free ``short_bytes``; [] when even all of
     them would not."""
     if short_bytes <= 0:
@@ -322,27 +341,40 @@ class Retired:
             return None
         gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
         what = lambda items: ", ".join(  # noqa: E731
-            f"{f.path.name} ({gib(n)}{'' if f.complete else ', incomplete'})" for f, n in items)
+            f"{f.path.name} ({gib(n)}{'' if f.complete else ', incomplete'})" for f, n in items
+        )
         kept = ", ".join(f"step-{s}" for s in self.kept) or "none"
         parts = []
         if self.by_count:
-            parts.append(f"removed {what(self.by_count)}: beyond the newest {self.keep_latest_k} complete "
-                         "checkpoint(s)")
+            parts.append(
+                f"removed {what(self.by_count)}: beyond the newest {self.keep_latest_k} complete checkpoint(s)"
+            )
         if self.by_room:
-            parts.append(f"removed {what(self.by_room)}, oldest first: {gib(self.free_bytes or 0)} free could not "
-                         f"hold the next save (~{gib(self.need_bytes)}, the size of the newest complete checkpoint)")
+            parts.append(
+                f"removed {what(self.by_room)}, oldest first: {gib(self.free_bytes or 0)} free could not "
+                f"hold the next save (~{gib(self.need_bytes)}, the size of the newest complete checkpoint)"
+            )
         if self.unsolved:
-            parts.append(f"{gib(self.free_bytes or 0)} free cannot hold the next save (~{gib(self.need_bytes)}) even "
-                         "without every older checkpoint: removed nothing for room (the save may fail; free space "
-                         "or grow the volume)")
+            parts.append(
+                f"{gib(self.free_bytes or 0)} free cannot hold the next save (~{gib(self.need_bytes)}) even "
+                "without every older checkpoint: removed nothing for room (the save may fail; free space "
+                "or grow the volume)"
+            )
         if self.failed:
             parts.append(f"could not remove {', '.join(self.failed)}")
-        return (f"checkpoint retention in {self.folder} (checkpoint.keep_latest_k = {self.keep_latest_k}): "
-                f"{'; '.join(parts)}; kept complete {kept}")
+        return (
+            f"checkpoint retention in {self.folder} (checkpoint.keep_latest_k = {self.keep_latest_k}): "
+            f"{'; '.join(parts)}; kept complete {kept}"
+        )
 
 
-def retain(folder: Path, keep_latest_k: int, protect: Collection[int] = (), need_bytes: int = 0,
-           found: list[StepFolder] | None = None) -> Retired:
+def retain(
+    folder: Path,
+    keep_latest_k: int,
+    protect: Collection[int] = (),
+    need_bytes: int = 0,
+    found: list[StepFolder] | None = None,
+) -> Retired:
     """Apply the retention rule to ``folder`` now (see the module docstring): the count rule, and
     with ``need_bytes`` (the next save's size) the room rule. Removes synchronously; only the
     process that owns the folder (rank 0) calls it. ``keep_latest_k = 0`` removes nothing."""
@@ -422,7 +454,6 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Room for a checkpoint: one rule for the launcher and preflight
 
@@ -469,9 +500,13 @@ def check_writable(folder: Path, probe_bytes: int = 1 << 20, create: bool = True
         probe_writable(where, probe_bytes)
     except OSError as e:
         reason = WRITE_ERRORS.get(e.errno, e.strerror or str(e))
-        raise UserError(setting, str(folder), f"cannot write a checkpoint there ({reason})",
-                        "mount a writable volume with room for checkpoints (e.g. a PVC) at that path, or set "
-                        "job.dump_folder / checkpoint.folder to one")
+        raise UserError(
+            setting,
+            str(folder),
+            f"cannot write a checkpoint there ({reason})",
+            "mount a writable volume with room for checkpoints (e.g. a PVC) at that path, or set "
+            "job.dump_folder / checkpoint.folder to one",
+        )
     newest = next(iter(step_folders(folder)), None)
     if newest is not None:
         size = folder_bytes(newest[1])
@@ -483,6 +518,9 @@ def check_writable(folder: Path, probe_bytes: int = 1 << 20, create: bool = True
             freeable = sum(folder_bytes(f.path) for f in found if f.step not in spared)
         if free is not None and free + freeable < size:
             also = f" (retention can free {freeable / 2**30:.2f} GiB more)" if freeable else ""
-            raise UserError(setting, str(folder),
-                            f"only {free / 2**30:.2f} GiB free{also} but the last checkpoint took {size / 2**30:.2f} GiB",
-                            "free space (lower checkpoint.keep_latest_k, delete old step-N folders) or grow the volume")
+            raise UserError(
+                setting,
+                str(folder),
+                f"only {free / 2**30:.2f} GiB free{also} but the last checkpoint took {size / 2**30:.2f} GiB",
+                "free space (lower checkpoint.keep_latest_k, delete old step-N folders) or grow the volume",
+            )

@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping
 
 from torchtitan_runai import storage
 from torchtitan_runai.checkpoint.folder import check_writable
-from torchtitan_runai.jsonio import read_json, write_json_atomic
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.jsonio import read_json, write_json_atomic
 
 OWNER = "job.json"
 LOCK = "lock.json"
@@ -68,11 +68,13 @@ def claim_folder(folder: Path, env: Mapping[str, str], take_over: bool = False, 
             seen = f", last started on {lock.get('host')} {time.time() - last:.0f}s ago" if last else ""
             this = f"{source}={job_id}" if job_id else "a job without JOB_UUID/JOB_NAME"
             raise UserError(
-                "checkpoint.folder", str(folder),
+                "checkpoint.folder",
+                str(folder),
                 f"belongs to another job ({recorded_source}={recorded}{seen}); this is {this}, and sharing a "
                 "folder would overwrite each other's checkpoints",
                 "give this job its own job.dump_folder or checkpoint.folder, or, to continue that job's run on "
-                "purpose, add --resilience.take_over_folder")
+                "purpose, add --resilience.take_over_folder",
+            )
         if same:
             job_id = recorded
     if not write:
@@ -81,8 +83,10 @@ def claim_folder(folder: Path, env: Mapping[str, str], take_over: bool = False, 
     if owner is None or take_over and owner.get("job") != job_id:
         if job_id is None:
             job_id, source = f"chosen-{uuid.uuid4().hex[:12]}", "chosen"
-        write_json_atomic(folder / OWNER, {"job": job_id, "source": source, "created": time.time(),
-                                           "host": socket.gethostname(), "previous": owner})
+        write_json_atomic(
+            folder / OWNER,
+            {"job": job_id, "source": source, "created": time.time(), "host": socket.gethostname(), "previous": owner},
+        )
     return job_id
 
 
@@ -122,8 +126,16 @@ def _start_ticks(pid: int) -> str | None:
 def lock_record(job_id: str | None) -> dict:
     pid = os.getpid()
     now = time.time()
-    return {"job": job_id, "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
-            "pid": pid, "pid_start": _start_ticks(pid), "time": now, "heartbeat": now}
+    return {
+        "job": job_id,
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
+        "pid": pid,
+        "pid_start": _start_ticks(pid),
+        "time": now,
+        "heartbeat": now,
+    }
 
 
 def holder_alive(lock: Mapping, now: float | None = None) -> tuple[bool, str]:
@@ -152,12 +164,14 @@ def holder_alive(lock: Mapping, now: float | None = None) -> tuple[bool, str]:
 
 def _refuse(folder: Path, lock: Mapping, how: str) -> UserError:
     return UserError(
-        "checkpoint.folder", str(folder),
+        "checkpoint.folder",
+        str(folder),
         f"another run is training in this folder now (host {lock.get('host')}, pid {lock.get('pid')}; {how}), "
         "and two runs would overwrite each other's checkpoints",
         "wait for it to finish or stop it, or give this run its own job.dump_folder (or OUTPUT_DIR); a lock "
         f"left by a run on another machine that is gone is taken over {LOCK_STALE_S:.0f}s after its last "
-        "heartbeat, or at once with --resilience.take_over_folder")
+        "heartbeat, or at once with --resilience.take_over_folder",
+    )
 
 
 def acquire_lock(folder: Path, job_id: str | None, take_over: bool = False) -> dict:
@@ -201,8 +215,12 @@ def acquire_lock(folder: Path, job_id: str | None, take_over: bool = False) -> d
             continue
         finally:
             tmp.unlink(missing_ok=True)
-    raise UserError("checkpoint.folder", str(folder), "could not take the folder's lock (it kept changing)",
-                    "check that no other run uses this folder, then retry")
+    raise UserError(
+        "checkpoint.folder",
+        str(folder),
+        "could not take the folder's lock (it kept changing)",
+        "check that no other run uses this folder, then retry",
+    )
 
 
 class FolderLock:
@@ -271,9 +289,15 @@ def _torch_broadcast(value: str | None) -> str:
     return box[0]
 
 
-def confirm_shared_folder(folder: str | os.PathLike, rank: int, world_size: int, job_key: str,
-                          timeout: float = 30.0, broadcast: Callable[[str | None], str] | None = None,
-                          poll: float = 0.2) -> None:
+def confirm_shared_folder(
+    folder: str | os.PathLike,
+    rank: int,
+    world_size: int,
+    job_key: str,
+    timeout: float = 30.0,
+    broadcast: Callable[[str | None], str] | None = None,
+    poll: float = 0.2,
+) -> None:
     """Every rank sees the checkpoint folder rank 0 writes to, or a UserError (see module doc).
 
     ``broadcast(value)`` sends rank 0's value to every rank and returns it (it is also the barrier
@@ -308,7 +332,8 @@ def confirm_shared_folder(folder: str | os.PathLike, rank: int, world_size: int,
     if seen != nonce:
         what = "does not exist here" if seen is None else "holds another job's or an older marker"
         raise UserError(
-            "checkpoint folder (OUTPUT_DIR)", str(folder),
+            "checkpoint folder (OUTPUT_DIR)",
+            str(folder),
             f"rank {rank} does not see the marker rank 0 wrote there ({marker} {what}): the ranks write to "
             "different disks, so checkpoints could never be resumed",
             "for a multi-node job, mount one shared ReadWriteMany PVC at OUTPUT_DIR on every pod "

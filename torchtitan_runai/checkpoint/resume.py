@@ -67,31 +67,40 @@ def choose(found: Iterable[StepFolder], load_step: int, folder: Path, initial_lo
         return None
     chosen = next((f for f in found if f.step == load_step), None)
     if chosen is None or not chosen.complete:
-        raise UserError("checkpoint.load_step", load_step,
-                        f"{folder}/step-{load_step} " + ("does not exist" if chosen is None else f"is incomplete ({chosen.why})"),
-                        "pick a complete step-N folder, or unset checkpoint.load_step to resume from the newest")
+        raise UserError(
+            "checkpoint.load_step",
+            load_step,
+            f"{folder}/step-{load_step} " + ("does not exist" if chosen is None else f"is incomplete ({chosen.why})"),
+            "pick a complete step-N folder, or unset checkpoint.load_step to resume from the newest",
+        )
     return chosen
 
 
 def model_only_error(found: StepFolder) -> UserError:
     return UserError(
-        "checkpoint.folder", str(found.path.parent),
+        "checkpoint.folder",
+        str(found.path.parent),
         f"its newest complete checkpoint {found.path.name} holds model weights only (no optimizer or train "
         "state; stock torchtitan's final save), so it cannot be resumed",
         f"continue from its weights in a new folder: --checkpoint.folder <new> --checkpoint.initial_load_path "
         f"{found.path} --checkpoint.initial_load_model_only (optimizer state and data position start afresh), "
-        "or move it away to start over")
+        "or move it away to start over",
+    )
 
 
 def model_only_note(found: StepFolder) -> str:
-    return (f"skipping {found.path}: a model-only checkpoint cannot be resumed (to start a run from its weights: "
-            f"--checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only)")
+    return (
+        f"skipping {found.path}: a model-only checkpoint cannot be resumed (to start a run from its weights: "
+        f"--checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only)"
+    )
 
 
 def adoption_note(found: StepFolder) -> str:
-    return (f"adopted {found.path}: a complete checkpoint without this fork's completion marker (stock "
-            "torchtitan's): .metadata readable, every shard as long as it says, model, optimizer and train "
-            "state present")
+    return (
+        f"adopted {found.path}: a complete checkpoint without this fork's completion marker (stock "
+        "torchtitan's): .metadata readable, every shard as long as it says, model, optimizer and train "
+        "state present"
+    )
 
 
 def schedule_of(config: Any) -> dict[str, Any]:
@@ -121,10 +130,13 @@ def schedule_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], step
             f"the learning-rate schedule is recomputed over {new_total} steps instead of {old_total}: "
             f"its decay now ends at step {new_total} (was {old_total}), so every step after {step} "
             "trains with a different learning rate than the original run planned; "
-            f"to keep the original schedule pass --lr_scheduler.total_steps {old_total}")
+            f"to keep the original schedule pass --lr_scheduler.total_steps {old_total}"
+        )
     if old.get("lr_scheduler.warmup_steps") != new.get("lr_scheduler.warmup_steps"):
-        lines.append(f"warmup now ends at step {new.get('lr_scheduler.warmup_steps')} "
-                     f"(was {old.get('lr_scheduler.warmup_steps')})")
+        lines.append(
+            f"warmup now ends at step {new.get('lr_scheduler.warmup_steps')} "
+            f"(was {old.get('lr_scheduler.warmup_steps')})"
+        )
     if old.get("training.steps") != new.get("training.steps"):
         lines.append(f"training now stops at step {new.get('training.steps')} (was {old.get('training.steps')})")
     return lines
@@ -134,21 +146,26 @@ def per_rank_error(found: StepFolder, world_size: int, dp_degree: int) -> UserEr
     rec = found.record or {}
     old_dp, old_ws = rec.get("dp_degree"), rec.get("world_size")
     return UserError(
-        "world size", f"{old_ws} -> {world_size}",
+        "world size",
+        f"{old_ws} -> {world_size}",
         f"{found.path} was written by {old_dp} data-parallel rank(s) (world size {old_ws}) with per-rank data "
-        f"positions (data.order = \"per-rank\", or a checkpoint from before global data positions); this run has "
+        f'positions (data.order = "per-rank", or a checkpoint from before global data positions); this run has '
         f"{dp_degree} (world size {world_size}), so they cannot be restored",
         f"run with the original node/GPU count (world size {old_ws}), or continue from its weights in a new folder: "
         f"--checkpoint.folder <new> --checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only "
-        "(optimizer state and data position start afresh)")
+        "(optimizer state and data position start afresh)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Resume policy: a changed data-parallel size keeps the global batch, the schedule and the data
 # position (torchtitan_runai.data_position); tensor/pipeline/context parallel degrees stay as saved.
 
-_MODEL_PARALLEL = (("tp", "tensor_parallel_degree"), ("pp", "pipeline_parallel_degree"),
-                   ("cp", "context_parallel_degree"))
+_MODEL_PARALLEL = (
+    ("tp", "tensor_parallel_degree"),
+    ("pp", "pipeline_parallel_degree"),
+    ("cp", "context_parallel_degree"),
+)
 
 
 @dataclass(frozen=True)
@@ -173,18 +190,25 @@ class BatchPlan:
         return self.step * self.global_batch
 
     def line(self) -> str:
-        return (f"resuming at data-parallel {self.dp} (checkpoint written at {self.saved_dp}): global batch "
-                f"{self.global_batch} kept, local batch {self.local_batch} × accumulation {self.accumulation}, "
-                f"data position {self.position} sequences ({self.position * self.seq_len:,} tokens)")
+        return (
+            f"resuming at data-parallel {self.dp} (checkpoint written at {self.saved_dp}): global batch "
+            f"{self.global_batch} kept, local batch {self.local_batch} × accumulation {self.accumulation}, "
+            f"data position {self.position} sequences ({self.position * self.seq_len:,} tokens)"
+        )
 
 
 def data_record(config: Any, dp_degree: int, data_format: str) -> dict[str, Any]:
     """The marker's "data" entry: what a resume at another size needs to keep."""
     t, p = config.training, config.parallelism
     global_batch = global_batch_of(t, dp_degree)
-    return {"format": data_format, "global_batch": global_batch, "local_batch": t.local_batch_size,
-            "accumulation": global_batch // (t.local_batch_size * dp_degree), "seq_len": t.seq_len,
-            **{key: getattr(p, name) for key, name in _MODEL_PARALLEL}}
+    return {
+        "format": data_format,
+        "global_batch": global_batch,
+        "local_batch": t.local_batch_size,
+        "accumulation": global_batch // (t.local_batch_size * dp_degree),
+        "seq_len": t.seq_len,
+        **{key: getattr(p, name) for key, name in _MODEL_PARALLEL},
+    }
 
 
 def split_batch(global_batch: int, dp_degree: int, local_batch: int) -> tuple[int, int] | None:
@@ -210,15 +234,21 @@ def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int)
     data = rec.get("data") or {}
     for key, name in _MODEL_PARALLEL:
         if key in data and data[key] != getattr(config.parallelism, name):
-            raise UserError(f"parallelism.{name}", getattr(config.parallelism, name),
-                            f"{found.path} was written with {name} = {data[key]}; only the data-parallel size "
-                            "(the node or GPU count) may change on resume",
-                            f"set parallelism.{name} = {data[key]}")
+            raise UserError(
+                f"parallelism.{name}",
+                getattr(config.parallelism, name),
+                f"{found.path} was written with {name} = {data[key]}; only the data-parallel size "
+                "(the node or GPU count) may change on resume",
+                f"set parallelism.{name} = {data[key]}",
+            )
     if not data and old_ws and world_size // dp_degree != old_ws // old_dp:
-        raise UserError("parallelism", f"{old_ws // old_dp} -> {world_size // dp_degree} GPU(s) per data-parallel rank",
-                        f"{found.path} was written with tensor x pipeline x context parallel = {old_ws // old_dp}; "
-                        "only the data-parallel size may change on resume",
-                        "use the checkpoint's tensor/pipeline/context parallel degrees")
+        raise UserError(
+            "parallelism",
+            f"{old_ws // old_dp} -> {world_size // dp_degree} GPU(s) per data-parallel rank",
+            f"{found.path} was written with tensor x pipeline x context parallel = {old_ws // old_dp}; "
+            "only the data-parallel size may change on resume",
+            "use the checkpoint's tensor/pipeline/context parallel degrees",
+        )
     if data.get("format") != GLOBAL_ORDER:
         if old_dp != dp_degree:
             raise per_rank_error(found, world_size, dp_degree)
@@ -226,21 +256,27 @@ def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int)
     global_batch = data["global_batch"]
     t = config.training
     if t.global_batch_size > 0 and t.global_batch_size != global_batch:
-        raise UserError("training.global_batch_size", t.global_batch_size,
-                        f"{found.path} continues a run with a global batch of {global_batch} sequences (its data "
-                        "position is defined over that many sequences per step)",
-                        f"remove the setting (a resume keeps {global_batch}), or continue from its weights in a new "
-                        f"folder: --checkpoint.folder <new> --checkpoint.initial_load_path {found.path} "
-                        "--checkpoint.initial_load_model_only")
+        raise UserError(
+            "training.global_batch_size",
+            t.global_batch_size,
+            f"{found.path} continues a run with a global batch of {global_batch} sequences (its data "
+            "position is defined over that many sequences per step)",
+            f"remove the setting (a resume keeps {global_batch}), or continue from its weights in a new "
+            f"folder: --checkpoint.folder <new> --checkpoint.initial_load_path {found.path} "
+            "--checkpoint.initial_load_model_only",
+        )
     split = split_batch(global_batch, dp_degree, t.local_batch_size)
     if split is None:
         other = world_size // dp_degree
         sizes = [d for d in range(1, global_batch + 1) if global_batch % d == 0]
         shown = ", ".join(f"{d} (world size {d * other})" for d in sizes[:12])
-        raise UserError("world size", f"{old_ws} -> {world_size}",
-                        f"the run's global batch of {global_batch} sequences (from {found.path}) cannot be split "
-                        f"over {dp_degree} data-parallel ranks",
-                        f"use a data-parallel size that divides {global_batch}: {shown}")
+        raise UserError(
+            "world size",
+            f"{old_ws} -> {world_size}",
+            f"the run's global batch of {global_batch} sequences (from {found.path}) cannot be split "
+            f"over {dp_degree} data-parallel ranks",
+            f"use a data-parallel size that divides {global_batch}: {shown}",
+        )
     local, accumulation = split
     return BatchPlan(old_dp, dp_degree, global_batch, local, accumulation, found.step, t.seq_len)
 
@@ -270,10 +306,11 @@ def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
 
 def already_done(found: StepFolder | None, steps: int) -> str | None:
     if found is not None and found.step >= steps:
-        return (f"checkpoint {found.path} is at step {found.step}, at or past training.steps = {steps}: "
-                f"the run is complete, nothing to train (raise --training.steps to train further)")
+        return (
+            f"checkpoint {found.path} is at step {found.step}, at or past training.steps = {steps}: "
+            f"the run is complete, nothing to train (raise --training.steps to train further)"
+        )
     return None
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import os
 from typing import Any, Mapping
 
 from torchtitan_runai import storage
-from torchtitan_runai.jsonio import write_json_atomic
 from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV, LaunchRecord, Ledger, NullLedger, read_records
 from torchtitan_runai.goodput.report import goodput_line, json_summary, summarize
+from torchtitan_runai.jsonio import write_json_atomic
 
 
 def enabled(config: Any) -> bool:
@@ -27,8 +27,9 @@ def build_ledger(config: Any, env: Mapping[str, str] = os.environ) -> Ledger | N
     if int(env.get("RANK", "0")) != 0 or not enabled(config):
         return NullLedger()
     gp = config.goodput
-    return Ledger(storage.goodput_dir(config), heartbeat_s=gp.heartbeat_seconds,
-                  launch_id=env.get(LAUNCH_ID_ENV)).start()
+    return Ledger(
+        storage.goodput_dir(config), heartbeat_s=gp.heartbeat_seconds, launch_id=env.get(LAUNCH_ID_ENV)
+    ).start()
 
 
 def build_launch_record(config: Any) -> LaunchRecord | None:
@@ -58,5 +59,14 @@ def report_at_exit(config: Any) -> str:
         return f"goodput: not reported ({type(e).__name__}: {e})"
 
 
-__all__ = ["LAUNCH_ID_ENV", "Ledger", "NullLedger", "build_launch_record", "build_ledger", "goodput_line",
-           "report_at_exit", "summarize", "write_summary"]
+__all__ = [
+    "LAUNCH_ID_ENV",
+    "Ledger",
+    "NullLedger",
+    "build_launch_record",
+    "build_ledger",
+    "goodput_line",
+    "report_at_exit",
+    "summarize",
+    "write_summary",
+]

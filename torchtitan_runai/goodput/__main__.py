@@ -29,19 +29,25 @@ from torchtitan_runai.goodput.ledger import read_records
 
 def find_ledger(folder: Path) -> Path:
     """The ledger folder for an output, checkpoint or ledger folder."""
-    candidates = [folder, folder / storage.GOODPUT_LEDGER,
-                  *sorted(p / storage.GOODPUT_LEDGER for p in folder.glob("*") if p.is_dir())]
+    candidates = [
+        folder,
+        folder / storage.GOODPUT_LEDGER,
+        *sorted(p / storage.GOODPUT_LEDGER for p in folder.glob("*") if p.is_dir()),
+    ]
     for c in candidates:
         if c.is_dir() and read_records(c):
             return c
-    raise UserError("FOLDER", str(folder), "holds no goodput ledger (no goodput/launch-*.json or segment-*.json)",
-                    "pass the job's output folder (job.dump_folder), its checkpoint folder, or <checkpoint>/goodput")
+    raise UserError(
+        "FOLDER",
+        str(folder),
+        "holds no goodput ledger (no goodput/launch-*.json or segment-*.json)",
+        "pass the job's output folder (job.dump_folder), its checkpoint folder, or <checkpoint>/goodput",
+    )
 
 
 def table(summary: dict) -> list[str]:
     sec, held = summary["seconds"], summary["held_s"] or 1.0
-    lines = [report.goodput_line(summary), "",
-             f"{'category':<20} {'seconds':>10} {'share':>7}"]
+    lines = [report.goodput_line(summary), "", f"{'category':<20} {'seconds':>10} {'share':>7}"]
     for c in report.CATEGORIES:
         share = "" if c == "away" else f"{100 * sec[c] / held:6.1f}%"
         lines.append(f"{report.LABELS[c]:<20} {sec[c]:>10.1f} {share:>7}")
@@ -50,10 +56,12 @@ def table(summary: dict) -> list[str]:
     lines += ["", "process lives (rank 0):"]
     for i, s in enumerate(summary["segments"]):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s["started_at"]))
-        lines.append(f"  {i + 1}. {started} UTC, {report.short(s['last_seen'] - s['started_at'])}: "
-                     f"resumed from step {s['resume_step']}, reached step {s['last_step']}, "
-                     f"newest complete checkpoint {s['durable_step']}, {s['saves']} save(s), "
-                     f"ended: {s['outcome'] or 'unknown (killed, or still running)'}")
+        lines.append(
+            f"  {i + 1}. {started} UTC, {report.short(s['last_seen'] - s['started_at'])}: "
+            f"resumed from step {s['resume_step']}, reached step {s['last_step']}, "
+            f"newest complete checkpoint {s['durable_step']}, {s['saves']} save(s), "
+            f"ended: {s['outcome'] or 'unknown (killed, or still running)'}"
+        )
     return lines
 
 

@@ -49,8 +49,17 @@ from torchtitan_runai.jsonio import read_json, write_json_atomic
 VERSION = 1
 LAUNCH_ID_ENV = "TORCHTITAN_RUNAI_LAUNCH_ID"
 """Set by the launcher for its workers: the id of the launch record their segments belong to."""
-RAW_STATES = ("startup", "compile", "work", "data_wait", "checkpoint_stall", "upload_wait",
-              "preemption_save", "teardown", "hang")
+RAW_STATES = (
+    "startup",
+    "compile",
+    "work",
+    "data_wait",
+    "checkpoint_stall",
+    "upload_wait",
+    "preemption_save",
+    "teardown",
+    "hang",
+)
 TRAINING = ("work", "compile")
 """States that a save or a data wait interrupts (a save inside the preemption save stays in it)."""
 TIMELINE_LIMIT = 4000
@@ -97,9 +106,16 @@ class LaunchRecord:
         self.started_at = started_at or process_start_wall() or time.time()
         self.path = self.folder / record_name("launch", self.started_at, os.getpid())
         self.id = self.path.stem
-        self.data: dict[str, Any] = {"version": VERSION, "kind": "launch", "id": self.id, "pid": os.getpid(),
-                                     "host": socket.gethostname(), "started_at": self.started_at,
-                                     "ended_at": None, "exit_code": None}
+        self.data: dict[str, Any] = {
+            "version": VERSION,
+            "kind": "launch",
+            "id": self.id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": self.started_at,
+            "ended_at": None,
+            "exit_code": None,
+        }
 
     def open(self) -> "LaunchRecord":
         self._write()
@@ -121,8 +137,16 @@ class Ledger:
     """Rank 0's state machine for one segment (see the module docstring). Thread-safe: the heartbeat
     thread and the hang watchdog call ``flush``/``switch`` too."""
 
-    def __init__(self, folder: Path, *, heartbeat_s: float = 5.0, launch_id: str | None = None,
-                 started_at: float | None = None, clock=time.monotonic, wall=time.time):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        heartbeat_s: float = 5.0,
+        launch_id: str | None = None,
+        started_at: float | None = None,
+        clock=time.monotonic,
+        wall=time.time,
+    ):
         self.folder = Path(folder)
         self.heartbeat_s = heartbeat_s
         self._clock = clock
@@ -144,10 +168,22 @@ class Ledger:
         self._entered = now  # when the current state began (``_since`` moves on at every credit)
         self.timeline: list[list] = [[0.0, "startup"]]
         self.data: dict[str, Any] = {
-            "version": VERSION, "kind": "segment", "id": self.path.stem, "launch": launch_id, "pid": pid,
-            "host": socket.gethostname(), "started_at": started_at, "last_seen": now_wall, "outcome": None,
-            "resume_step": None, "first_step": None, "first_step_s": None, "last_step": None, "work_s": 0.0,
-            "saves": {}, "durable_step": None,
+            "version": VERSION,
+            "kind": "segment",
+            "id": self.path.stem,
+            "launch": launch_id,
+            "pid": pid,
+            "host": socket.gethostname(),
+            "started_at": started_at,
+            "last_seen": now_wall,
+            "outcome": None,
+            "resume_step": None,
+            "first_step": None,
+            "first_step_s": None,
+            "last_step": None,
+            "work_s": 0.0,
+            "saves": {},
+            "durable_step": None,
         }
 
     # -- clock -----------------------------------------------------------------------------
@@ -258,8 +294,13 @@ class Ledger:
         with self._lock:
             now = self._clock()
             self._credit(now)
-            rec = dict(self.data, seconds=dict(self.seconds), timeline=[list(t) for t in self.timeline],
-                       state=self.state, saves=dict(self.data["saves"]))
+            rec = dict(
+                self.data,
+                seconds=dict(self.seconds),
+                timeline=[list(t) for t in self.timeline],
+                state=self.state,
+                saves=dict(self.data["saves"]),
+            )
             rec["last_seen"] = self._wall(now)
             return rec
 

@@ -27,12 +27,34 @@ from typing import Any, Iterable
 
 from torchtitan_runai.goodput.ledger import RAW_STATES
 
-CATEGORIES = ("productive", "startup", "compile", "checkpoint_stall", "upload_wait", "preemption_save",
-              "redone", "data_wait", "hang", "teardown", "unsaved", "away")
-LABELS = {"productive": "productive", "startup": "start-up", "compile": "compile/first step",
-          "checkpoint_stall": "checkpoint stalls", "upload_wait": "upload waits",
-          "preemption_save": "preemption saves", "redone": "redone steps", "data_wait": "data waits",
-          "hang": "hangs", "teardown": "teardown", "unsaved": "unsaved steps", "away": "away"}
+CATEGORIES = (
+    "productive",
+    "startup",
+    "compile",
+    "checkpoint_stall",
+    "upload_wait",
+    "preemption_save",
+    "redone",
+    "data_wait",
+    "hang",
+    "teardown",
+    "unsaved",
+    "away",
+)
+LABELS = {
+    "productive": "productive",
+    "startup": "start-up",
+    "compile": "compile/first step",
+    "checkpoint_stall": "checkpoint stalls",
+    "upload_wait": "upload waits",
+    "preemption_save": "preemption saves",
+    "redone": "redone steps",
+    "data_wait": "data waits",
+    "hang": "hangs",
+    "teardown": "teardown",
+    "unsaved": "unsaved steps",
+    "away": "away",
+}
 
 
 def _segments(records: Iterable[dict]) -> list[dict]:
@@ -100,8 +122,15 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
     segments, launches = _segments(records), _launches(records)
     totals = {c: 0.0 for c in CATEGORIES}
     if not segments and not launches:
-        return {"span_s": 0.0, "seconds": totals, "goodput": None, "productive_of_span": None, "segments": [],
-                "launches": 0, "steps": None}
+        return {
+            "span_s": 0.0,
+            "seconds": totals,
+            "goodput": None,
+            "productive_of_span": None,
+            "segments": [],
+            "launches": 0,
+            "steps": None,
+        }
     # typical step time: each segment's own, else the job's
     typicals = [t for t in (typical_step_s(s) for s in segments) if t is not None]
     job_typical = sorted(typicals)[len(typicals) // 2] if typicals else None
@@ -113,7 +142,7 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
         typical = first_step_share(seg, job_typical)
         trained = typical + raw["work"] if seg.get("first_step") is not None else 0.0
         last = seg.get("last_step")
-        resumes = [r for r in (s.get("resume_step") for s in segments[i + 1:]) if r is not None]
+        resumes = [r for r in (s.get("resume_step") for s in segments[i + 1 :]) if r is not None]
         keep_step = last
         if resumes:  # a successor resumed: what it did not resume past was trained again
             keep_step = min([last, *resumes]) if last is not None else None
@@ -129,11 +158,21 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
         totals["compile"] += raw["compile"] - (typical if seg.get("first_step") is not None else 0.0)
         for s in ("startup", "data_wait", "checkpoint_stall", "upload_wait", "preemption_save", "teardown", "hang"):
             totals[s] += raw[s]
-        details.append({"id": seg.get("id"), "started_at": seg["started_at"], "last_seen": seg["last_seen"],
-                        "outcome": seg.get("outcome"), "resume_step": seg.get("resume_step"),
-                        "last_step": last, "durable_step": seg.get("durable_step"), "kept_step": keep_step,
-                        "saves": len(seg.get("saves", {})), "timeline": seg.get("timeline", []),
-                        "seconds": raw})
+        details.append(
+            {
+                "id": seg.get("id"),
+                "started_at": seg["started_at"],
+                "last_seen": seg["last_seen"],
+                "outcome": seg.get("outcome"),
+                "resume_step": seg.get("resume_step"),
+                "last_step": last,
+                "durable_step": seg.get("durable_step"),
+                "kept_step": keep_step,
+                "saves": len(seg.get("saves", {})),
+                "timeline": seg.get("timeline", []),
+                "seconds": raw,
+            }
+        )
 
     # launcher time outside its segments: start-up before and between them, teardown after
     intervals = [(s["started_at"], s["last_seen"]) for s in segments]
@@ -166,10 +205,16 @@ def summarize(records: Iterable[dict], now: float | None = None) -> dict[str, An
     held = span - totals["away"]
     last_step = next((s.get("last_step") for s in reversed(segments) if s.get("last_step") is not None), None)
     return {
-        "span_s": span, "held_s": held, "begin": begin, "end": finish, "seconds": totals,
+        "span_s": span,
+        "held_s": held,
+        "begin": begin,
+        "end": finish,
+        "seconds": totals,
         "goodput": totals["productive"] / held if held > 0 else None,
         "productive_of_span": totals["productive"] / span if span > 0 else None,
-        "segments": details, "launches": len(launches), "steps": last_step,
+        "segments": details,
+        "launches": len(launches),
+        "steps": last_step,
         "gaps": [g for g in gaps if g[1] > g[0]],
         "saves": sum(len(s.get("saves", {})) for s in segments),
         "accounted_s": sum(totals.values()),
@@ -190,18 +235,23 @@ def goodput_line(summary: dict[str, Any]) -> str:
     if summary.get("goodput") is None:
         return "goodput: nothing measured yet"
     sec = summary["seconds"]
-    parts = [f"{LABELS[c]} {short(sec[c])}" for c in CATEGORIES
-             if c not in ("productive", "away", "unsaved") and sec[c] >= 0.05]
+    parts = [
+        f"{LABELS[c]} {short(sec[c])}"
+        for c in CATEGORIES
+        if c not in ("productive", "away", "unsaved") and sec[c] >= 0.05
+    ]
     tail = []
     if sec["unsaved"] >= 0.05:
         tail.append(f"unsaved {short(sec['unsaved'])}")
     if sec["away"] >= 0.05:
         tail.append(f"away {short(sec['away'])} between pods")
     restarts = max(0, len(summary["segments"]) - 1)
-    return (f"goodput: {100 * summary['goodput']:.1f}% of {clock(summary['held_s'])} "
-            f"(productive {short(sec['productive'])}; {', '.join(parts) or 'no losses'})"
-            + (f"; {'; '.join(tail)}" if tail else "")
-            + f"; {restarts} restart(s), {summary.get('saves', 0)} save(s)")
+    return (
+        f"goodput: {100 * summary['goodput']:.1f}% of {clock(summary['held_s'])} "
+        f"(productive {short(sec['productive'])}; {', '.join(parts) or 'no losses'})"
+        + (f"; {'; '.join(tail)}" if tail else "")
+        + f"; {restarts} restart(s), {summary.get('saves', 0)} save(s)"
+    )
 
 
 def tensorboard_scalars(summary: dict[str, Any]) -> dict[str, float]:
@@ -220,10 +270,21 @@ def json_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-COLORS = {"productive": "#2ca02c", "work": "#2ca02c", "startup": "#7f7f7f", "compile": "#bcbd22",
-          "checkpoint_stall": "#1f77b4", "upload_wait": "#17becf", "preemption_save": "#ff7f0e",
-          "redone": "#d62728", "data_wait": "#9467bd", "hang": "#8c564b", "teardown": "#e377c2",
-          "unsaved": "#98df8a", "away": "#ffffff"}
+COLORS = {
+    "productive": "#2ca02c",
+    "work": "#2ca02c",
+    "startup": "#7f7f7f",
+    "compile": "#bcbd22",
+    "checkpoint_stall": "#1f77b4",
+    "upload_wait": "#17becf",
+    "preemption_save": "#ff7f0e",
+    "redone": "#d62728",
+    "data_wait": "#9467bd",
+    "hang": "#8c564b",
+    "teardown": "#e377c2",
+    "unsaved": "#98df8a",
+    "away": "#ffffff",
+}
 
 
 def plot(summary: dict[str, Any], path) -> None:
@@ -241,8 +302,14 @@ def plot(summary: dict[str, Any], path) -> None:
         marks = seg["timeline"] or [[0.0, "startup"]]
         end = seg["last_seen"] - seg["started_at"]
         for (t0, state), nxt in zip(marks, [*marks[1:], [end, None]]):
-            top.barh(0, max(nxt[0] - t0, 0.0), left=seg["started_at"] - begin + t0, height=0.6,
-                     color=COLORS.get(state, "#cccccc"), edgecolor="none")
+            top.barh(
+                0,
+                max(nxt[0] - t0, 0.0),
+                left=seg["started_at"] - begin + t0,
+                height=0.6,
+                color=COLORS.get(state, "#cccccc"),
+                edgecolor="none",
+            )
         top.axvline(seg["started_at"] - begin, color="black", linewidth=0.5)
     top.set_yticks([])
     top.set_xlabel("seconds since the first launch (rank 0; a black line starts each process; blank: away)")

@@ -52,6 +52,7 @@ from torchtitan_runai.config import EXPORT_DTYPES as DTYPES
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.llama import hf_config_dict
 from torchtitan_runai.model_lookup import lookup as spec_lookup
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -73,8 +74,12 @@ def model_args_for(job_config: Any) -> tuple[Any, Any]:
     """(train spec, model args) of the config (``model_lookup.lookup``), llama3 family only."""
     spec, args = spec_lookup(job_config)
     if not hasattr(args, "rope_scaling_args"):
-        raise UserError("model.name", job_config.model.name, "export supports llama3-family models only",
-                        "export a llama3 / llama3_runai checkpoint")
+        raise UserError(
+            "model.name",
+            job_config.model.name,
+            "export supports llama3-family models only",
+            "export a llama3 / llama3_runai checkpoint",
+        )
     return spec, args
 
 
@@ -99,24 +104,32 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     checkpoints both hold the weights."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError("CHECKPOINT_STEP_DIR", str(path), "no such folder",
-                        "pass <dump_folder>/<checkpoint.folder>/step-N")
+        raise UserError(
+            "CHECKPOINT_STEP_DIR", str(path), "no such folder", "pass <dump_folder>/<checkpoint.folder>/step-N"
+        )
     if (path / ".metadata").is_file():
         return path  # named explicitly: the user's choice
     if any(path.glob("*.safetensors")):
-        raise UserError("CHECKPOINT_STEP_DIR", str(path),
-                        "this is already a Hugging Face safetensors folder (last_save_in_hf)",
-                        "load it with transformers directly, or export a DCP step-N folder")
+        raise UserError(
+            "CHECKPOINT_STEP_DIR",
+            str(path),
+            "this is already a Hugging Face safetensors folder (last_save_in_hf)",
+            "load it with transformers directly, or export a DCP step-N folder",
+        )
     chosen = next((v for v in folder.scan(path) if v.complete and (v.path / ".metadata").is_file()), None)
     if chosen is None:
-        raise UserError("CHECKPOINT_STEP_DIR", str(path),
-                        "not a torchtitan checkpoint (no .metadata, no complete step-N inside)",
-                        "pass <dump_folder>/<checkpoint.folder>/step-N")
+        raise UserError(
+            "CHECKPOINT_STEP_DIR",
+            str(path),
+            "not a torchtitan checkpoint (no .metadata, no complete step-N inside)",
+            "pass <dump_folder>/<checkpoint.folder>/step-N",
+        )
     return chosen.path
 
 
-def read_model_state_dict(step_dir: str | os.PathLike, expected: dict[str, tuple[int, ...]],
-                          dtype: str | None = None) -> dict[str, Any]:
+def read_model_state_dict(
+    step_dir: str | os.PathLike, expected: dict[str, tuple[int, ...]], dtype: str | None = None
+) -> dict[str, Any]:
     """Load the model weights of a torchtitan DCP checkpoint into plain CPU tensors.
 
     CheckpointManager stores the model flattened: its weights are top-level keys (FQNs such as
@@ -136,23 +149,30 @@ def read_model_state_dict(step_dir: str | os.PathLike, expected: dict[str, tuple
     if missing:
         model_keys = [k for k in stored if not k.startswith(NON_MODEL_PREFIXES)]
         raise UserError(
-            "CHECKPOINT_STEP_DIR", str(step_dir),
+            "CHECKPOINT_STEP_DIR",
+            str(step_dir),
             f"missing {len(missing)} weights of the configured model (e.g. {missing[0]}); "
             f"it holds {len(model_keys)} model tensors",
-            "pass the --config (model.name / model.flavor) the checkpoint was trained with")
+            "pass the --config (model.name / model.flavor) the checkpoint was trained with",
+        )
     mismatched = [
         f"{k}: checkpoint {tuple(stored[k].size)} vs config {shape}"
         for k, shape in expected.items()
-        if isinstance(stored[k], TensorStorageMetadata) and tuple(stored[k].size) != shape
-        and k != "tok_embeddings.weight" and k != "output.weight"
+        if isinstance(stored[k], TensorStorageMetadata)
+        and tuple(stored[k].size) != shape
+        and k != "tok_embeddings.weight"
+        and k != "output.weight"
     ]
     if mismatched:
-        raise UserError("model.flavor", None, f"checkpoint shapes differ ({mismatched[0]})",
-                        "pass the --config (model.flavor) the checkpoint was trained with")
+        raise UserError(
+            "model.flavor",
+            None,
+            f"checkpoint shapes differ ({mismatched[0]})",
+            "pass the --config (model.flavor) the checkpoint was trained with",
+        )
     torch_dtype = getattr(torch, dtype) if dtype else None
     state_dict = {
-        k: torch.empty(tuple(stored[k].size), dtype=torch_dtype or stored[k].properties.dtype)
-        for k in expected
+        k: torch.empty(tuple(stored[k].size), dtype=torch_dtype or stored[k].properties.dtype) for k in expected
     }
     dcp.load(state_dict, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
     return state_dict
@@ -244,10 +264,16 @@ def follow_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def export_checkpoint(step_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                      job_config: Any, dtype: str = "bfloat16", *,
-                      max_shard_gb: float = 5.0, tokenizer: bool = True,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    step_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    job_config: Any,
+    dtype: str = "bfloat16",
+    *,
+    max_shard_gb: float = 5.0,
+    tokenizer: bool = True,
+    overwrite: bool = False,
+) -> Path:
     """Export a torchtitan llama3 checkpoint step folder as a Hugging Face Llama folder.
 
     ``job_config``: the parsed training config (``job.load_job_config``). Returns the
@@ -261,12 +287,15 @@ def export_checkpoint(step_dir: str | os.PathLike, output_dir: str | os.PathLike
         raise UserError("--dtype", dtype, "unsupported export dtype", f"one of {DTYPES}")
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError("OUTPUT_DIR", str(out), "exists and is not empty",
-                        "choose a new folder or pass --overwrite")
+        raise UserError("OUTPUT_DIR", str(out), "exists and is not empty", "choose a new folder or pass --overwrite")
     assets = Path(job_config.model.hf_assets_path or "")
     if tokenizer and not any((assets / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError("model.hf_assets_path", str(assets), "no tokenizer files there",
-                        "point it at the tokenizer folder the job used, or pass --no-tokenizer")
+        raise UserError(
+            "model.hf_assets_path",
+            str(assets),
+            "no tokenizer files there",
+            "point it at the tokenizer folder the job used, or pass --no-tokenizer",
+        )
 
     step_dir = resolve_step_dir(step_dir)
     spec, args = model_args_for(job_config)
@@ -280,9 +309,13 @@ def export_checkpoint(step_dir: str | os.PathLike, output_dir: str | os.PathLike
 
     bos, eos = _special_token_ids(assets) if tokenizer else (None, None)
     config = hf_config_dict(
-        args, intermediate_size=hf_state_dict["model.layers.0.mlp.gate_proj.weight"].shape[0],
-        dtype=dtype, max_position_embeddings=max_position_embeddings,
-        bos_token_id=bos, eos_token_id=eos)
+        args,
+        intermediate_size=hf_state_dict["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        dtype=dtype,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -294,14 +327,21 @@ def export_checkpoint(step_dir: str | os.PathLike, output_dir: str | os.PathLike
             if (assets / GENERATION_CONFIG).is_file():
                 shutil.copy2(assets / GENERATION_CONFIG, staging / GENERATION_CONFIG)
         if not (staging / GENERATION_CONFIG).is_file():
-            generation = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos))
-                          if v is not None}
+            generation = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
             (staging / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
-        (staging / "torchtitan_export.json").write_text(json.dumps({
-            "source_checkpoint": str(step_dir.resolve()),
-            "model": job_config.model.name, "flavor": job_config.model.flavor,
-            "dtype": dtype, "torch": torch.__version__,
-        }, indent=2) + "\n")
+        (staging / "torchtitan_export.json").write_text(
+            json.dumps(
+                {
+                    "source_checkpoint": str(step_dir.resolve()),
+                    "model": job_config.model.name,
+                    "flavor": job_config.model.flavor,
+                    "dtype": dtype,
+                    "torch": torch.__version__,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         follow_umask(staging)
         if out.exists():
             shutil.rmtree(out)
@@ -331,12 +371,13 @@ def export_at_end(job_config: Any, step: int, rank: int) -> Path | None:
     out = storage.export_dir(job_config)
     logger.info(f"Exporting step {step} to Hugging Face format at {out} ({section.dtype})")
     try:
-        export_checkpoint(step_dir, out, job_config, section.dtype,
-                          max_shard_gb=section.max_shard_gb, overwrite=True)
+        export_checkpoint(step_dir, out, job_config, section.dtype, max_shard_gb=section.max_shard_gb, overwrite=True)
     except UserError as error:
         # The checkpoint is saved and resumable; a failed export must not fail the job.
-        logger.error(f"Export skipped: {error.line()}. The checkpoint {step_dir} is intact; "
-                     "run python -m torchtitan_runai.export by hand")
+        logger.error(
+            f"Export skipped: {error.line()}. The checkpoint {step_dir} is intact; "
+            "run python -m torchtitan_runai.export by hand"
+        )
         return None
     logger.info(f"Exported Hugging Face model to {out}")
     return out

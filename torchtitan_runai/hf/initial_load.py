@@ -53,27 +53,40 @@ def validate_hf_import(job_config: Any) -> Path | None:
     source = hf_source_dir(job_config)
     if source is None:
         return None
-    setting = ("checkpoint.initial_load_path" if job_config.checkpoint.initial_load_path
-               else "model.hf_assets_path")
+    setting = "checkpoint.initial_load_path" if job_config.checkpoint.initial_load_path else "model.hf_assets_path"
     if not job_config.checkpoint.enable:
-        raise UserError("checkpoint.initial_load_in_hf", True,
-                        "torchtitan loads initial weights only when checkpointing is enabled",
-                        "set checkpoint.enable = true")
+        raise UserError(
+            "checkpoint.initial_load_in_hf",
+            True,
+            "torchtitan loads initial weights only when checkpointing is enabled",
+            "set checkpoint.enable = true",
+        )
     if not job_config.checkpoint.initial_load_model_only:
-        raise UserError("checkpoint.initial_load_model_only", False,
-                        "a Hugging Face folder holds model weights only",
-                        "set checkpoint.initial_load_model_only = true")
+        raise UserError(
+            "checkpoint.initial_load_model_only",
+            False,
+            "a Hugging Face folder holds model weights only",
+            "set checkpoint.initial_load_model_only = true",
+        )
     if not source.is_dir():
-        raise UserError(setting, str(source), "no such folder",
-                        "point it at the Hugging Face model folder (with *.safetensors)")
+        raise UserError(
+            setting, str(source), "no such folder", "point it at the Hugging Face model folder (with *.safetensors)"
+        )
     if not any(source.glob("*.safetensors")):
-        raise UserError(setting, str(source), "no *.safetensors files directly inside",
-                        "download the model's safetensors (not only the tokenizer) there")
+        raise UserError(
+            setting,
+            str(source),
+            "no *.safetensors files directly inside",
+            "download the model's safetensors (not only the tokenizer) there",
+        )
     config_json = source / "config.json"
     if config_json.is_file():
         problems = hf_compatibility_problems(json.loads(config_json.read_text()), model_args(job_config))
         if problems:
-            raise UserError("model.flavor", job_config.model.flavor,
-                            f"does not match {config_json}: {problems[0]}",
-                            "choose the flavor of that model (8B for Llama-3.1-8B)")
+            raise UserError(
+                "model.flavor",
+                job_config.model.flavor,
+                f"does not match {config_json}: {problems[0]}",
+                "choose the flavor of that model (8B for Llama-3.1-8B)",
+            )
     return source

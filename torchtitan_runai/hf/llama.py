@@ -12,9 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def hf_config_dict(args: Any, *, intermediate_size: int, dtype: str,
-                   max_position_embeddings: int, bos_token_id: int | None = None,
-                   eos_token_id: int | list[int] | None = None) -> dict[str, Any]:
+def hf_config_dict(
+    args: Any,
+    *,
+    intermediate_size: int,
+    dtype: str,
+    max_position_embeddings: int,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> dict[str, Any]:
     """config.json for LlamaForCausalLM matching torchtitan's llama3 Transformer ``args``.
 
     torchtitan always applies the Llama-3.1 rope scaling (``RoPEScalingArgs``), so rope_type is
@@ -68,11 +74,19 @@ def hf_compatibility_problems(hf_config: dict[str, Any], args: Any) -> list[str]
     if hf_config.get("model_type", "llama") != "llama":
         problems.append(f"model_type is {hf_config.get('model_type')!r}, not 'llama'")
     if hf_config.get("tie_word_embeddings"):
-        problems.append("tie_word_embeddings is true (torchtitan llama3 has a separate output "
-                        "layer; Llama 3.2 1B/3B are tied)")
+        problems.append(
+            "tie_word_embeddings is true (torchtitan llama3 has a separate output layer; Llama 3.2 1B/3B are tied)"
+        )
     ours = hf_config_dict(args, intermediate_size=-1, dtype="float32", max_position_embeddings=0)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "rope_theta", "rms_norm_eps"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rope_theta",
+        "rms_norm_eps",
+    ):
         theirs = hf_config.get(key)
         if key == "rope_theta" and theirs is None:
             theirs = (hf_config.get("rope_parameters") or {}).get("rope_theta")
@@ -82,11 +96,9 @@ def hf_compatibility_problems(hf_config: dict[str, Any], args: Any) -> list[str]
             problems.append(f"{key} is {theirs}, the flavor has {ours[key]}")
     scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        for key in ("factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings"):
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key in scaling and float(scaling[key]) != float(ours["rope_scaling"][key]):
-                problems.append(f"rope_scaling.{key} is {scaling[key]}, torchtitan uses "
-                                f"{ours['rope_scaling'][key]}")
+                problems.append(f"rope_scaling.{key} is {scaling[key]}, torchtitan uses {ours['rope_scaling'][key]}")
     elif scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         problems.append(f"rope_scaling type {scaling.get('rope_type')!r} is not llama3")
     return problems

@@ -21,11 +21,19 @@ from torchtitan_runai.errors import UserError
 LOCAL = "local"
 FORMATS = {"jsonl": "json", "json": "json", "parquet": "parquet", "arrow": "arrow", "text": "text"}
 _SUFFIXES = {
-    ".jsonl": "jsonl", ".json": "json", ".jsonl.gz": "jsonl", ".json.gz": "json",
-    ".parquet": "parquet", ".arrow": "arrow", ".txt": "text", ".txt.gz": "text",
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".jsonl.gz": "jsonl",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+    ".txt.gz": "text",
 }
 _SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
 ORDERS = ("global", "per-rank")
+
+
 def data_config(job_config: Any) -> Data:
     return getattr(job_config, "data", None) or Data()
 
@@ -33,19 +41,27 @@ def data_config(job_config: Any) -> Data:
 def find_data_files(path: str | None, data: Data, setting: str = "training.dataset_path"):
     """(format, sorted files) of a local dataset, or ("disk", [folder]) for a save_to_disk folder."""
     if not path:
-        raise UserError(setting, path, f'training.dataset = "{LOCAL}" needs a file or folder',
-                        "set training.dataset_path to a .jsonl/.parquet/.arrow/.txt file or folder")
+        raise UserError(
+            setting,
+            path,
+            f'training.dataset = "{LOCAL}" needs a file or folder',
+            "set training.dataset_path to a .jsonl/.parquet/.arrow/.txt file or folder",
+        )
     root = Path(path).expanduser()
     if not root.exists():
-        raise UserError(setting, path, "does not exist",
-                        "fix the path (relative paths are from the working directory) or mount the PVC")
+        raise UserError(
+            setting,
+            path,
+            "does not exist",
+            "fix the path (relative paths are from the working directory) or mount the PVC",
+        )
     if data.format != "auto" and data.format not in FORMATS:
-        raise UserError("data.format", data.format, "unknown format",
-                        f'use "auto" or one of {sorted(FORMATS)}')
+        raise UserError("data.format", data.format, "unknown format", f'use "auto" or one of {sorted(FORMATS)}')
     if root.is_dir() and any((root / m).is_file() for m in _SAVE_TO_DISK_MARKERS):
         return "disk", [root]
-    candidates = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                       and not p.name.startswith("."))
+    candidates = (
+        [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    )
     found: dict[str, list[Path]] = {}
     for file in candidates:
         fmt = _format_of(file, data)
@@ -53,11 +69,16 @@ def find_data_files(path: str | None, data: Data, setting: str = "training.datas
             found.setdefault(fmt, []).append(file)
     if not found:
         what = "is not a known data file" if root.is_file() else "holds no data files"
-        raise UserError(setting, path, f"{what} (known: {sorted(_SUFFIXES)})",
-                        "point it at the data, or set data.format for files without a suffix")
+        raise UserError(
+            setting,
+            path,
+            f"{what} (known: {sorted(_SUFFIXES)})",
+            "point it at the data, or set data.format for files without a suffix",
+        )
     if len(found) > 1:
-        raise UserError(setting, path, f"mixes formats {sorted(found)}",
-                        "keep one format per folder, or point at a sub-folder")
+        raise UserError(
+            setting, path, f"mixes formats {sorted(found)}", "keep one format per folder, or point at a sub-folder"
+        )
     fmt, files = next(iter(found.items()))
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(setting, path, "is empty", "write the dataset first")
@@ -108,9 +129,12 @@ def check_column(columns: list[str] | None, data: Data, path: str) -> None:
     if not columns:
         raise UserError("training.dataset_path", path, "has no records", "write the dataset first")
     if data.text_column not in columns:
-        raise UserError("data.text_column", data.text_column,
-                        f"{path} has no such column (columns: {columns})",
-                        "set data.text_column to the column holding the text")
+        raise UserError(
+            "data.text_column",
+            data.text_column,
+            f"{path} has no such column (columns: {columns})",
+            "set data.text_column to the column holding the text",
+        )
 
 
 def _named_dataset_paths() -> dict[str, str]:
@@ -130,8 +154,7 @@ def check_dataset(name: str, path: str | None, data: Data, section: str = "train
     """Cheap checks of one dataset setting (no loading): UserError naming the setting."""
     key = (name or "").lower()
     if key not in known_datasets():
-        raise UserError(f"{section}.dataset", name, "unknown dataset",
-                        f"use one of {known_datasets()}")
+        raise UserError(f"{section}.dataset", name, "unknown dataset", f"use one of {known_datasets()}")
     setting = f"{section}.dataset_path"
     if key == LOCAL:
         fmt, files = find_data_files(path, data, setting)
@@ -141,8 +164,12 @@ def check_dataset(name: str, path: str | None, data: Data, section: str = "train
     effective = path or _named_dataset_paths()[key]
     looks_local = effective.startswith(("/", "./", "../", "~")) or key == "c4_test"
     if looks_local and not Path(effective).expanduser().exists():
-        raise UserError(setting, effective, f"the {key} data folder does not exist",
-                        f'set {setting}, or use training.dataset = "{LOCAL}" with your files')
+        raise UserError(
+            setting,
+            effective,
+            f"the {key} data folder does not exist",
+            f'set {setting}, or use training.dataset = "{LOCAL}" with your files',
+        )
 
 
 def validate_data_config(job_config: Any) -> None:
@@ -152,5 +179,3 @@ def validate_data_config(job_config: Any) -> None:
     validation = getattr(job_config, "validation", None)
     if validation is not None and getattr(validation, "enable", False):
         check_dataset(validation.dataset, validation.dataset_path, data, "validation")
-
-

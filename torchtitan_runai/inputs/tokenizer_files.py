@@ -32,6 +32,8 @@ from torchtitan_runai.errors import UserError
 
 TOKENIZER_JSON = "tokenizer.json"
 TIKTOKEN_FILES = ("original/tokenizer.model", "tokenizer.model")
+
+
 def find_tokenizer_files(folder: Path, tokenizer_format: str = "auto") -> Path | None:
     """The tokenizer file in ``folder`` that ``load_tokenizer`` would use, or None."""
     hf = folder / TOKENIZER_JSON
@@ -42,8 +44,9 @@ def find_tokenizer_files(folder: Path, tokenizer_format: str = "auto") -> Path |
         "tiktoken": tiktoken_files,
     }.get(tokenizer_format)
     if candidates is None:
-        raise UserError("hub.tokenizer_format", tokenizer_format, "unknown tokenizer format",
-                        'use "auto", "hf" or "tiktoken"')
+        raise UserError(
+            "hub.tokenizer_format", tokenizer_format, "unknown tokenizer format", 'use "auto", "hf" or "tiktoken"'
+        )
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -69,7 +72,9 @@ def resolve_tokenizer(assets_path: str | None, hub: Hub, cache_dir: Path) -> Pat
         else:
             why = "the folder has no tokenizer.json or original/tokenizer.model and no hub.repo_id is set"
         raise UserError(
-            "model.hf_assets_path", assets_path, why,
+            "model.hf_assets_path",
+            assets_path,
+            why,
             "point it at a folder with the tokenizer files, or set hub.repo_id "
             '(e.g. "meta-llama/Llama-3.1-8B") and export HF_TOKEN',
         )
@@ -100,14 +105,16 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
     except (ValueError, UnicodeDecodeError) as error:
         raise UserError(
-            "model.hf_assets_path", str(path),
+            "model.hf_assets_path",
+            str(path),
             f"not a Llama 3 tiktoken file (line {number}: {type(error).__name__}); a SentencePiece "
             "tokenizer.model (Llama 2) is not supported",
             "use Llama 3's original/tokenizer.model or its tokenizer.json",
         ) from None
     if not ranks:
-        raise UserError("model.hf_assets_path", str(path), "the tiktoken file is empty",
-                        "download it again (delete it and rerun)")
+        raise UserError(
+            "model.hf_assets_path", str(path), "the tiktoken file is empty", "download it again (delete it and rerun)"
+        )
     return ranks
 
 
@@ -116,8 +123,12 @@ def verify_tokenizer(folder: Path, tokenizer_format: str = "auto") -> Path:
     UserError naming it (the launcher calls this before any worker starts)."""
     found = find_tokenizer_files(Path(folder), tokenizer_format)
     if found is None:
-        raise UserError("model.hf_assets_path", str(folder), "no tokenizer.json or "
-                        "original/tokenizer.model in the folder", "see docs/data.md")
+        raise UserError(
+            "model.hf_assets_path",
+            str(folder),
+            "no tokenizer.json or original/tokenizer.model in the folder",
+            "see docs/data.md",
+        )
     if found.name != TOKENIZER_JSON:
         read_tiktoken_ranks(found)
         return found
@@ -126,10 +137,11 @@ def verify_tokenizer(folder: Path, tokenizer_format: str = "auto") -> Path:
     try:
         Tokenizer.from_file(str(found))
     except Exception as error:  # noqa: BLE001 - the Rust parser raises a bare Exception
-        raise UserError("model.hf_assets_path", str(found),
-                        f"tokenizer.json cannot be read as a tokenizer ({hub.describe(error)})",
-                        "replace it with the model's tokenizer.json (a file in the Hub cache: delete it and "
-                        "the next run downloads it again)") from None
+        raise UserError(
+            "model.hf_assets_path",
+            str(found),
+            f"tokenizer.json cannot be read as a tokenizer ({hub.describe(error)})",
+            "replace it with the model's tokenizer.json (a file in the Hub cache: delete it and "
+            "the next run downloads it again)",
+        ) from None
     return found
-
-

@@ -180,8 +180,9 @@ def _nnodes(env: Mapping[str, str], name: str) -> str:
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
-        raise UserError(source, raw, "must be a node count N or an elastic range MIN:MAX",
-                        f"set {source} to e.g. 2 or 2:2")
+        raise UserError(
+            source, raw, "must be a node count N or an elastic range MIN:MAX", f"set {source} to e.g. 2 or 2:2"
+        )
     if len(numbers) > 2 or any(n < 1 for n in numbers) or (len(numbers) == 2 and numbers[0] > numbers[1]):
         raise UserError(source, raw, "must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX", f"set {source} to e.g. 2 or 1:4")
     return ":".join(str(n) for n in numbers)
@@ -192,12 +193,17 @@ def _endpoint(env: Mapping[str, str], addr_var: str, port_var: str) -> str:
     if not host:
         raise UserError(addr_var, env[addr_var], "is empty", f"set {addr_var} to the master pod's hostname")
     if ":" in host and not host.startswith("["):
-        raise UserError(addr_var, host, "must be a host name or address without a port",
-                        f"put the port in {port_var} instead")
+        raise UserError(
+            addr_var, host, "must be a host name or address without a port", f"put the port in {port_var} instead"
+        )
     port_raw = env.get(port_var)
     if port_raw is None or port_raw.strip() == "":
-        raise UserError(port_var, port_raw, f"{addr_var} is set but {port_var} is not",
-                        f"set {port_var} (the operator's default is 23456) or unset {addr_var} for a single-node run")
+        raise UserError(
+            port_var,
+            port_raw,
+            f"{addr_var} is set but {port_var} is not",
+            f"set {port_var} (the operator's default is 23456) or unset {addr_var} for a single-node run",
+        )
     port = _int(env, port_var, minimum=1)
     if port > 65535:
         raise UserError(port_var, port_raw, "is not a TCP port", "use a port in 1..65535")
@@ -268,61 +274,103 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
     )
     if env.get("PET_RDZV_ENDPOINT"):
         if not env.get("PET_NNODES") and not env.get("OVERRIDE_PET_NNODES"):
-            raise UserError("PET_NNODES", None, "the elastic shape (PET_RDZV_ENDPOINT) needs a node count",
-                            "set PET_NNODES to N or MIN:MAX")
-        return LaunchPlan(shape="elastic PyTorchJob", nnodes=_nnodes(env, "PET_NNODES"),
-                          rdzv_backend=env.get("PET_RDZV_BACKEND") or "c10d",
-                          rdzv_endpoint=_rdzv_endpoint(env), **common)
+            raise UserError(
+                "PET_NNODES",
+                None,
+                "the elastic shape (PET_RDZV_ENDPOINT) needs a node count",
+                "set PET_NNODES to N or MIN:MAX",
+            )
+        return LaunchPlan(
+            shape="elastic PyTorchJob",
+            nnodes=_nnodes(env, "PET_NNODES"),
+            rdzv_backend=env.get("PET_RDZV_BACKEND") or "c10d",
+            rdzv_endpoint=_rdzv_endpoint(env),
+            **common,
+        )
     if env.get("MASTER_ADDR") is not None and has_pet:
         if not env.get("PET_NNODES") and not env.get("OVERRIDE_PET_NNODES"):
-            raise UserError("PET_NNODES", None, "MASTER_ADDR and PET_* are set but not the node count",
-                            "set PET_NNODES (the number of pods)")
-        plan = LaunchPlan(shape="Kubeflow PyTorchJob / Run:ai", nnodes=_nnodes(env, "PET_NNODES"),
-                          rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
-                          node_rank=_int(env, "PET_NODE_RANK", default=_int(env, "RANK")), **common)
+            raise UserError(
+                "PET_NNODES",
+                None,
+                "MASTER_ADDR and PET_* are set but not the node count",
+                "set PET_NNODES (the number of pods)",
+            )
+        plan = LaunchPlan(
+            shape="Kubeflow PyTorchJob / Run:ai",
+            nnodes=_nnodes(env, "PET_NNODES"),
+            rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
+            node_rank=_int(env, "PET_NODE_RANK", default=_int(env, "RANK")),
+            **common,
+        )
     elif env.get("PET_MASTER_ADDR") is not None:
         if not env.get("PET_NNODES") and not env.get("OVERRIDE_PET_NNODES"):
             raise UserError("PET_NNODES", None, "PET_MASTER_ADDR is set but not the node count", "set PET_NNODES")
-        plan = LaunchPlan(shape="Kubeflow Trainer v2", nnodes=_nnodes(env, "PET_NNODES"),
-                          rdzv_endpoint=_endpoint(env, "PET_MASTER_ADDR", "PET_MASTER_PORT"),
-                          node_rank=_int(env, "PET_NODE_RANK"), **common)
+        plan = LaunchPlan(
+            shape="Kubeflow Trainer v2",
+            nnodes=_nnodes(env, "PET_NNODES"),
+            rdzv_endpoint=_endpoint(env, "PET_MASTER_ADDR", "PET_MASTER_PORT"),
+            node_rank=_int(env, "PET_NODE_RANK"),
+            **common,
+        )
     elif env.get("MASTER_ADDR") is not None:
         if env.get("OVERRIDE_PET_NNODES"):
             nnodes = _nnodes(env, "OVERRIDE_PET_NNODES")
         else:
             nodes = _int(env, "WORLD_SIZE", minimum=1)
             if nodes is None:
-                raise UserError("WORLD_SIZE", None, "MASTER_ADDR is set without PET_* or WORLD_SIZE (old operator shape)",
-                                "set WORLD_SIZE to the number of pods, or OVERRIDE_PET_NNODES")
+                raise UserError(
+                    "WORLD_SIZE",
+                    None,
+                    "MASTER_ADDR is set without PET_* or WORLD_SIZE (old operator shape)",
+                    "set WORLD_SIZE to the number of pods, or OVERRIDE_PET_NNODES",
+                )
             nnodes = str(nodes)
-        plan = LaunchPlan(shape="old Kubeflow operator", nnodes=nnodes,
-                          rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
-                          node_rank=_int(env, "RANK"), **common)
+        plan = LaunchPlan(
+            shape="old Kubeflow operator",
+            nnodes=nnodes,
+            rdzv_endpoint=_endpoint(env, "MASTER_ADDR", "MASTER_PORT"),
+            node_rank=_int(env, "RANK"),
+            **common,
+        )
     else:
         # A node count with no address to meet at would silently train alone on this node.
         count_var = "OVERRIDE_PET_NNODES" if env.get("OVERRIDE_PET_NNODES") else "PET_NNODES"
         nnodes = _nnodes(env, count_var) if env.get(count_var) else "1"
         if nnodes.split(":")[-1] != "1":
-            raise UserError("MASTER_ADDR", None,
-                            f"{count_var}={env[count_var]} asks for {nnodes} nodes but no rendezvous address is set, "
-                            "so this node would train alone",
-                            "set MASTER_ADDR and MASTER_PORT to the master pod (the operator sets them; "
-                            "PET_RDZV_ENDPOINT for an elastic job), or set the node count to 1")
+            raise UserError(
+                "MASTER_ADDR",
+                None,
+                f"{count_var}={env[count_var]} asks for {nnodes} nodes but no rendezvous address is set, "
+                "so this node would train alone",
+                "set MASTER_ADDR and MASTER_PORT to the master pod (the operator sets them; "
+                "PET_RDZV_ENDPOINT for an elastic job), or set the node count to 1",
+            )
         return LaunchPlan(shape="single node", nnodes="1", standalone=True, **common)
     if plan.nnodes == "1":
-        return LaunchPlan(**{**plan.__dict__, "standalone": True, "rdzv_endpoint": "", "node_rank": None,
-                             "shape": plan.shape + " (1 node: standalone)"})
+        return LaunchPlan(
+            **{
+                **plan.__dict__,
+                "standalone": True,
+                "rdzv_endpoint": "",
+                "node_rank": None,
+                "shape": plan.shape + " (1 node: standalone)",
+            }
+        )
     if plan.node_rank is not None and plan.node_rank >= plan.max_nodes:
         source = next(name for name in ("PET_NODE_RANK", "RANK") if env.get(name, "").strip())
-        raise UserError(source, env[source],
-                        f"is this pod's node rank but the job has {plan.max_nodes} node(s) (ranks 0..{plan.max_nodes - 1}); "
-                        "torchrun would wait for the whole rendezvous timeout and fail",
-                        f"set {source} to a rank below {plan.max_nodes}, or the node count to the number of pods")
+        raise UserError(
+            source,
+            env[source],
+            f"is this pod's node rank but the job has {plan.max_nodes} node(s) (ranks 0..{plan.max_nodes - 1}); "
+            "torchrun would wait for the whole rendezvous timeout and fail",
+            f"set {source} to a rank below {plan.max_nodes}, or the node count to the number of pods",
+        )
     return plan
 
 
-def torchrun_args(plan: LaunchPlan, train_args: list[str], script: str | os.PathLike = TRAIN_SCRIPT,
-                  shutdown_flag: bool = True) -> list[str]:
+def torchrun_args(
+    plan: LaunchPlan, train_args: list[str], script: str | os.PathLike = TRAIN_SCRIPT, shutdown_flag: bool = True
+) -> list[str]:
     """The torchrun command line (argv[0] = "torchrun") for a plan and the trainer's arguments.
 
     ``shutdown_flag``: whether this torchrun has ``--shutdown_timeout`` (added in 2026; older torch,
@@ -375,9 +423,13 @@ def wait_for_host(host: str, timeout: float, sleep=time.sleep) -> None:
             return
         except socket.gaierror as e:
             if time.monotonic() + delay > deadline:
-                raise UserError("rendezvous host", host, f"does not resolve after {timeout:.0f}s ({e.strerror})",
-                                "check MASTER_ADDR / PET_RDZV_ENDPOINT and that the master pod and its Service exist; "
-                                "raise RDZV_TIMEOUT if pods start slowly")
+                raise UserError(
+                    "rendezvous host",
+                    host,
+                    f"does not resolve after {timeout:.0f}s ({e.strerror})",
+                    "check MASTER_ADDR / PET_RDZV_ENDPOINT and that the master pod and its Service exist; "
+                    "raise RDZV_TIMEOUT if pods start slowly",
+                )
             print(f"[launch] waiting for {host} to resolve ({e.strerror}); retrying in {delay:.0f}s", flush=True)
             sleep(delay)
             delay = min(delay * 2, 15.0)
@@ -399,7 +451,9 @@ def describe_failure(failures: Mapping[int, object], hang_verdict: tuple[str, fl
     where = f"rank {rank} (local rank {failure.local_rank} on {host})"
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
-        hint = " (the kernel's OOM killer sends SIGKILL: check the pod's memory limit)" if -code == signal.SIGKILL else ""
+        hint = (
+            " (the kernel's OOM killer sends SIGKILL: check the pod's memory limit)" if -code == signal.SIGKILL else ""
+        )
         return f"{where} was killed by {name}{hint}", 128 - code
     if code == 2:
         return f"{where} stopped on a configuration or input error (its message is above)", 2
@@ -440,15 +494,22 @@ def rendezvous_timeout_error(error: BaseException, plan: LaunchPlan) -> UserErro
             who += f"; missing: node rank(s) {', '.join(missing)}"
     else:
         who = f"only {len(others) + 1} of {expected} node(s) joined: {here} and {', '.join(others)}"
-    return UserError("RDZV_TIMEOUT", timeout,
-                     f"the rendezvous at {plan.rdzv_endpoint} timed out: {who}",
-                     "check that every pod of the job is running (kubectl get pods) and reaches the rendezvous "
-                     "address, that the node count matches the number of pods, or raise RDZV_TIMEOUT if pods "
-                     "start slowly")
+    return UserError(
+        "RDZV_TIMEOUT",
+        timeout,
+        f"the rendezvous at {plan.rdzv_endpoint} timed out: {who}",
+        "check that every pod of the job is running (kubectl get pods) and reaches the rendezvous "
+        "address, that the node count matches the number of pods, or raise RDZV_TIMEOUT if pods "
+        "start slowly",
+    )
 
 
-def run_agent(torchrun_argv: list[str], plan: LaunchPlan | None = None, hang_verdict: Path | None = None,
-              worker_error: Path | None = None) -> int:
+def run_agent(
+    torchrun_argv: list[str],
+    plan: LaunchPlan | None = None,
+    hang_verdict: Path | None = None,
+    worker_error: Path | None = None,
+) -> int:
     """Run torchrun's elastic agent in this process and translate its outcome to an exit code.
 
     ``hang_verdict``: the file the workers' watchdogs were told to leave a verdict in; ``worker_error``:
@@ -468,11 +529,18 @@ def run_agent(torchrun_argv: list[str], plan: LaunchPlan | None = None, hang_ver
         sig = signal.Signals(e.sigval)
         error = reported(worker_error) if worker_error is not None else None
         if error is not None:  # the preemption save failed: not a retryable stop
-            print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; the checkpoint "
-                  "could not be saved", file=sys.stderr, flush=True)
+            print(
+                f"[launch] received {sig.name}: workers were asked to checkpoint and stop; the checkpoint "
+                "could not be saved",
+                file=sys.stderr,
+                flush=True,
+            )
             raise error from None
-        print(f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[launch] received {sig.name}: workers were asked to checkpoint and stop; exiting {128 + sig}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + sig
     except RendezvousTimeoutError as e:
         raise rendezvous_timeout_error(e, plan or plan_launch({}, 0)) from None
@@ -528,7 +596,8 @@ def apply_storage(config, train_args: list[str], env: Mapping[str, str], world_s
     and the workers inherit it. A user's own ``HF_HOME`` wins.
     """
     config, train_args, paths = storage.apply_output_dir(
-        config, train_args, env, lambda args: parse_job_config(args, world_size=world_size, resume=True))
+        config, train_args, env, lambda args: parse_job_config(args, world_size=world_size, resume=True)
+    )
     for key, value in paths.env_updates().items():
         os.environ.setdefault(key, value)
     return config, train_args
@@ -558,17 +627,33 @@ def main(argv: list[str]) -> int:
             raise UserError("NGPU", ngpu, f"only {gpus} GPU(s) are visible", f"set NGPU to at most {gpus}")
         print(f"[launch] warning: {message}", file=sys.stderr)
     gpu_memory = preflight.detect_gpu_memory_gib() if gpus else None
-    preflight.enforce(preflight.run_preflight(config, plan.world_size, gpu_memory, dry_run=dry_run, env=env,
-                                              local_ranks=plan.nproc_per_node, tokenizer_check=False,
-                                              shutdown_timeout=plan.shutdown_timeout))
+    preflight.enforce(
+        preflight.run_preflight(
+            config,
+            plan.world_size,
+            gpu_memory,
+            dry_run=dry_run,
+            env=env,
+            local_ranks=plan.nproc_per_node,
+            tokenizer_check=False,
+            shutdown_timeout=plan.shutdown_timeout,
+        )
+    )
     shutdown_flag = preflight.torchrun_supports("--shutdown_timeout")
     if not shutdown_flag:  # the agent is told by its environment instead (workers.environment)
-        print(f"[launch] note: this torchrun has no --shutdown_timeout; workers get its built-in 30 s after a "
-              f"SIGTERM, not SHUTDOWN_TIMEOUT={plan.shutdown_timeout}", file=sys.stderr, flush=True)
+        print(
+            f"[launch] note: this torchrun has no --shutdown_timeout; workers get its built-in 30 s after a "
+            f"SIGTERM, not SHUTDOWN_TIMEOUT={plan.shutdown_timeout}",
+            file=sys.stderr,
+            flush=True,
+        )
     command = torchrun_args(plan, train_args, shutdown_flag=shutdown_flag)
     where = "" if plan.standalone else f"; rendezvous {plan.rdzv_endpoint}"
-    print(f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es){where}; "
-          f"{'; '.join(plan.notes)}", flush=True)
+    print(
+        f"[launch] {plan.shape}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es){where}; "
+        f"{'; '.join(plan.notes)}",
+        flush=True,
+    )
     if dry_run:
         print(shlex.join(command), flush=True)
         return 0
@@ -585,10 +670,17 @@ def main(argv: list[str]) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="runai-launch-") as scratch:
             verdict, worker_error = Path(scratch) / "hang-verdict", Path(scratch) / "worker-error"
-            workers.export(workers.environment(
-                os.environ, config.job.dump_folder, plan.nproc_per_node,
-                shutdown_timeout=None if shutdown_flag else plan.shutdown_timeout, hang_verdict=verdict,
-                worker_error=worker_error, launch_id=None if record is None else record.id))
+            workers.export(
+                workers.environment(
+                    os.environ,
+                    config.job.dump_folder,
+                    plan.nproc_per_node,
+                    shutdown_timeout=None if shutdown_flag else plan.shutdown_timeout,
+                    hang_verdict=verdict,
+                    worker_error=worker_error,
+                    launch_id=None if record is None else record.id,
+                )
+            )
             code = run_agent(command, plan, verdict, worker_error)
     except UserError as e:  # a rendezvous timeout, a worker's full disk: the last line, after the records
         error, code = e, EXIT_USER_ERROR

@@ -288,8 +288,15 @@ def build_runai_v2_command(spec: JobSpec) -> list[str]:
     (``--secret-volume``) and ``HF_TOKEN_PATH`` names the file (read by the job, whitespace stripped)."""
     argv = ["runai", "training"]
     if spec.nodes > 1:
-        argv += ["pytorch", "submit", spec.name, "--workers", str(spec.nodes - 1),
-                 "--master-gpu-devices-request", str(spec.gpus_per_node)]
+        argv += [
+            "pytorch",
+            "submit",
+            spec.name,
+            "--workers",
+            str(spec.nodes - 1),
+            "--master-gpu-devices-request",
+            str(spec.gpus_per_node),
+        ]
     else:
         argv += ["standard", "submit", spec.name]
     if spec.project:
@@ -351,10 +358,13 @@ def parse_pvc(text: str) -> tuple[str, str]:
     claim, _, mount = text.partition(":")
     mount = mount or storage.IMAGE_OUTPUT_DIR
     if not claim or not _CLAIM_RE.match(claim) or len(claim) > 253:
-        raise UserError("--pvc", text,
-                        f"{claim!r} is not a claim name: claim names are lowercase DNS names (a-z, 0-9, '-' "
-                        "and '.', starting and ending with a letter or digit)",
-                        f"pass the name `kubectl get pvc` shows, e.g. --pvc llama3-outputs:{mount}")
+        raise UserError(
+            "--pvc",
+            text,
+            f"{claim!r} is not a claim name: claim names are lowercase DNS names (a-z, 0-9, '-' "
+            "and '.', starting and ending with a letter or digit)",
+            f"pass the name `kubectl get pvc` shows, e.g. --pvc llama3-outputs:{mount}",
+        )
     if not os.path.isabs(mount) or mount.rstrip("/") in ("", "/dev", "/proc", "/sys") or mount.startswith("/dev/"):
         raise UserError("--pvc", text, "mount path must be an absolute, ordinary folder", "e.g. --pvc CLAIM:/outputs")
     return claim, os.path.normpath(mount)
@@ -394,9 +404,7 @@ def load_job_spec(args: argparse.Namespace, repo_root: Path | None = None) -> Jo
     flavor = str(config.get("model", {}).get("flavor", ""))
     one_ckpt = storage.checkpoint_bytes(flavor) if flavor in storage.PARAMS_BY_FLAVOR else None
     if args.pvc_size and one_ckpt and ckpt.get("enable", False):
-        storage.check_keep_latest_k(
-            int(ckpt.get("keep_latest_k", 10)), storage.parse_size(args.pvc_size), one_ckpt
-        )
+        storage.check_keep_latest_k(int(ckpt.get("keep_latest_k", 10)), storage.parse_size(args.pvc_size), one_ckpt)
     grace = args.grace_period
     if grace is None:
         grace = storage.recommended_grace_seconds(one_ckpt, args.nodes) if one_ckpt else 300
@@ -438,8 +446,13 @@ def render(spec: JobSpec, fmt: str, command_line: str) -> str:
     if fmt == "runai":
         return "#!/usr/bin/env bash\n" + header + "set -euo pipefail\n" + render_runai(spec)
     if fmt == "runai-v2":
-        return ("#!/usr/bin/env bash\n" + header + "# Run:ai v2 CLI (runai training ... submit); runai.sh is the v1 form.\n"
-                + "set -euo pipefail\n" + render_runai(spec, build_runai_v2_command(spec)))
+        return (
+            "#!/usr/bin/env bash\n"
+            + header
+            + "# Run:ai v2 CLI (runai training ... submit); runai.sh is the v1 form.\n"
+            + "set -euo pipefail\n"
+            + render_runai(spec, build_runai_v2_command(spec))
+        )
     if fmt == "pytorchjob":
         return _yaml(build_pytorchjob(spec), header)
     notes = (
@@ -449,8 +462,12 @@ def render(spec: JobSpec, fmt: str, command_line: str) -> str:
     return _yaml(build_trainjob(spec), header + notes)
 
 
-FILENAMES = {"runai": "runai.sh", "runai-v2": "runai-v2.sh", "pytorchjob": "pytorchjob.yaml",
-             "trainjob": "trainjob.yaml"}
+FILENAMES = {
+    "runai": "runai.sh",
+    "runai-v2": "runai-v2.sh",
+    "pytorchjob": "pytorchjob.yaml",
+    "trainjob": "trainjob.yaml",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,18 +475,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m torchtitan_runai.manifest",
         description="Emit the Run:ai command, a Kubeflow PyTorchJob and a Trainer v2 TrainJob for a config.",
     )
-    p.add_argument("--config", required=True, help="train config TOML under the repo (e.g. train_configs/llama3_8b.toml)")
+    p.add_argument(
+        "--config", required=True, help="train config TOML under the repo (e.g. train_configs/llama3_8b.toml)"
+    )
     p.add_argument("--nodes", type=int, required=True, help="number of nodes (pods)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--image", required=True, help="training image built from this repo's Dockerfile")
-    p.add_argument("--pvc", required=True, metavar="CLAIM[:MOUNT]",
-                   help="existing PVC (its lowercase name, as kubectl get pvc shows it) and its mount path = "
-                        "OUTPUT_DIR (default /outputs), e.g. llama3-outputs:/outputs")
+    p.add_argument(
+        "--pvc",
+        required=True,
+        metavar="CLAIM[:MOUNT]",
+        help="existing PVC (its lowercase name, as kubectl get pvc shows it) and its mount path = "
+        "OUTPUT_DIR (default /outputs), e.g. llama3-outputs:/outputs",
+    )
     p.add_argument("--name", default="torchtitan", help="job name (default torchtitan)")
     p.add_argument("--secret", default="hf-token", help="Kubernetes Secret holding HF_TOKEN under key HF_TOKEN")
     p.add_argument("--format", choices=(*OUTPUTS, "all"), default="all")
-    p.add_argument("--output-dir", help="write runai.sh / runai-v2.sh / pytorchjob.yaml / trainjob.yaml here "
-                                        "instead of stdout")
+    p.add_argument(
+        "--output-dir", help="write runai.sh / runai-v2.sh / pytorchjob.yaml / trainjob.yaml here instead of stdout"
+    )
     p.add_argument("--pvc-size", help="PVC capacity (e.g. 10Ti): checks checkpoint.keep_latest_k fits")
     p.add_argument("--grace-period", type=int, help="terminationGracePeriodSeconds (default: from the checkpoint size)")
     p.add_argument("--backoff-limit", type=int, default=5, help="PyTorchJob retries on retryable exits (default 5)")

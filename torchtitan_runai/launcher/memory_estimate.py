@@ -46,7 +46,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 GIB = 1024**3
 
 
@@ -119,8 +118,9 @@ def model_shape(model_args: Any) -> ModelShape:
         n_layers=model_args.n_layers,
         n_heads=n_heads,
         n_kv_heads=getattr(model_args, "n_kv_heads", None) or n_heads,
-        ffn_hidden=ffn_hidden_dim(model_args.dim, getattr(model_args, "multiple_of", 256),
-                                  getattr(model_args, "ffn_dim_multiplier", None)),
+        ffn_hidden=ffn_hidden_dim(
+            model_args.dim, getattr(model_args, "multiple_of", 256), getattr(model_args, "ffn_dim_multiplier", None)
+        ),
         vocab_size=model_args.vocab_size,
     )
 
@@ -273,11 +273,25 @@ def estimate_memory(model_args: Any, settings: TrainSettings) -> MemoryEstimate:
     step = persistent + gradients + comm
     moment = "backward start" if backward >= step else "optimizer step"
     if moment == "backward start":
-        parts = {"parameters": parameters, "gradients": 0.0, "optimizer": optimizer, "weights in flight": in_flight,
-                 "activations": activations, "logits": logits, "comm buffers": comm}
+        parts = {
+            "parameters": parameters,
+            "gradients": 0.0,
+            "optimizer": optimizer,
+            "weights in flight": in_flight,
+            "activations": activations,
+            "logits": logits,
+            "comm buffers": comm,
+        }
     else:
-        parts = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "weights in flight": 0.0,
-                 "activations": 0.0, "logits": 0.0, "comm buffers": comm}
+        parts = {
+            "parameters": parameters,
+            "gradients": gradients,
+            "optimizer": optimizer,
+            "weights in flight": 0.0,
+            "activations": 0.0,
+            "logits": 0.0,
+            "comm buffers": comm,
+        }
     breakdown = {k: v / GIB for k, v in parts.items()}
     peak = sum(breakdown.values())
     breakdown["allocator"] = ALLOCATOR_FIXED_GIB + ALLOCATOR_FRACTION * peak

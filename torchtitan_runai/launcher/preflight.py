@@ -83,16 +83,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from torchtitan_runai import hub, storage
-from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
+from torchtitan_runai import hub, model_lookup, storage
 from torchtitan_runai.checkpoint.folder import peak_room, probe_writable
 from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
-from torchtitan_runai.config import wants_pinned_staging
-from torchtitan_runai.config import Hub, check_world_size
+from torchtitan_runai.config import Hub, check_world_size, wants_pinned_staging
 from torchtitan_runai.errors import UserError, cli
-from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.inputs import tokenizer_files
-from torchtitan_runai import model_lookup
+from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.launcher.memory_estimate import (
     GIB,
     MemoryEstimate,
@@ -100,6 +97,7 @@ from torchtitan_runai.launcher.memory_estimate import (
     estimate_memory,
     format_estimate,
 )
+from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
 
 DEFAULT_GPU_MEMORY_GIB = 79.6
 """An H100 80GB: 81,559 MiB as nvidia-smi reports it; assumed when no GPU is visible."""
@@ -128,15 +126,21 @@ def _advice(estimate: MemoryEstimate, settings: TrainSettings | None) -> str:
     s = settings or TrainSettings()
     if biggest == "activations":
         if s.ac_mode != "full":
-            return ('set activation_checkpoint.mode = "full" (or selective_ac_option = "op"), lower '
-                    "training.local_batch_size, or raise parallelism.tensor_parallel_degree")
+            return (
+                'set activation_checkpoint.mode = "full" (or selective_ac_option = "op"), lower '
+                "training.local_batch_size, or raise parallelism.tensor_parallel_degree"
+            )
         return "lower training.local_batch_size or training.seq_len, or raise parallelism.tensor_parallel_degree"
     if biggest == "logits":
-        return ("lower training.local_batch_size, or raise parallelism.tensor_parallel_degree (the loss is "
-                "sharded with loss parallel); enable compile to fuse the loss")
+        return (
+            "lower training.local_batch_size, or raise parallelism.tensor_parallel_degree (the loss is "
+            "sharded with loss parallel); enable compile to fuse the loss"
+        )
     if biggest in ("parameters", "gradients", "optimizer", "weights in flight"):
-        return ("shard the model over more GPUs: more nodes with data_parallel_shard_degree = -1 (FSDP), or raise "
-                "parallelism.tensor_parallel_degree / pipeline_parallel_degree")
+        return (
+            "shard the model over more GPUs: more nodes with data_parallel_shard_degree = -1 (FSDP), or raise "
+            "parallelism.tensor_parallel_degree / pipeline_parallel_degree"
+        )
     return "lower training.local_batch_size"
 
 
@@ -144,13 +148,19 @@ def check_fit(estimate: MemoryEstimate, gpu_memory_gib: float, settings: TrainSe
     """Does the estimate fit in ``gpu_memory_gib``? The message names the biggest consumer and a fix."""
     total = estimate.total_gib
     share = estimate.breakdown[estimate.biggest]
-    head = (f"estimated peak {total:.1f} GiB per GPU of {gpu_memory_gib:.1f} GiB (at the {estimate.moment}); "
-            f"biggest consumer: {estimate.biggest} {share:.1f} GiB")
+    head = (
+        f"estimated peak {total:.1f} GiB per GPU of {gpu_memory_gib:.1f} GiB (at the {estimate.moment}); "
+        f"biggest consumer: {estimate.biggest} {share:.1f} GiB"
+    )
     if total > gpu_memory_gib * (1 + FIT_TOLERANCE):
         return Finding("error", "memory", f"does not fit: {head}. Fix: {_advice(estimate, settings)}")
     if total > gpu_memory_gib * (1 - FIT_TOLERANCE):
-        return Finding("warning", "memory", f"may not fit (within the estimator's ±10%): {head}. "
-                                            f"If it runs out of memory: {_advice(estimate, settings)}")
+        return Finding(
+            "warning",
+            "memory",
+            f"may not fit (within the estimator's ±10%): {head}. "
+            f"If it runs out of memory: {_advice(estimate, settings)}",
+        )
     return Finding("ok", "memory", f"fits: {head}")
 
 
@@ -173,32 +183,50 @@ def check_checkpoint_folder(path: str | os.PathLike, checkpoint_bytes: int, keep
     where = _existing_ancestor(folder)
     setting = "checkpoint folder (OUTPUT_DIR / checkpoint.folder)"
     if not where.is_dir():
-        return Finding("error", "checkpoint", f"{setting} {folder}: {where} is not a folder. Fix: point OUTPUT_DIR "
-                                              "at the PVC mount path")
+        return Finding(
+            "error",
+            "checkpoint",
+            f"{setting} {folder}: {where} is not a folder. Fix: point OUTPUT_DIR at the PVC mount path",
+        )
     try:
         probe_writable(where)
     except OSError as error:
-        return Finding("error", "checkpoint", f"{setting} {folder} is not writable ({error.strerror} in {where}). "
-                                              "Fix: mount a writable PVC at OUTPUT_DIR (readOnly: false) and check "
-                                              "its permissions for the container's user (fsGroup)")
+        return Finding(
+            "error",
+            "checkpoint",
+            f"{setting} {folder} is not writable ({error.strerror} in {where}). "
+            "Fix: mount a writable PVC at OUTPUT_DIR (readOnly: false) and check "
+            "its permissions for the container's user (fsGroup)",
+        )
     peak = peak_room(folder, checkpoint_bytes, keep_latest_k)
     free = shutil.disk_usage(where).free
     gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     if keep_latest_k > 0:
-        made_of = (f"{peak.count} checkpoints of {gib(peak.checkpoint_bytes)} (checkpoint.keep_latest_k = "
-                   f"{keep_latest_k} kept + 1 being written"
-                   + (f"; {peak.on_disk} of them already on disk)" if peak.on_disk else ")"))
+        made_of = (
+            f"{peak.count} checkpoints of {gib(peak.checkpoint_bytes)} (checkpoint.keep_latest_k = "
+            f"{keep_latest_k} kept + 1 being written"
+            + (f"; {peak.on_disk} of them already on disk)" if peak.on_disk else ")")
+        )
     else:
-        made_of = (f"1 checkpoint of {gib(peak.checkpoint_bytes)} (checkpoint.keep_latest_k = 0 keeps every "
-                   "checkpoint: the folder grows by one each checkpoint.interval)")
+        made_of = (
+            f"1 checkpoint of {gib(peak.checkpoint_bytes)} (checkpoint.keep_latest_k = 0 keeps every "
+            "checkpoint: the folder grows by one each checkpoint.interval)"
+        )
     freed = f" (+ {gib(peak.freeable_bytes)} that retention removes first)" if peak.freeable_bytes else ""
     if free + peak.freeable_bytes < peak.needed_bytes:
-        return Finding("error", "checkpoint", f"{setting} {folder}: {gib(free)} free{freed}, the folder's peak needs "
-                                              f"{gib(peak.needed_bytes)} ({peak.needed_bytes} bytes) more: {made_of}. "
-                                              "Fix: use a larger PVC, free space, or lower checkpoint.keep_latest_k "
-                                              f"(each one less needs {gib(peak.checkpoint_bytes)} less)")
-    return Finding("ok", "checkpoint", f"{folder} writable, {gib(free)} free{freed}; the peak needs "
-                                       f"{gib(peak.needed_bytes)} more: {made_of}")
+        return Finding(
+            "error",
+            "checkpoint",
+            f"{setting} {folder}: {gib(free)} free{freed}, the folder's peak needs "
+            f"{gib(peak.needed_bytes)} ({peak.needed_bytes} bytes) more: {made_of}. "
+            "Fix: use a larger PVC, free space, or lower checkpoint.keep_latest_k "
+            f"(each one less needs {gib(peak.checkpoint_bytes)} less)",
+        )
+    return Finding(
+        "ok",
+        "checkpoint",
+        f"{folder} writable, {gib(free)} free{freed}; the peak needs {gib(peak.needed_bytes)} more: {made_of}",
+    )
 
 
 def check_dev_shm(path: str = "/dev/shm") -> Finding:
@@ -206,13 +234,21 @@ def check_dev_shm(path: str = "/dev/shm") -> Finding:
     try:
         st = os.statvfs(path)
     except OSError:
-        return Finding("warning", "/dev/shm", f"{path} is missing: dataloader workers and NCCL need shared memory. "
-                                              "Fix: runai --large-shm, or an emptyDir medium: Memory at /dev/shm")
+        return Finding(
+            "warning",
+            "/dev/shm",
+            f"{path} is missing: dataloader workers and NCCL need shared memory. "
+            "Fix: runai --large-shm, or an emptyDir medium: Memory at /dev/shm",
+        )
     size = st.f_blocks * st.f_frsize
     if size <= SHM_DEFAULT_BYTES:
-        return Finding("warning", "/dev/shm", f"{path} is {size / 1024**2:.0f} MiB (the container default): NCCL and "
-                                              "dataloader workers can fail with bus errors. Fix: runai --large-shm, "
-                                              "docker --shm-size=16g, or an emptyDir {medium: Memory} at /dev/shm")
+        return Finding(
+            "warning",
+            "/dev/shm",
+            f"{path} is {size / 1024**2:.0f} MiB (the container default): NCCL and "
+            "dataloader workers can fail with bus errors. Fix: runai --large-shm, "
+            "docker --shm-size=16g, or an emptyDir {medium: Memory} at /dev/shm",
+        )
     return Finding("ok", "/dev/shm", f"{size / 1024**3:.1f} GiB")
 
 
@@ -220,8 +256,9 @@ CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limi
 HOST_MEMORY_SHARE = 0.8  # of the limit, for pinned staging; the rest is Python, dataloaders, NCCL
 
 
-def host_memory_limit(cgroup_files: tuple[str, ...] = CGROUP_LIMITS,
-                      meminfo: str = "/proc/meminfo") -> tuple[int | None, str]:
+def host_memory_limit(
+    cgroup_files: tuple[str, ...] = CGROUP_LIMITS, meminfo: str = "/proc/meminfo"
+) -> tuple[int | None, str]:
     """The smaller of the container's cgroup memory limit and the node's RAM, and where it came from."""
     found: list[tuple[int, str]] = []
     for path in cgroup_files:
@@ -240,8 +277,9 @@ def host_memory_limit(cgroup_files: tuple[str, ...] = CGROUP_LIMITS,
     return min(found) if found else (None, "unknown")
 
 
-def check_host_memory(config: Any, params: int, world_size: int, local_ranks: int,
-                      limit: tuple[int | None, str] | None = None) -> Finding | None:
+def check_host_memory(
+    config: Any, params: int, world_size: int, local_ranks: int, limit: tuple[int | None, str] | None = None
+) -> Finding | None:
     """Pinned checkpoint staging holds each rank's share of the checkpoint in host RAM."""
     if not wants_pinned_staging(config.checkpoint):
         return None
@@ -253,10 +291,14 @@ def check_host_memory(config: Any, params: int, world_size: int, local_ranks: in
         return Finding("ok", "host memory", summary + " (limit unknown)")
     if need > HOST_MEMORY_SHARE * limit_bytes:
         raise_limit = "raise the pod's memory limit, " if "limit" in source else ""
-        return Finding("error", "host memory", f"{summary}, more than {HOST_MEMORY_SHARE:.0%} of {source}, "
-                                               f"{limit_bytes / 1e9:.1f} GB. Fix: {raise_limit}use more nodes "
-                                               "(each rank's share shrinks), or set [checkpoint] async_mode = "
-                                               "\"async\" (no pinned memory, longer checkpoint stalls)")
+        return Finding(
+            "error",
+            "host memory",
+            f"{summary}, more than {HOST_MEMORY_SHARE:.0%} of {source}, "
+            f"{limit_bytes / 1e9:.1f} GB. Fix: {raise_limit}use more nodes "
+            "(each rank's share shrinks), or set [checkpoint] async_mode = "
+            '"async" (no pinned memory, longer checkpoint stalls)',
+        )
     return Finding("ok", "host memory", f"{summary}, {source}: {limit_bytes / 1e9:.0f} GB")
 
 
@@ -280,12 +322,20 @@ def check_tokenizer(config: Any, env: Mapping[str, str] | None = None) -> Findin
     offline = hub.offline(env)
     if offline or not hub_section.allow_download:
         setting = "HF_HUB_OFFLINE" if offline else "hub.allow_download = false"
-        return Finding("error", "tokenizer", f"{setting}: the tokenizer of {hub_section.repo_id} is not in the cache {cache}. "
-                                             "Fix: stage it (python -m torchtitan_runai.stage --config FILE) or point "
-                                             "hub.cache_dir / HF_HUB_CACHE at the staged cache")
+        return Finding(
+            "error",
+            "tokenizer",
+            f"{setting}: the tokenizer of {hub_section.repo_id} is not in the cache {cache}. "
+            "Fix: stage it (python -m torchtitan_runai.stage --config FILE) or point "
+            "hub.cache_dir / HF_HUB_CACHE at the staged cache",
+        )
     if not env.get(hub.TOKEN_ENV):
-        return Finding("warning", "tokenizer", f"will download {hub_section.repo_id} without HF_TOKEN: gated repos "
-                                               "(meta-llama) answer 401. Fix: pass HF_TOKEN from a Secret")
+        return Finding(
+            "warning",
+            "tokenizer",
+            f"will download {hub_section.repo_id} without HF_TOKEN: gated repos "
+            "(meta-llama) answer 401. Fix: pass HF_TOKEN from a Secret",
+        )
     return Finding("ok", "tokenizer", f"will download {hub_section.repo_id} into {cache} (HF_TOKEN set)")
 
 
@@ -359,33 +409,58 @@ class GraceBudget:
 
 
 def check_grace_budget(b: GraceBudget, folder: str) -> Finding:
-    what = (f"a preemption needs up to {b.needed_s:.0f} s (the upload in flight, then the preemption checkpoint: "
-            f"2 x {b.node_bytes / 1e9:.1f} GB per node at {b.write_bps / 1e9:.2f} GB/s measured in {folder}, "
-            f"+ {STEP_MARGIN_S} s for the step in flight); the workers get {b.budget_s:.0f} s (grace period "
-            f"{b.grace_s} s from {b.grace_source}; torchrun kills them after {b.kill_source})")
+    what = (
+        f"a preemption needs up to {b.needed_s:.0f} s (the upload in flight, then the preemption checkpoint: "
+        f"2 x {b.node_bytes / 1e9:.1f} GB per node at {b.write_bps / 1e9:.2f} GB/s measured in {folder}, "
+        f"+ {STEP_MARGIN_S} s for the step in flight); the workers get {b.budget_s:.0f} s (grace period "
+        f"{b.grace_s} s from {b.grace_source}; torchrun kills them after {b.kill_source})"
+    )
     if b.needed_s <= b.budget_s:
         return Finding("ok", "grace period", what)
-    fixes = [f"raise the pod's terminationGracePeriodSeconds to {int(b.needed_s + EXIT_MARGIN_S + 10)} "
-             f"(python -m torchtitan_runai.manifest --grace-period; it passes {storage.GRACE_PERIOD_ENV})"]
+    fixes = [
+        f"raise the pod's terminationGracePeriodSeconds to {int(b.needed_s + EXIT_MARGIN_S + 10)} "
+        f"(python -m torchtitan_runai.manifest --grace-period; it passes {storage.GRACE_PERIOD_ENV})"
+    ]
     if b.kill_window_s < b.needed_s:
-        fixes.append("on torch >= 2.13 set SHUTDOWN_TIMEOUT below it (older torchrun always kills after 30 s)"
-                     if "fixed" in b.kill_source else "raise SHUTDOWN_TIMEOUT (keep it below the grace period)")
+        fixes.append(
+            "on torch >= 2.13 set SHUTDOWN_TIMEOUT below it (older torchrun always kills after 30 s)"
+            if "fixed" in b.kill_source
+            else "raise SHUTDOWN_TIMEOUT (keep it below the grace period)"
+        )
     fixes.append("write checkpoints to faster storage or raise checkpoint_perf.writer_threads")
     fixes.append("spread the job over more nodes (each writes a smaller share)")
-    return Finding("warning", "grace period", f"{what}, so a preemption checkpoint may be cut off (it is then "
-                                              "skipped at restart and the steps since the last complete checkpoint "
-                                              f"are lost). Fix: {'; '.join(fixes)}")
+    return Finding(
+        "warning",
+        "grace period",
+        f"{what}, so a preemption checkpoint may be cut off (it is then "
+        "skipped at restart and the steps since the last complete checkpoint "
+        f"are lost). Fix: {'; '.join(fixes)}",
+    )
 
 
-def grace_budget(config: Any, params: int, world_size: int, local_ranks: int, env: Mapping[str, str],
-                 shutdown_timeout: int, folder: str) -> GraceBudget:
+def grace_budget(
+    config: Any,
+    params: int,
+    world_size: int,
+    local_ranks: int,
+    env: Mapping[str, str],
+    shutdown_timeout: int,
+    folder: str,
+) -> GraceBudget:
     grace, source = storage.grace_period(env)
     kill, kill_source = torchrun_kill_window(shutdown_timeout)
     perf = getattr(config, "checkpoint_perf", None)
     threads = perf.writer_threads if perf is not None else 1
     nodes = max(1, world_size // max(local_ranks, 1))
-    return GraceBudget(grace, source, kill, kill_source, BYTES_PER_PARAM_FULL_CHECKPOINT * params / nodes,
-                       probe_write_speed(folder, threads))
+    return GraceBudget(
+        grace,
+        source,
+        kill,
+        kill_source,
+        BYTES_PER_PARAM_FULL_CHECKPOINT * params / nodes,
+        probe_write_speed(folder, threads),
+    )
+
 
 NOT_HERE = "this machine, not a node of the job (the launcher checks each pod itself): "
 
@@ -395,11 +470,19 @@ def elsewhere(finding: Finding) -> Finding:
     return dataclasses.replace(finding, level="note", message=NOT_HERE + finding.message.split(" Fix: ")[0])
 
 
-def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dry_run: bool = False,
-                  env: Mapping[str, str] | None = None, shm_path: str = "/dev/shm",
-                  local_ranks: int | None = None,
-                  host_limit: tuple[int | None, str] | None = None, tokenizer_check: bool = True,
-                  shutdown_timeout: int | None = None, here: bool | None = None) -> list[Finding]:
+def run_preflight(
+    config: Any,
+    world_size: int,
+    gpu_memory_gib: float | None,
+    dry_run: bool = False,
+    env: Mapping[str, str] | None = None,
+    shm_path: str = "/dev/shm",
+    local_ranks: int | None = None,
+    host_limit: tuple[int | None, str] | None = None,
+    tokenizer_check: bool = True,
+    shutdown_timeout: int | None = None,
+    here: bool | None = None,
+) -> list[Finding]:
     """Every check for a parsed config.
     ``tokenizer_check=False``: the caller ran ``check_tokenizer`` already (the launcher does, first).
 
@@ -424,8 +507,9 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     memory = gpu_memory_gib if gpu_memory_gib else DEFAULT_GPU_MEMORY_GIB
     fit = check_fit(estimate, memory, settings)
     if not gpu_memory_gib and fit.level != "ok":
-        fit = dataclasses.replace(fit, message=fit.message + " (no GPU visible: assumed an H100 80GB; "
-                                                             "pass --gpu-memory-gib)")
+        fit = dataclasses.replace(
+            fit, message=fit.message + " (no GPU visible: assumed an H100 80GB; pass --gpu-memory-gib)"
+        )
     if dry_run and fit.level == "error":  # the GPU of a dry run is often assumed, not the job's
         fit = dataclasses.replace(fit, level="warning")
     findings.append(fit)
@@ -433,8 +517,11 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     # the config's own: OUTPUT_DIR is applied to it before the checks (storage.apply_output_dir)
     folder = storage.checkpoint_folder_path(config.job.dump_folder, config.checkpoint.folder)
     if config.checkpoint.enable:
-        machine.append(check_checkpoint_folder(folder, BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params,
-                                               config.checkpoint.keep_latest_k))
+        machine.append(
+            check_checkpoint_folder(
+                folder, BYTES_PER_PARAM_FULL_CHECKPOINT * estimate.params, config.checkpoint.keep_latest_k
+            )
+        )
     host = check_host_memory(config, estimate.params, world_size, local_ranks or world_size, host_limit)
     if host is not None:
         machine.append(host)
@@ -444,9 +531,15 @@ def run_preflight(config: Any, world_size: int, gpu_memory_gib: float | None, dr
     machine_ok = not any(f.level == "error" for f in machine)
     findings.extend(machine if here else [elsewhere(f) for f in machine])
     if config.checkpoint.enable and here and machine_ok:  # the probe writes into the job's own folder
-        budget = grace_budget(config, estimate.params, world_size, local_ranks or world_size, env,
-                              storage.default_shutdown_timeout(env) if shutdown_timeout is None else shutdown_timeout,
-                              folder)
+        budget = grace_budget(
+            config,
+            estimate.params,
+            world_size,
+            local_ranks or world_size,
+            env,
+            storage.default_shutdown_timeout(env) if shutdown_timeout is None else shutdown_timeout,
+            folder,
+        )
         findings.append(check_grace_budget(budget, folder))
     findings.append(Finding("info", "estimate", format_estimate(estimate, settings)))
     return findings
@@ -465,9 +558,6 @@ def enforce(findings: list[Finding], warn: Callable[[str], None] | None = None) 
         raise UserError(f"preflight {error.check}", None, why.rstrip("."), fix or "see the preflight lines above")
 
 
-
-
-
 def report(findings: list[Finding]) -> str:
     out = []
     for f in findings:
@@ -482,8 +572,13 @@ def detect_gpu_memory_gib() -> float | None:
     """The smallest GPU's memory, from nvidia-smi: the launcher lives as long as the job, and asking
     torch would create a CUDA context on GPU 0 that the job's rank 0 then pays for."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
         mib = [float(line) for line in out.split() if line.strip()]
     except (OSError, subprocess.SubprocessError, ValueError):  # no driver tools: skip the fit check
         return None
@@ -495,14 +590,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="the TOML recipe")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=None, help="default: visible GPUs, else 8")
-    parser.add_argument("--gpu-memory-gib", type=float, default=None,
-                        help="default: the visible GPU's, else 79.6 (H100 80GB)")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=None, help="default: the visible GPU's, else 79.6 (H100 80GB)"
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--here", action="store_true", default=None,
-                       help="this machine is one of the job's nodes: judge its disk, memory, /dev/shm and "
-                            "tokenizer (default: only when it has the GPUs per node the job asks for)")
-    where.add_argument("--dry-run", action="store_true",
-                       help="this machine is not one of the job's nodes: its measurements are notes")
+    where.add_argument(
+        "--here",
+        action="store_true",
+        default=None,
+        help="this machine is one of the job's nodes: judge its disk, memory, /dev/shm and "
+        "tokenizer (default: only when it has the GPUs per node the job asks for)",
+    )
+    where.add_argument(
+        "--dry-run", action="store_true", help="this machine is not one of the job's nodes: its measurements are notes"
+    )
     args, overrides = parser.parse_known_args(argv)
     for name in ("nodes", "gpus_per_node"):
         value = getattr(args, name)
@@ -521,8 +622,10 @@ def main(argv: list[str]) -> int:
     visible = visible_gpus()
     here = args.here if args.here else (not args.dry_run and visible > 0 and visible >= gpus)
     findings = run_preflight(config, world_size, gpu_memory, dry_run=args.dry_run, local_ranks=gpus, here=here)
-    print(f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)"
-          + ("" if here else f"; this machine ({visible} GPU(s)) is not one of the job's nodes (--here if it is)"))
+    print(
+        f"preflight: {args.config}, {args.nodes} node(s) x {gpus} GPU(s)"
+        + ("" if here else f"; this machine ({visible} GPU(s)) is not one of the job's nodes (--here if it is)")
+    )
     if plan is not None and plan.changed:
         print(f"preflight: {plan.line()}")
     print(report(findings))

@@ -36,8 +36,7 @@ from torchtitan_runai.job import parse_job_config
 PROG = "torchtitan_runai.stage"
 C4_REPO = "allenai/c4"
 C4_SHARD = "en/c4-train.{index:05d}-of-01024.json.gz"
-_TOKENIZER_GLOBS = ("tokenizer*.json", "special_tokens_map.json", "tokenizer.model",
-                    "original/tokenizer.model")
+_TOKENIZER_GLOBS = ("tokenizer*.json", "special_tokens_map.json", "tokenizer.model", "original/tokenizer.model")
 
 
 def stage_tokenizer(job_config: Any, output_dir: Path | None) -> tuple[Path, list[str]]:
@@ -47,7 +46,11 @@ def stage_tokenizer(job_config: Any, output_dir: Path | None) -> tuple[Path, lis
     if output_dir is None:
         return tokenizer_files.ensure_tokenizer(job_config), []
     local = Path(assets_path).expanduser() if assets_path else None
-    if local is not None and local.is_dir() and tokenizer_files.find_tokenizer_files(local, hub_section.tokenizer_format):
+    if (
+        local is not None
+        and local.is_dir()
+        and tokenizer_files.find_tokenizer_files(local, hub_section.tokenizer_format)
+    ):
         target = output_dir / "tokenizer"
         for pattern in _TOKENIZER_GLOBS:
             for src in local.glob(pattern):
@@ -71,8 +74,10 @@ def stage_dataset(job_config: Any, output_dir: Path | None) -> tuple[str, list[s
             return f"{name} streams from the Hub (pass --output-dir to stage shards of it)", []
         target = output_dir / "data" / "c4"
         _download_c4(target, data.stage_c4_shards, hub_section)
-        return (f"{data.stage_c4_shards} c4 shards in {target / 'en'}",
-                [f"--training.dataset={LOCAL}", f"--training.dataset_path={target / 'en'}"])
+        return (
+            f"{data.stage_c4_shards} c4 shards in {target / 'en'}",
+            [f"--training.dataset={LOCAL}", f"--training.dataset_path={target / 'en'}"],
+        )
     check_dataset(name, path, data)
     if name == LOCAL:
         source = Path(path).expanduser()
@@ -97,8 +102,13 @@ def stage_dataset(job_config: Any, output_dir: Path | None) -> tuple[str, list[s
 
 
 def _download_c4(target: Path, shards: int, hub_section: Hub) -> None:
-    c4 = Hub(repo_id=C4_REPO, revision="main", retries=hub_section.retries, backoff_s=hub_section.backoff_s,
-             max_backoff_s=hub_section.max_backoff_s)
+    c4 = Hub(
+        repo_id=C4_REPO,
+        revision="main",
+        retries=hub_section.retries,
+        backoff_s=hub_section.backoff_s,
+        max_backoff_s=hub_section.max_backoff_s,
+    )
     for index in range(shards):
         name = C4_SHARD.format(index=index)
         if (target / name).is_file():

@@ -59,13 +59,23 @@ def worker_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = No
         "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
         "PYTORCH_ALLOC_CONF": "expandable_segments:True",
     }
-    return {k: v for k, v in wanted.items() if k not in env and not (
-        k == "PYTORCH_ALLOC_CONF" and "PYTORCH_CUDA_ALLOC_CONF" in env)}
+    return {
+        k: v
+        for k, v in wanted.items()
+        if k not in env and not (k == "PYTORCH_ALLOC_CONF" and "PYTORCH_CUDA_ALLOC_CONF" in env)
+    }
 
 
-def environment(env: Mapping[str, str], dump_folder: str | os.PathLike, nproc_per_node: int, *,
-                shutdown_timeout: int | None = None, hang_verdict: str | os.PathLike | None = None,
-                worker_error: str | os.PathLike | None = None, launch_id: str | None = None) -> dict[str, str]:
+def environment(
+    env: Mapping[str, str],
+    dump_folder: str | os.PathLike,
+    nproc_per_node: int,
+    *,
+    shutdown_timeout: int | None = None,
+    hang_verdict: str | os.PathLike | None = None,
+    worker_error: str | os.PathLike | None = None,
+    launch_id: str | None = None,
+) -> dict[str, str]:
     """Every variable the launcher adds to ``env`` (the environment the agent will start the workers
     with) for its workers: the table in the module docstring.
 

@@ -39,28 +39,24 @@ import datasets.config as ds_config
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from torchtitan_runai.config import Data, global_batch_of
-from torchtitan_runai.inputs.data_files import (FORMATS, LOCAL, ORDERS, check_column, check_dataset, data_config,
-                                                find_data_files, sniff_columns)
-from torchtitan_runai.hub import with_backoff
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.hub import with_backoff
+from torchtitan_runai.inputs.data_files import (
+    FORMATS,
+    LOCAL,
+    ORDERS,
+    check_column,
+    check_dataset,
+    data_config,
+    find_data_files,
+    sniff_columns,
+)
 from torchtitan_runai.training import data_position as dp
 from torchtitan_runai.training.stream import RetryingStream
 from torchtitan_runai.upstream import DatasetConfig, HuggingFaceTextDataset, ParallelAwareDataloader, text_datasets
 
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # local files
-
-
-
-
-
-
-
-
 
 
 def load_local_dataset(path: str, data: Data):
@@ -70,8 +66,12 @@ def load_local_dataset(path: str, data: Data):
         ds = load_from_disk(str(files[0]))
         if isinstance(ds, DatasetDict):
             if "train" not in ds:
-                raise UserError("training.dataset_path", path, f"has splits {list(ds)}, no 'train'",
-                                "point at the split folder you want")
+                raise UserError(
+                    "training.dataset_path",
+                    path,
+                    f"has splits {list(ds)}, no 'train'",
+                    "point at the split folder you want",
+                )
             ds = ds["train"]
         if data.streaming:
             ds = ds.to_iterable_dataset(num_shards=max(1, len(ds.cache_files)))
@@ -81,8 +81,14 @@ def load_local_dataset(path: str, data: Data):
         kwargs: dict[str, Any] = {}
         if fmt == "text":
             kwargs["sample_by"] = data.text_sample_by
-        ds = load_dataset(FORMATS[fmt], data_files=[str(f) for f in files], split="train",
-                          streaming=data.streaming, cache_dir=data.cache_dir or None, **kwargs)
+        ds = load_dataset(
+            FORMATS[fmt],
+            data_files=[str(f) for f in files],
+            split="train",
+            streaming=data.streaming,
+            cache_dir=data.cache_dir or None,
+            **kwargs,
+        )
         if ds.column_names is not None:
             check_column(list(ds.column_names), data, path)
     if not data.streaming and len(ds) == 0:
@@ -94,8 +100,12 @@ def _text_of(sample: dict[str, Any], column: str) -> str:
     try:
         return sample[column] or ""
     except KeyError:
-        raise UserError("data.text_column", column, f"a sample has no such column ({list(sample)})",
-                        "set data.text_column to the column holding the text") from None
+        raise UserError(
+            "data.text_column",
+            column,
+            f"a sample has no such column ({list(sample)})",
+            "set data.text_column to the column holding the text",
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +129,7 @@ def register_datasets(data: Data) -> None:
         entry = registry.get(name)
         if entry is not None:
             loader = getattr(entry.loader, "__wrapped_loader__", entry.loader)
-            registry[name] = DatasetConfig(entry.path, _retrying_loader(loader, data),
-                                           entry.sample_processor)
+            registry[name] = DatasetConfig(entry.path, _retrying_loader(loader, data), entry.sample_processor)
     # datasets retries reads of a stream itself; bound that too (default: 20 tries x up to 60 s)
     ds_config.STREAMING_READ_MAX_RETRIES = max(1, data.retries)
     ds_config.STREAMING_READ_RETRY_INTERVAL = data.backoff_s
@@ -132,8 +141,13 @@ def register_datasets(data: Data) -> None:
 
 def _retrying_loader(loader, data: Data):
     def load(path: str):
-        return with_backoff(lambda: loader(path), retries=data.retries, backoff_s=data.backoff_s,
-                            max_backoff_s=data.max_backoff_s, what=f"opening dataset {path}")
+        return with_backoff(
+            lambda: loader(path),
+            retries=data.retries,
+            backoff_s=data.backoff_s,
+            max_backoff_s=data.max_backoff_s,
+            what=f"opening dataset {path}",
+        )
 
     load.__wrapped_loader__ = loader  # type: ignore[attr-defined]
     return load
@@ -156,24 +170,23 @@ class ResilientTextDataset(HuggingFaceTextDataset):
     def _get_data_iter(self):
         if isinstance(self._data, Dataset):
             return super()._get_data_iter()
-        return iter(RetryingStream(self._data, self.dataset_name, self._retry.retries, self._retry.backoff_s,
-                                   self._retry.max_backoff_s, self._sleep))
+        return iter(
+            RetryingStream(
+                self._data,
+                self.dataset_name,
+                self._retry.retries,
+                self._retry.backoff_s,
+                self._retry.max_backoff_s,
+                self._sleep,
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # builders and checks
 
 
-
-
-
-
-
-
-
-
-def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any,
-                     infinite: bool = True):
+def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, infinite: bool = True):
     """TrainSpec.build_dataloader_fn: the global-order loader (``data_position``), or torchtitan's
     per-rank text dataloader; either over our dataset registry. Nothing is read until first use."""
     data = data_config(job_config)
@@ -184,7 +197,8 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: An
     check_dataset(training.dataset, training.dataset_path, data, "training")
     loader = dp.RunaiDataloader(
         partial(_build_lanes, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
-        partial(_build_per_rank, dp_world_size, dp_rank, tokenizer, job_config, data, infinite))
+        partial(_build_per_rank, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
+    )
     if data.order == "per-rank":
         loader.use_per_rank()
     return loader
@@ -198,13 +212,25 @@ def _build_lanes(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, d
     if isinstance(source, Dataset):
         documents = dp.MapDocuments(source, entry.sample_processor, infinite)
     else:
-        documents = dp.StreamDocuments(source, entry.sample_processor, retries=data.retries,
-                                       backoff_s=data.backoff_s, max_backoff_s=data.max_backoff_s, name=name,
-                                       infinite=infinite)
+        documents = dp.StreamDocuments(
+            source,
+            entry.sample_processor,
+            retries=data.retries,
+            backoff_s=data.backoff_s,
+            max_backoff_s=data.max_backoff_s,
+            name=name,
+            infinite=infinite,
+        )
     global_batch = global_batch_of(training, dp_world_size)
-    order = dp.GlobalOrder(documents, lambda text: tokenizer.encode(text, add_bos=True, add_eos=True),
-                           training.seq_len, global_batch, dp.lanes_of(global_batch, dp_world_size, dp_rank),
-                           dataset_name=name, rank=dp_rank)
+    order = dp.GlobalOrder(
+        documents,
+        lambda text: tokenizer.encode(text, add_bos=True, add_eos=True),
+        training.seq_len,
+        global_batch,
+        dp.lanes_of(global_batch, dp_world_size, dp_rank),
+        dataset_name=name,
+        rank=dp_rank,
+    )
     return dp.LaneLoader(order, training.local_batch_size)
 
 

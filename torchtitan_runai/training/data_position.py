@@ -120,9 +120,17 @@ class StreamDocuments:
     read and retry after a backoff, so no document is lost or read twice.
     """
 
-    def __init__(self, dataset, text_of: Callable[[dict], str], retries: int = 5, backoff_s: float = 1.0,
-                 max_backoff_s: float = 16.0, sleep: Callable[[float], None] | None = None, name: str = "",
-                 infinite: bool = True):
+    def __init__(
+        self,
+        dataset,
+        text_of: Callable[[dict], str],
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 16.0,
+        sleep: Callable[[float], None] | None = None,
+        name: str = "",
+        infinite: bool = True,
+    ):
         self.infinite = infinite
         self.dataset, self.text_of, self.name = dataset, text_of, name
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
@@ -137,8 +145,9 @@ class StreamDocuments:
         first = min(states.values(), key=lambda st: st.snap_doc)
         self.dataset.load_state_dict(first.snap if first.snap is not None else self.initial)
         self.index = first.snap_doc
-        self.stream = RetryingStream(self.dataset, self.name, self.retries, self.backoff_s, self.max_backoff_s,
-                                     self.sleep)
+        self.stream = RetryingStream(
+            self.dataset, self.name, self.retries, self.backoff_s, self.max_backoff_s, self.sleep
+        )
         self.buffer.clear()
 
     def _read(self) -> tuple[dict, Any]:
@@ -176,8 +185,16 @@ class StreamDocuments:
 class GlobalOrder:
     """The windows of one rank's lanes, in lane order, one per lane per round (= per step)."""
 
-    def __init__(self, documents, tokenize: Callable[[str], list[int]], seq_len: int, global_batch: int,
-                 lanes: range, dataset_name: str = "", rank: int = 0):
+    def __init__(
+        self,
+        documents,
+        tokenize: Callable[[str], list[int]],
+        seq_len: int,
+        global_batch: int,
+        lanes: range,
+        dataset_name: str = "",
+        rank: int = 0,
+    ):
         self.documents, self.tokenize, self.seq_len = documents, tokenize, seq_len
         self.global_batch, self.lanes, self.dataset_name, self.rank = global_batch, lanes, dataset_name, rank
         self.states = {lane: LaneState(doc=lane) for lane in lanes}
@@ -212,7 +229,7 @@ class GlobalOrder:
         doc, offset = st.doc, st.offset
         while len(out) < need:
             tokens = self._doc_tokens(lane, doc)
-            take = tokens[offset:offset + need - len(out)]
+            take = tokens[offset : offset + need - len(out)]
             out.extend(take)
             offset += len(take)
             if offset >= len(tokens):
@@ -221,8 +238,19 @@ class GlobalOrder:
         st.windows += 1
         if self.trace is not None:
             digest = hashlib.sha1(json.dumps(out).encode()).hexdigest()[:16]
-            self.trace.write(json.dumps({"rank": self.rank, "lane": lane, "window": st.windows - 1,
-                                         "doc": first[0], "offset": first[1], "sha": digest}) + "\n")
+            self.trace.write(
+                json.dumps(
+                    {
+                        "rank": self.rank,
+                        "lane": lane,
+                        "window": st.windows - 1,
+                        "doc": first[0],
+                        "offset": first[1],
+                        "sha": digest,
+                    }
+                )
+                + "\n"
+            )
         return out
 
     def rounds(self) -> Iterator[list[int]]:
@@ -237,8 +265,12 @@ class GlobalOrder:
     # -- checkpoint ---------------------------------------------------------------------------
 
     def position(self) -> dict[str, Any]:
-        return {"format": FORMAT, "global_batch": self.global_batch, "seq_len": self.seq_len,
-                "dataset": self.dataset_name}
+        return {
+            "format": FORMAT,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+            "dataset": self.dataset_name,
+        }
 
     def state_dict(self) -> dict[str, bytes]:
         out = {POSITION_KEY: json.dumps(self.position(), sort_keys=True).encode()}
@@ -254,7 +286,9 @@ class GlobalOrder:
                 raise ValueError(f"data position {key} {saved.get(key)!r} in the checkpoint, {mine[key]!r} here")
         states = {lane: LaneState(**json.loads(_text(state[lane_key(lane)]))) for lane in self.lanes}
         if len({st.windows for st in states.values()}) > 1:
-            raise ValueError(f"lanes of one checkpoint at different steps: {sorted({st.windows for st in states.values()})}")
+            raise ValueError(
+                f"lanes of one checkpoint at different steps: {sorted({st.windows for st in states.values()})}"
+            )
         self.states = states
         self.tokens.clear()
         self.started = False
@@ -278,8 +312,10 @@ class StepRecorder:
     def record(self, step: int, loss: float, lr: float) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"rank": self.rank, "step": step, "loss": float(loss).hex(),
-                                    "lr": float(lr).hex()}) + "\n")
+                f.write(
+                    json.dumps({"rank": self.rank, "step": step, "loss": float(loss).hex(), "lr": float(lr).hex()})
+                    + "\n"
+                )
 
 
 def _text(value: Any) -> str:

@@ -30,8 +30,13 @@ def init_gloo(timeout_s: float, attempts: int = 5) -> None:
         sub = dist.PrefixStore(prefix, store)
         ok = True
         try:
-            dist.init_process_group("gloo", store=dist.PrefixStore("pg", sub), rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore("pg", sub),
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+            )
             dist.barrier()
         except Exception as e:  # gloo raises RuntimeError/DistBackendError: retry all of them
             ok, last_error = False, e
@@ -40,13 +45,19 @@ def init_gloo(timeout_s: float, attempts: int = 5) -> None:
         results = sub.multi_get([f"result/{r}" for r in range(world)])
         if all(r == b"1" for r in results):
             if attempt:
-                print(f"[resilience] rank {rank}: process group ready on attempt {attempt + 1}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"[resilience] rank {rank}: process group ready on attempt {attempt + 1}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         if dist.is_initialized():
             dist.destroy_process_group()
-        print(f"[resilience] rank {rank}: process group attempt {attempt + 1} failed "
-              f"({type(last_error).__name__ if last_error else 'a peer failed'}); retrying", file=sys.stderr,
-              flush=True)
+        print(
+            f"[resilience] rank {rank}: process group attempt {attempt + 1} failed "
+            f"({type(last_error).__name__ if last_error else 'a peer failed'}); retrying",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(0.5 + 0.5 * attempt)
     raise RuntimeError(f"could not create the gloo process group in {attempts} attempts: {last_error}")

@@ -17,8 +17,6 @@ from typing import Mapping
 
 from torchtitan_runai import upstream
 
-
-
 # --------------------------------------------------------------------------------------------
 # a person's log: expected noise at DEBUG, LOG_LEVEL=debug shows it all
 
@@ -36,19 +34,32 @@ EXPECTED_WARNINGS = (
 QUIET = (
     # setup steps the startup summary or a later line already states
     r"torch\.distributed is already initialized",  # we create the gloo group (gloo.init_gloo)
-    r"Building device mesh with parallelism", r"Successfully created meshes", r"\[GC\] ",
-    r"Loading tokenizer from", r"Applied .* to the model",
-    r"Compiling (each|the)", r"model\.safetensors\.index\.json not found at hf_assets_path",
-    r"Checkpointing active\.", r"TensorBoard logging enabled", r"Mixed precision training is handled by", r"Trainer is initialized with",
-    r"Training starts at step", r"Synchronizing and adjusting timeout", r"Loading the checkpoint from",
-    r"Saving the checkpoint \(or staging", r"Saving a full checkpoint at last step", r"Sleeping \d+ seconds for",
-    r"Training completed", r"Destroying the purge thread", r"seed: \d+$", r"Error running lspci",
+    r"Building device mesh with parallelism",
+    r"Successfully created meshes",
+    r"\[GC\] ",
+    r"Loading tokenizer from",
+    r"Applied .* to the model",
+    r"Compiling (each|the)",
+    r"model\.safetensors\.index\.json not found at hf_assets_path",
+    r"Checkpointing active\.",
+    r"TensorBoard logging enabled",
+    r"Mixed precision training is handled by",
+    r"Trainer is initialized with",
+    r"Training starts at step",
+    r"Synchronizing and adjusting timeout",
+    r"Loading the checkpoint from",
+    r"Saving the checkpoint \(or staging",
+    r"Saving a full checkpoint at last step",
+    r"Sleeping \d+ seconds for",
+    r"Training completed",
+    r"Destroying the purge thread",
+    r"seed: \d+$",
+    r"Error running lspci",
     r"no complete checkpoint in \S+: starting fresh$",  # the startup summary says it
 )
 """torchtitan's (and our) INFO/WARNING lines shown only at LOG_LEVEL=debug."""
 
-QUIET_ON_CPU = (r"Peak flops undefined for: cpu", r"Peak FLOPS used for computing MFU",
-                r"CPU memory usage for model")
+QUIET_ON_CPU = (r"Peak flops undefined for: cpu", r"Peak FLOPS used for computing MFU", r"CPU memory usage for model")
 """Meaningless without a GPU: MFU and device memory print n/a in the step line."""
 
 ONCE = (r"Peak flops undefined for",)
@@ -118,8 +129,14 @@ def quiet_expected_noise(env: Mapping[str, str] = os.environ) -> None:
     datasets.disable_progress_bars()
 
 
-def install_person_filter(*, cpu: bool, step=lambda: None, stopping=lambda: False,
-                          env: Mapping[str, str] = os.environ, log: logging.Logger | None = None) -> PersonFilter:
+def install_person_filter(
+    *,
+    cpu: bool,
+    step=lambda: None,
+    stopping=lambda: False,
+    env: Mapping[str, str] = os.environ,
+    log: logging.Logger | None = None,
+) -> PersonFilter:
     """Put a PersonFilter on torchtitan's console handler(s) and the logger's level to LOG_LEVEL."""
     log = upstream.logger if log is None else log
     level = log_level(env)

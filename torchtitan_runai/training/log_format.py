@@ -25,8 +25,6 @@ from typing import Any, Mapping, TextIO
 
 from torchtitan_runai import upstream
 
-
-
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LINE_FORMAT = "[titan] %(asctime)s - {origin} - %(levelname)s - %(message)s"
 
@@ -62,8 +60,14 @@ class RankFormatter(logging.Formatter):
         return line if self.color else strip_ansi(line)
 
 
-def configure_logging(rank: int, node_rank: int | None = None, *, stream: TextIO | None = None,
-                      color: bool | None = None, log: logging.Logger | None = None) -> bool:
+def configure_logging(
+    rank: int,
+    node_rank: int | None = None,
+    *,
+    stream: TextIO | None = None,
+    color: bool | None = None,
+    log: logging.Logger | None = None,
+) -> bool:
     """Give torchtitan's logger (set up by ``init_logger``) our per-rank, colour-aware format.
 
     Call after ``upstream.init_logger()`` (torchtitan's ``main`` calls it first; calling it again

@@ -82,9 +82,7 @@ class LossFn:
 
     def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
         if self.variant == "fused" and isinstance(pred, HeadInput):
-            return fused_linear_cross_entropy(
-                pred, labels, chunk_tokens=self.chunk_tokens, ce_fn=self.ce_fn
-            )
+            return fused_linear_cross_entropy(pred, labels, chunk_tokens=self.chunk_tokens, ce_fn=self.ce_fn)
         logits = _as_logits(pred)
         if self.variant == "chunked":
             return chunked_cross_entropy(logits, labels, self.chunk_tokens)

@@ -25,8 +25,6 @@ from typing import Any
 from torchtitan_runai import storage, upstream
 from torchtitan_runai.training.log_format import wants_color
 
-
-
 # --------------------------------------------------------------------------------------------
 # the step line
 
@@ -39,12 +37,22 @@ def format_eta(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def step_line(step: int, loss: float, grad_norm: float, *, tps: float, tflops: float,
-              mfu: float | None, memory_gib: float | None, memory_pct: float | None,
-              eta_s: float | None, color: Any = None) -> str:
+def step_line(
+    step: int,
+    loss: float,
+    grad_norm: float,
+    *,
+    tps: float,
+    tflops: float,
+    mfu: float | None,
+    memory_gib: float | None,
+    memory_pct: float | None,
+    eta_s: float | None,
+    color: Any = None,
+) -> str:
     """torchtitan's step line (same fields, order and number formats) plus ``eta``."""
     c = color or upstream.NoColor()
-    memory = (f"{memory_gib:5.2f}GiB({memory_pct:.2f}%)" if memory_gib is not None else "n/a")
+    memory = f"{memory_gib:5.2f}GiB({memory_pct:.2f}%)" if memory_gib is not None else "n/a"
     mfu_text = f"{mfu:.2f}%" if mfu is not None else "n/a"
     return (
         f"{c.red}step: {step:2}  "
@@ -86,15 +94,19 @@ class RunaiMetricsProcessor(upstream.MetricsProcessor):
         steps = step - self.last_log_step if self.last_log_step is not None else first
         return time_delta / max(steps, 1)
 
-    def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
-            extra_metrics: dict[str, Any] | None = None) -> None:
+    def log(
+        self,
+        step: int,
+        global_avg_loss: float,
+        global_max_loss: float,
+        grad_norm: float,
+        extra_metrics: dict[str, Any] | None = None,
+    ) -> None:
         assert self.num_flops_per_token > 0, "num_flops_per_token must be set"
         time_delta = time.perf_counter() - self.time_last_log
-        tps = self.ntokens_since_last_log / (
-            time_delta * self.parallel_dims.non_data_parallel_size)
+        tps = self.ntokens_since_last_log / (time_delta * self.parallel_dims.non_data_parallel_size)
         tflops = self.num_flops_per_token * tps / 1e12
-        mfu = 100 * self.num_flops_per_token * tps / self.gpu_peak_flops if self.has_memory \
-            else None
+        mfu = 100 * self.num_flops_per_token * tps / self.gpu_peak_flops if self.has_memory else None
         loading = self.data_loading_times or [0.0]
         seconds_per_step = self.seconds_per_step(step, time_delta)
         eta_s = max(self.job_config.training.steps - step, 0) * seconds_per_step
@@ -114,22 +126,35 @@ class RunaiMetricsProcessor(upstream.MetricsProcessor):
         if self.has_memory:
             stats = self.device_memory_monitor.get_peak_stats()
             memory_gib, memory_pct = stats.max_reserved_gib, stats.max_reserved_pct
-            metrics.update({
-                "mfu(%)": mfu,
-                "memory/max_active(GiB)": stats.max_active_gib,
-                "memory/max_active(%)": stats.max_active_pct,
-                "memory/max_reserved(GiB)": stats.max_reserved_gib,
-                "memory/max_reserved(%)": stats.max_reserved_pct,
-                "memory/num_alloc_retries": stats.num_alloc_retries,
-                "memory/num_ooms": stats.num_ooms,
-            })
+            metrics.update(
+                {
+                    "mfu(%)": mfu,
+                    "memory/max_active(GiB)": stats.max_active_gib,
+                    "memory/max_active(%)": stats.max_active_pct,
+                    "memory/max_reserved(GiB)": stats.max_reserved_gib,
+                    "memory/max_reserved(%)": stats.max_reserved_pct,
+                    "memory/num_alloc_retries": stats.num_alloc_retries,
+                    "memory/num_ooms": stats.num_ooms,
+                }
+            )
         if extra_metrics:
             metrics.update(extra_metrics)
         self.logger.log(metrics, step)
 
-        upstream.logger.info(step_line(
-            step, global_avg_loss, grad_norm, tps=tps, tflops=tflops, mfu=mfu,
-            memory_gib=memory_gib, memory_pct=memory_pct, eta_s=eta_s, color=self.color))
+        upstream.logger.info(
+            step_line(
+                step,
+                global_avg_loss,
+                grad_norm,
+                tps=tps,
+                tflops=tflops,
+                mfu=mfu,
+                memory_gib=memory_gib,
+                memory_pct=memory_pct,
+                eta_s=eta_s,
+                color=self.color,
+            )
+        )
 
         self.last_log_step = step
         self.ntokens_since_last_log = 0
@@ -138,8 +163,9 @@ class RunaiMetricsProcessor(upstream.MetricsProcessor):
         self.device_memory_monitor.reset_peak_stats()
 
 
-def build_metrics_processor(job_config: Any, parallel_dims: Any, model_args: Any = None,
-                            tag: str | None = None) -> RunaiMetricsProcessor:
+def build_metrics_processor(
+    job_config: Any, parallel_dims: Any, model_args: Any = None, tag: str | None = None
+) -> RunaiMetricsProcessor:
     """The train spec's ``build_metrics_processor_fn`` (same signature as torchtitan's)."""
     return RunaiMetricsProcessor(job_config, parallel_dims, tag)
 
@@ -148,10 +174,18 @@ def build_metrics_processor(job_config: Any, parallel_dims: Any, model_args: Any
 # startup summary
 
 
-def startup_summary(job_config: Any, *, world_size: int, nodes: int,
-                    parallel_dims: Any = None, seed: int | None = None,
-                    config_file: str | None = None, resumed_from_step: int | None = None,
-                    device: str | None = None, initial_load: str | None = None) -> list[str]:
+def startup_summary(
+    job_config: Any,
+    *,
+    world_size: int,
+    nodes: int,
+    parallel_dims: Any = None,
+    seed: int | None = None,
+    config_file: str | None = None,
+    resumed_from_step: int | None = None,
+    device: str | None = None,
+    initial_load: str | None = None,
+) -> list[str]:
     """The lines printed once when a job starts (rank 0), one fact per line."""
     p = parallel_dims if parallel_dims is not None else job_config.parallelism
     degrees = {
@@ -174,13 +208,11 @@ def startup_summary(job_config: Any, *, world_size: int, nodes: int,
         start = "starting fresh (no complete checkpoint)"
     ckpt_folder = str(storage.checkpoint_dir(job_config)) if c.enable else "disabled"
     lines = [
-        f"run: world_size={world_size} nodes={nodes}{per_node}"
-        + (f" device={device}" if device else ""),
+        f"run: world_size={world_size} nodes={nodes}{per_node}" + (f" device={device}" if device else ""),
         "parallelism: " + " ".join(f"{k}={v}" for k, v in degrees.items()),
         f"model: {m.name} {m.flavor}  seq_len={t.seq_len}  local_batch_size={t.local_batch_size}"
         f"  global_batch_size={global_batch}  steps={t.steps}  dtype={t.mixed_precision_param}",
-        f"seed: {seed if seed is not None else job_config.debug.seed}"
-        f"  deterministic={job_config.debug.deterministic}",
+        f"seed: {seed if seed is not None else job_config.debug.seed}  deterministic={job_config.debug.deterministic}",
         f"config: {config_file or job_config.job.config_file or 'n/a'}",
         f"tokenizer: {m.hf_assets_path}",
         f"checkpoint: {ckpt_folder}  {start}",

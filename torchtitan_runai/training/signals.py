@@ -36,20 +36,30 @@ class StopFlag:
         rank = os.environ.get("RANK", "?")
         name = signal.Signals(signum).name
         if self.signum:
-            print(f"[resilience] rank {rank}: received {name} again; ignored: the checkpoint under way is "
-                  "finished first", file=sys.stderr, flush=True)
+            print(
+                f"[resilience] rank {rank}: received {name} again; ignored: the checkpoint under way is finished first",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.signum = signum
         self.when = time.monotonic()
         leave = self.before_first_step
         if leave is not None:
-            print(f"[resilience] rank {rank}: received {name} before this process finished a training step: "
-                  f"nothing new to save, the checkpoint folder is unchanged; exiting {128 + signum}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[resilience] rank {rank}: received {name} before this process finished a training step: "
+                f"nothing new to save, the checkpoint folder is unchanged; exiting {128 + signum}",
+                file=sys.stderr,
+                flush=True,
+            )
             leave(signum)
             return
-        print(f"[resilience] rank {rank}: received {name}; will finish the upload in flight, save a checkpoint "
-              "at the next step boundary and exit", file=sys.stderr, flush=True)
+        print(
+            f"[resilience] rank {rank}: received {name}; will finish the upload in flight, save a checkpoint "
+            "at the next step boundary and exit",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def agree(local_signal: int, device) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-
 STEP_TRACE_ENV = "TORCHTITAN_RUNAI_STEP_TRACE"
 
 

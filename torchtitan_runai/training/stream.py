@@ -29,8 +29,15 @@ class RetryingStream:
     """Examples of ``dataset`` (a ``datasets`` stream, or anything with its ``state_dict`` /
     ``load_state_dict`` / ``__iter__``) from its current state on, retried as the module says."""
 
-    def __init__(self, dataset, name: str, retries: int, backoff_s: float, max_backoff_s: float,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        dataset,
+        name: str,
+        retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.dataset, self.name = dataset, name
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.sleep = sleep
@@ -58,9 +65,11 @@ class RetryingStream:
                     self.failures, self.wait = 0, self.backoff_s
                     raise
                 self.failures += 1
-                logger.warning(f"dataset {self.name}: {type(error).__name__}: "
-                               f"{redact(str(error)).splitlines()[0] if str(error) else ''}; "
-                               f"resuming the stream in {self.wait:.1f}s ({self.failures}/{self.retries})")
+                logger.warning(
+                    f"dataset {self.name}: {type(error).__name__}: "
+                    f"{redact(str(error)).splitlines()[0] if str(error) else ''}; "
+                    f"resuming the stream in {self.wait:.1f}s ({self.failures}/{self.retries})"
+                )
                 self.sleep(self.wait)
                 self.wait = min(self.max_backoff_s, self.wait * 2)
                 self.dataset.load_state_dict(before)

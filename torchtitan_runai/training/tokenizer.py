@@ -15,26 +15,16 @@ from typing import Any
 
 from torchtitan_runai.config import Hub
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.inputs.tokenizer_files import (TOKENIZER_JSON, ensure_tokenizer, find_tokenizer_files,
-                                                     read_tiktoken_ranks)
+from torchtitan_runai.inputs.tokenizer_files import (
+    TOKENIZER_JSON,
+    ensure_tokenizer,
+    find_tokenizer_files,
+    read_tiktoken_ranks,
+)
 from torchtitan_runai.upstream import BaseTokenizer, HuggingFaceTokenizer
-
-
 
 # ---------------------------------------------------------------------------------------------
 # resolution
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,14 +41,20 @@ _MAX_ENCODE_CHARS = 400_000
 
 def llama3_special_tokens() -> list[str]:
     named = [
-        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
     ]
     rest = LLAMA3_NUM_SPECIAL - len(named)
     return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(rest)]
-
-
 
 
 class TiktokenTokenizer(BaseTokenizer):
@@ -78,7 +74,9 @@ class TiktokenTokenizer(BaseTokenizer):
         base = len(ranks)
         self.special_tokens = {t: base + i for i, t in enumerate(llama3_special_tokens())}
         self.model = tiktoken.Encoding(
-            name=Path(model_path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            name=Path(model_path).name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
         self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
@@ -121,14 +119,16 @@ def _chunks(text: str):
     yield text
 
 
-
-
 def load_tokenizer(folder: Path, tokenizer_format: str = "auto"):
     """torchtitan's HuggingFaceTokenizer for tokenizer.json, else our TiktokenTokenizer."""
     found = find_tokenizer_files(Path(folder), tokenizer_format)
     if found is None:
-        raise UserError("model.hf_assets_path", str(folder), "no tokenizer.json or "
-                        "original/tokenizer.model in the folder", "see docs/data.md")
+        raise UserError(
+            "model.hf_assets_path",
+            str(folder),
+            "no tokenizer.json or original/tokenizer.model in the folder",
+            "see docs/data.md",
+        )
     if found.name == TOKENIZER_JSON:
         return HuggingFaceTokenizer(str(folder))
     return TiktokenTokenizer(found)

@@ -54,19 +54,27 @@ import time
 
 import torch
 
-from torchtitan_runai import goodput, plots, storage, upstream
+from torchtitan_runai import goodput, plots, seed, storage, upstream
 from torchtitan_runai.checkpoint import ownership
-from torchtitan_runai.training.checkpoint import staging
-from torchtitan_runai.jsonio import read_json
-from torchtitan_runai.training.checkpoint.manager import Preempted, RunaiCheckpointManager
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.errors import flush_and_exit
 from torchtitan_runai.hf.export import export_at_end
 from torchtitan_runai.job import parse_job_config
-from torchtitan_runai.training import (data_position, device, gloo, log_filter, log_format, metrics, signals,
-                                       step_trace, watchdog)
-from torchtitan_runai import seed
-from torchtitan_runai.training import spec  # noqa: F401  registers our train specs (validation imports none)
+from torchtitan_runai.jsonio import read_json
+from torchtitan_runai.training import (
+    data_position,
+    device,
+    gloo,
+    log_filter,
+    log_format,
+    metrics,
+    signals,
+    spec,  # noqa: F401  registers our train specs (validation imports none)
+    step_trace,
+    watchdog,
+)
+from torchtitan_runai.training.checkpoint import staging
+from torchtitan_runai.training.checkpoint.manager import Preempted, RunaiCheckpointManager
 
 logger = upstream.logger
 
@@ -81,8 +89,10 @@ class RunaiTrainer(upstream.Trainer):
         self.stop_flag.before_first_step = self._leave_now
         self.stop_flag.install()
         self.log_filter = log_filter.install_person_filter(
-            cpu=not device.has_accelerator(), step=lambda: getattr(self, "step", None),
-            stopping=lambda: bool(self.stop_flag.signum))
+            cpu=not device.has_accelerator(),
+            step=lambda: getattr(self, "step", None),
+            stopping=lambda: bool(self.stop_flag.signum),
+        )
         res = getattr(job_config, "resilience", None) or Resilience()
         self.watchdog = watchdog.Watchdog(res.hang_timeout_seconds, res.heartbeat_seconds)
         self.step_trace = step_trace.StepTrace()
@@ -92,17 +102,22 @@ class RunaiTrainer(upstream.Trainer):
         pd = self.parallel_dims
         owner = read_json(storage.checkpoint_dir(job_config) / ownership.OWNER) or {}
         job_id = owner.get("job") or ownership.job_identity(os.environ)[0]
-        RunaiCheckpointManager.adopt(self.checkpointer, job_config, pd.world_size,
-                                          pd.dp_replicate * pd.dp_shard, job_id)
+        RunaiCheckpointManager.adopt(
+            self.checkpointer, job_config, pd.world_size, pd.dp_replicate * pd.dp_shard, job_id
+        )
         self.checkpointer.busy = self.watchdog.paused
         self.checkpointer.ledger = self.ledger
         self.watchdog.on_hang = self.ledger.hung
         # Before the first save: pinned staging buffers kept across checkpoints (torch 2.11 drops
         # them after every save and loses the second checkpoint), prepared in the background now
         # rather than inside the first save (bench/results/checkpoint-stall-*, pinning-*).
-        self.staging_pool = staging.install(self.checkpointer, job_config.checkpoint,
-                                              getattr(job_config, "checkpoint_perf", None),
-                                              model_parts=self.model_parts, optimizer_name=job_config.optimizer.name)
+        self.staging_pool = staging.install(
+            self.checkpointer,
+            job_config.checkpoint,
+            getattr(job_config, "checkpoint_perf", None),
+            model_parts=self.model_parts,
+            optimizer_name=job_config.optimizer.name,
+        )
         self.watchdog.start()
 
     def _leave_now(self, signum: int) -> None:
@@ -110,8 +125,11 @@ class RunaiTrainer(upstream.Trainer):
         _leave_now(signum)
 
     def init_distributed(self):
-        if not device.has_accelerator() and "TORCHELASTIC_RESTART_COUNT" in os.environ \
-                and not torch.distributed.is_initialized():
+        if (
+            not device.has_accelerator()
+            and "TORCHELASTIC_RESTART_COUNT" in os.environ
+            and not torch.distributed.is_initialized()
+        ):
             gloo.init_gloo(self.job_config.comm.init_timeout_seconds)
         parallel_dims = super().init_distributed()
         debug = self.job_config.debug
@@ -120,8 +138,12 @@ class RunaiTrainer(upstream.Trainer):
         if self.job_config.checkpoint.enable and torch.distributed.is_initialized():
             # Before any checkpoint is read or written: a node-local folder on a multi-node job
             # would give every node its own, unresumable checkpoints.
-            ownership.confirm_shared_folder(storage.checkpoint_dir(self.job_config), torch.distributed.get_rank(),
-                                            torch.distributed.get_world_size(), ownership.job_identity(os.environ)[0])
+            ownership.confirm_shared_folder(
+                storage.checkpoint_dir(self.job_config),
+                torch.distributed.get_rank(),
+                torch.distributed.get_world_size(),
+                ownership.job_identity(os.environ)[0],
+            )
         return parallel_dims
 
     def load_state_dict(self, state_dict):
@@ -132,11 +154,19 @@ class RunaiTrainer(upstream.Trainer):
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
         jc = self.job_config
-        metrics.log_startup_summary(metrics.startup_summary(
-            jc, world_size=self.parallel_dims.world_size, nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")),
-            parallel_dims=self.parallel_dims, seed=jc.debug.seed, config_file=jc.job.config_file,
-            resumed_from_step=self.resumed_from, device=self.device.type,
-            initial_load=jc.checkpoint.initial_load_path))
+        metrics.log_startup_summary(
+            metrics.startup_summary(
+                jc,
+                world_size=self.parallel_dims.world_size,
+                nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+                parallel_dims=self.parallel_dims,
+                seed=jc.debug.seed,
+                config_file=jc.job.config_file,
+                resumed_from_step=self.resumed_from,
+                device=self.device.type,
+                initial_load=jc.checkpoint.initial_load_path,
+            )
+        )
 
     def close(self) -> None:
         super().close()  # flushes the TensorBoard writer the plot reads
@@ -183,8 +213,10 @@ class RunaiTrainer(upstream.Trainer):
         self.checkpointer.finish_async(block=False)
         signum = signals.agree(self.stop_flag.signum, self.device)
         if signum:
-            logger.warning(f"stopping at step {self.step} (signal {signum}): finishing the upload in flight, "
-                           "then saving a full checkpoint")
+            logger.warning(
+                f"stopping at step {self.step} (signal {signum}): finishing the upload in flight, "
+                "then saving a full checkpoint"
+            )
             self.ledger.switch("preemption_save")
             logger.warning(self.checkpointer.save_now(self.step, self.stop_flag.when or time.monotonic()))
             raise Preempted(signum)
@@ -253,8 +285,9 @@ def run(argv: list[str]) -> int:
         code = 128 + stop.signum
         _teardown_preempted(trainer)
         trainer.ledger.end("preempted")
-        logger.warning(f"exiting {code} {time.monotonic() - (trainer.stop_flag.when or time.monotonic()):.2f}s "
-                       "after the signal")
+        logger.warning(
+            f"exiting {code} {time.monotonic() - (trainer.stop_flag.when or time.monotonic()):.2f}s after the signal"
+        )
         flush_and_exit(code)
     except BaseException:
         trainer.ledger.end("failed")

@@ -74,8 +74,13 @@ class Watchdog:
         import torch.distributed as dist
 
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=30), wait_for_workers=False)
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=30),
+            wait_for_workers=False,
+        )
         self._store = dist.PrefixStore(f"runai/heartbeat/{restart}", base)
         self._thread = threading.Thread(target=self._run, name="runai-watchdog", daemon=True)
         self._thread.start()
@@ -85,8 +90,10 @@ class Watchdog:
 
     # watchdog thread -----------------------------------------------------------------------
     def _beat(self) -> None:
-        self._store.set(f"hb/{self.rank}", json.dumps({"t": time.time(), "step": self.step, "pid": os.getpid(),
-                                                       "host": socket.gethostname()}))
+        self._store.set(
+            f"hb/{self.rank}",
+            json.dumps({"t": time.time(), "step": self.step, "pid": os.getpid(), "host": socket.gethostname()}),
+        )
 
     def _peers(self) -> dict[int, dict]:
         keys = [f"hb/{r}" for r in range(self.world)]
@@ -114,8 +121,11 @@ class Watchdog:
         first = self._peers()
         time.sleep(2 * self.beat_s + 0.5)
         second = self._peers()
-        frozen = sorted(r for r in range(self.world) if r != self.rank and
-                        (r not in second or second[r].get("t") == first.get(r, {}).get("t")))
+        frozen = sorted(
+            r
+            for r in range(self.world)
+            if r != self.rank and (r not in second or second[r].get("t") == first.get(r, {}).get("t"))
+        )
         behind = []
         if not frozen and second:
             low = min(v.get("step", 0) for v in second.values())
@@ -124,14 +134,18 @@ class Watchdog:
         if frozen:
             who = "hung rank(s) " + ", ".join(
                 f"{r} (pid {second.get(r, first.get(r, {})).get('pid', '?')} on "
-                f"{second.get(r, first.get(r, {})).get('host', '?')}, heartbeat stopped)" for r in frozen)
+                f"{second.get(r, first.get(r, {})).get('host', '?')}, heartbeat stopped)"
+                for r in frozen
+            )
         elif behind:
             who = "hung rank(s) " + ", ".join(str(r) for r in behind) + " (behind the others)"
         else:
             who = "every rank is waiting: a collective or I/O never completed"
-        line = (f"hang detected by rank {self.rank}: no training progress for {stalled:.0f}s "
-                f"(resilience.hang_timeout_seconds = {self.timeout_s:.0f}, last step {self.step}); {who}; "
-                f"exiting {EXIT_HUNG} so the job restarts")
+        line = (
+            f"hang detected by rank {self.rank}: no training progress for {stalled:.0f}s "
+            f"(resilience.hang_timeout_seconds = {self.timeout_s:.0f}, last step {self.step}); {who}; "
+            f"exiting {EXIT_HUNG} so the job restarts"
+        )
         print(f"[resilience] {line}", file=sys.stderr, flush=True)
         _error_file(line)
         write_hang_verdict(line)

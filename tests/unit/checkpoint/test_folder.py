@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
+from ckpt_util import stock_ckpt, write_ckpt
 
-from ckpt_util import config, stock_ckpt, write_ckpt
 from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai.errors import UserError
 
@@ -27,15 +24,21 @@ def test_complete_checkpoint_is_recognised(tmp_path):
     assert marker["files"][".metadata"] > 0 and marker["dp_degree"] == 2
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda p: [(p / ckfolder.MARKER).unlink(), (p / ".metadata").unlink()], "no completion marker and no .metadata"),
-    (lambda p: (p / ".metadata").unlink(), "no .metadata"),
-    (lambda p: (p / ".metadata").write_bytes(b""), ".metadata unreadable"),
-    (lambda p: (p / ".metadata").write_bytes(b"garbage"), ".metadata unreadable"),
-    (lambda p: (p / ckfolder.MARKER).write_text("{"), "unreadable completion marker"),
-    (lambda p: next(p.glob("*.distcp")).unlink(), "is missing"),
-    (lambda p: os.truncate(next(p.glob("*.distcp")), 10), "truncated"),
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (
+            lambda p: [(p / ckfolder.MARKER).unlink(), (p / ".metadata").unlink()],
+            "no completion marker and no .metadata",
+        ),
+        (lambda p: (p / ".metadata").unlink(), "no .metadata"),
+        (lambda p: (p / ".metadata").write_bytes(b""), ".metadata unreadable"),
+        (lambda p: (p / ".metadata").write_bytes(b"garbage"), ".metadata unreadable"),
+        (lambda p: (p / ckfolder.MARKER).write_text("{"), "unreadable completion marker"),
+        (lambda p: next(p.glob("*.distcp")).unlink(), "is missing"),
+        (lambda p: os.truncate(next(p.glob("*.distcp")), 10), "truncated"),
+    ],
+)
 def test_damaged_checkpoints_are_incomplete(tmp_path, damage, why):
     path = write_ckpt(tmp_path, 5)
     damage(path)
@@ -92,11 +95,14 @@ def test_a_stock_model_only_checkpoint_is_complete_but_not_resumable(tmp_path):
         ckfolder.quarantine(found, tmp_path)  # never moved aside
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda p: (p / ".metadata").unlink(), "no completion marker and no .metadata"),
-    (lambda p: os.truncate(next(p.glob("*.distcp")), 10), "truncated"),
-    (lambda p: (p / ".metadata").write_bytes(b"garbage"), ".metadata unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda p: (p / ".metadata").unlink(), "no completion marker and no .metadata"),
+        (lambda p: os.truncate(next(p.glob("*.distcp")), 10), "truncated"),
+        (lambda p: (p / ".metadata").write_bytes(b"garbage"), ".metadata unreadable"),
+    ],
+)
 def test_a_damaged_stock_checkpoint_is_not_adopted(tmp_path, damage, why):
     path = stock_ckpt(tmp_path, 4)
     damage(path)

@@ -12,16 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
 
-from ckpt_util import config, write_ckpt
 from torchtitan_runai.checkpoint import ownership
-from torchtitan_runai.jsonio import read_json, write_json_atomic
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.jsonio import read_json, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -57,8 +53,12 @@ def test_lock_of_a_live_process_on_this_machine_refuses_a_second_run(tmp_path):
     # main let a second run without JOB_UUID/JOB_NAME take the lock over while the first trained
     holder = _sleeper()
     try:
-        record = {**ownership.lock_record(None), "pid": holder.pid, "pid_start": ownership._start_ticks(holder.pid),
-                  "heartbeat": time.time() - 3600}  # no heartbeat needed: the pid answers
+        record = {
+            **ownership.lock_record(None),
+            "pid": holder.pid,
+            "pid_start": ownership._start_ticks(holder.pid),
+            "heartbeat": time.time() - 3600,
+        }  # no heartbeat needed: the pid answers
         write_json_atomic(tmp_path / ownership.LOCK, record)
         with pytest.raises(UserError) as err:
             ownership.acquire_lock(tmp_path, None)
@@ -95,11 +95,13 @@ def test_an_earlier_container_of_this_pod_is_gone():
 
 def test_two_runs_starting_together_get_one_lock(tmp_path):
     # the lock file is created with a hard link: of two racing acquirers exactly one wins
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-              "from torchtitan_runai.checkpoint import ownership\n"
-              f"import time; time.sleep(max(0, {time.time() + 2} - time.time()))\n"
-              f"try:\n    ownership.acquire_lock({str(tmp_path)!r}, None); print('won'); time.sleep(3)\n"
-              "except Exception as e:\n    print('refused', type(e).__name__)\n")
+    script = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "from torchtitan_runai.checkpoint import ownership\n"
+        f"import time; time.sleep(max(0, {time.time() + 2} - time.time()))\n"
+        f"try:\n    ownership.acquire_lock({str(tmp_path)!r}, None); print('won'); time.sleep(3)\n"
+        "except Exception as e:\n    print('refused', type(e).__name__)\n"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes == ["refused UserError"] * 3 + ["won"], outcomes

@@ -16,8 +16,8 @@ from torchtitan_runai.errors import UserError
 def config(local_batch=2, global_batch=-1, tp=1, pp=1, cp=1, seq_len=128):
     return SimpleNamespace(
         training=SimpleNamespace(local_batch_size=local_batch, global_batch_size=global_batch, seq_len=seq_len),
-        parallelism=SimpleNamespace(tensor_parallel_degree=tp, pipeline_parallel_degree=pp,
-                                    context_parallel_degree=cp))
+        parallelism=SimpleNamespace(tensor_parallel_degree=tp, pipeline_parallel_degree=pp, context_parallel_degree=cp),
+    )
 
 
 def found(dp=2, world=2, step=10, data_format="lanes-1", global_batch=8, **data):
@@ -27,9 +27,19 @@ def found(dp=2, world=2, step=10, data_format="lanes-1", global_batch=8, **data)
     return fd.StepFolder(step, Path(f"/ckpt/step-{step}"), True, record=record)
 
 
-@pytest.mark.parametrize("g,dp,local,expected", [
-    (8, 2, 4, (4, 1)), (8, 1, 4, (4, 2)), (8, 4, 4, (2, 1)), (8, 8, 4, (1, 1)),
-    (12, 2, 4, (3, 2)), (12, 3, 8, (4, 1)), (8, 3, 4, None), (6, 4, 1, None)])
+@pytest.mark.parametrize(
+    "g,dp,local,expected",
+    [
+        (8, 2, 4, (4, 1)),
+        (8, 1, 4, (4, 2)),
+        (8, 4, 4, (2, 1)),
+        (8, 8, 4, (1, 1)),
+        (12, 2, 4, (3, 2)),
+        (12, 3, 8, (4, 1)),
+        (8, 3, 4, None),
+        (6, 4, 1, None),
+    ],
+)
 def test_split_batch_keeps_the_global_batch_and_never_grows_the_local_batch(g, dp, local, expected):
     got = ck.split_batch(g, dp, local)
     assert got == expected
@@ -41,8 +51,10 @@ def test_a_smaller_size_accumulates_and_logs_one_line():
     plan = ck.plan_resume(found(dp=2, global_batch=8), config(local_batch=4), world_size=1, dp_degree=1)
     assert (plan.local_batch, plan.accumulation, plan.global_batch) == (4, 2, 8)
     assert plan.changed and plan.position == 80
-    assert plan.line() == ("resuming at data-parallel 1 (checkpoint written at 2): global batch 8 kept, local batch "
-                           "4 × accumulation 2, data position 80 sequences (10,240 tokens)")
+    assert plan.line() == (
+        "resuming at data-parallel 1 (checkpoint written at 2): global batch 8 kept, local batch "
+        "4 × accumulation 2, data position 80 sequences (10,240 tokens)"
+    )
     cfg = config(local_batch=4)
     ck.apply_plan(plan, cfg)
     assert (cfg.training.global_batch_size, cfg.training.local_batch_size) == (8, 4)
@@ -72,9 +84,14 @@ def test_another_explicit_global_batch_is_refused():
     assert ck.plan_resume(found(global_batch=8), config(global_batch=8), world_size=4, dp_degree=4).local_batch == 2
 
 
-@pytest.mark.parametrize("setting,kwargs", [("tensor_parallel_degree", {"tp": 2}),
-                                            ("pipeline_parallel_degree", {"pp": 2}),
-                                            ("context_parallel_degree", {"cp": 2})])
+@pytest.mark.parametrize(
+    "setting,kwargs",
+    [
+        ("tensor_parallel_degree", {"tp": 2}),
+        ("pipeline_parallel_degree", {"pp": 2}),
+        ("context_parallel_degree", {"cp": 2}),
+    ],
+)
 def test_changed_model_parallel_degrees_are_refused(setting, kwargs):
     with pytest.raises(UserError, match=f"parallelism.{setting} = 2.*written with {setting} = 1"):
         ck.plan_resume(found(dp=2, world=2), config(**kwargs), world_size=4, dp_degree=2)
@@ -96,8 +113,16 @@ def test_per_rank_positions_resume_at_their_size_only():
 
 def test_data_record_is_what_a_resume_needs():
     rec = ck.data_record(config(local_batch=2, global_batch=8, tp=2), dp_degree=2, data_format="lanes-1")
-    assert rec == {"format": "lanes-1", "global_batch": 8, "local_batch": 2, "accumulation": 2, "seq_len": 128,
-                   "tp": 2, "pp": 1, "cp": 1}
+    assert rec == {
+        "format": "lanes-1",
+        "global_batch": 8,
+        "local_batch": 2,
+        "accumulation": 2,
+        "seq_len": 128,
+        "tp": 2,
+        "pp": 1,
+        "cp": 1,
+    }
 
 
 def lanes_checkpoint(dump: Path, step: int, dp: int, global_batch: int, world: int | None = None) -> Path:
@@ -107,10 +132,24 @@ def lanes_checkpoint(dump: Path, step: int, dp: int, global_batch: int, world: i
 
     path = dump / "checkpoint" / f"step-{step}"
     dcp.save({"w": torch.ones(10)}, checkpoint_id=str(path))
-    record = {"step": step, "kind": "full", "world_size": world or dp, "dp_degree": dp, "schedule": {},
-              "files": {p.name: p.stat().st_size for p in path.iterdir()},
-              "data": {"format": "lanes-1", "global_batch": global_batch, "local_batch": global_batch // dp,
-                       "accumulation": 1, "seq_len": 8192, "tp": 1, "pp": 1, "cp": 1}}
+    record = {
+        "step": step,
+        "kind": "full",
+        "world_size": world or dp,
+        "dp_degree": dp,
+        "schedule": {},
+        "files": {p.name: p.stat().st_size for p in path.iterdir()},
+        "data": {
+            "format": "lanes-1",
+            "global_batch": global_batch,
+            "local_batch": global_batch // dp,
+            "accumulation": 1,
+            "seq_len": 8192,
+            "tp": 1,
+            "pp": 1,
+            "cp": 1,
+        },
+    }
     fd.mark_complete(path, record)
     return path
 
@@ -138,12 +177,25 @@ def test_preflight_checks_the_memory_fit_at_the_resumed_batch(tmp_path, capsys):
     from torchtitan_runai.launcher import preflight
 
     lanes_checkpoint(tmp_path, 100, dp=16, global_batch=64)  # 2 nodes x 8, local batch 4
-    argv = ["--config", "train_configs/llama3_8b.toml", "--nodes", "1", "--gpus-per-node", "8", "--dry-run",
-            "--job.dump_folder", str(tmp_path), "--training.local_batch_size", "4"]
+    argv = [
+        "--config",
+        "train_configs/llama3_8b.toml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--dry-run",
+        "--job.dump_folder",
+        str(tmp_path),
+        "--training.local_batch_size",
+        "4",
+    ]
     preflight.main(argv)
     out = capsys.readouterr().out
-    assert ("resuming at data-parallel 8 (checkpoint written at 16): global batch 64 kept, local batch 4 × "
-            "accumulation 2, data position 6400 sequences") in out
+    assert (
+        "resuming at data-parallel 8 (checkpoint written at 16): global batch 64 kept, local batch 4 × "
+        "accumulation 2, data position 6400 sequences"
+    ) in out
     preflight.main([*argv[:3], "4", *argv[4:]])  # 4 nodes: the local batch drops to 2
     out = capsys.readouterr().out
     assert "local batch 2 × accumulation 1" in out

@@ -5,16 +5,11 @@ Checkpoints here are real DCP checkpoints written by torch.distributed.checkpoin
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
-
 from ckpt_util import config, stock_ckpt, write_ckpt
+
 from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai.checkpoint import resume
 from torchtitan_runai.errors import UserError

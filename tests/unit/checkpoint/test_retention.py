@@ -16,14 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from ckpt_util import write_ckpt
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ckpt_util import write_ckpt
-from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai import errors
-from torchtitan_runai.training.checkpoint import manager
+from torchtitan_runai.checkpoint import folder as ckfolder
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.goodput.ledger import NullLedger
+from torchtitan_runai.training.checkpoint import manager
 
 
 def age(path: Path, seconds: float = 3600) -> Path:
@@ -135,7 +135,9 @@ def test_peak_is_k_kept_plus_the_one_being_written_less_what_is_on_disk(tmp_path
     size = ckfolder.folder_bytes(tmp_path / "step-20")  # larger than the estimate: it counts
     peak = ckfolder.peak_room(tmp_path, est, 2)
     assert (peak.checkpoint_bytes, peak.on_disk, peak.needed_bytes) == (size, 2, size)
-    assert peak.freeable_bytes == ckfolder.folder_bytes(tmp_path / "step-5") + ckfolder.folder_bytes(tmp_path / "step-10")
+    assert peak.freeable_bytes == ckfolder.folder_bytes(tmp_path / "step-5") + ckfolder.folder_bytes(
+        tmp_path / "step-10"
+    )
 
 
 def test_launcher_counts_what_retention_frees_as_room(tmp_path, monkeypatch):
@@ -155,8 +157,12 @@ def bare_manager(folder: Path, keep: int, monkeypatch) -> manager.RunaiCheckpoin
     monkeypatch.setattr(manager, "data_record", lambda *a: {})
     m = manager.RunaiCheckpointManager.__new__(manager.RunaiCheckpointManager)
     m.folder, m.keep_latest_k, m.retiring, m.last_complete_step = str(folder), keep, None, -1
-    m.job_config = SimpleNamespace(training=SimpleNamespace(steps=20), lr_scheduler=SimpleNamespace(
-        warmup_steps=2, total_steps=None, decay_ratio=None, decay_type="linear", min_lr_factor=0.0))
+    m.job_config = SimpleNamespace(
+        training=SimpleNamespace(steps=20),
+        lr_scheduler=SimpleNamespace(
+            warmup_steps=2, total_steps=None, decay_ratio=None, decay_type="linear", min_lr_factor=0.0
+        ),
+    )
     m.world_size = m.dp_degree = 2
     m.job_id, m.states, m.ledger = "job", {}, NullLedger()
     return m
@@ -217,14 +223,29 @@ def test_a_full_disk_in_any_writer_thread_fails_the_save_once_without_thread_tra
     threads would print a traceback each (threading.excepthook) and drop their error."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    snippet = ("import torch, torch.distributed.checkpoint as dcp\n"
-               "from torchtitan_runai.checkpoint import folder, upload\n"
-               f"w = upload.writer('{mnt}/step-1', 4)\n"
-               "try:\n"
-               "    dcp.save({str(i): torch.ones(100_000) for i in range(8)}, storage_writer=w)\n"
-               "except BaseException as e:\n"
-               "    print('disk full:', folder.is_disk_full(e))\n")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs {mnt} && exec "$0" -W ignore -c "$1"',
-                           sys.executable, snippet], capture_output=True, text=True, timeout=120, cwd=REPO)
+    snippet = (
+        "import torch, torch.distributed.checkpoint as dcp\n"
+        "from torchtitan_runai.checkpoint import folder, upload\n"
+        f"w = upload.writer('{mnt}/step-1', 4)\n"
+        "try:\n"
+        "    dcp.save({str(i): torch.ones(100_000) for i in range(8)}, storage_writer=w)\n"
+        "except BaseException as e:\n"
+        "    print('disk full:', folder.is_disk_full(e))\n"
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size=1m tmpfs {mnt} && exec "$0" -W ignore -c "$1"',
+            sys.executable,
+            snippet,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert "disk full: True" in proc.stdout, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr[-3000:]

@@ -7,16 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torchtitan_runai.jsonio import write_json_atomic
-
 from test_report import launch, segment
+
+from torchtitan_runai.jsonio import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def goodput(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torchtitan_runai.goodput", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "torchtitan_runai.goodput", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def job_folder(tmp_path: Path) -> Path:

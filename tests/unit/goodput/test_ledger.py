@@ -29,8 +29,14 @@ class Clock:
 
 
 def ledger(tmp_path, clock, started_ago: float = 3.0) -> Ledger:
-    return Ledger(tmp_path, heartbeat_s=3600, launch_id="launch-x", started_at=5000.0 - started_ago,
-                  clock=clock, wall=lambda: 5000.0 + (clock() - 1000.0))
+    return Ledger(
+        tmp_path,
+        heartbeat_s=3600,
+        launch_id="launch-x",
+        started_at=5000.0 - started_ago,
+        clock=clock,
+        wall=lambda: 5000.0 + (clock() - 1000.0),
+    )
 
 
 def test_states_add_up_to_the_life_of_the_process(tmp_path):
@@ -177,8 +183,11 @@ def test_the_launchers_record_is_written_and_leaves_the_environment_to_the_launc
     from torchtitan_runai import goodput
 
     monkeypatch.delenv(goodput.LAUNCH_ID_ENV, raising=False)
-    config = SimpleNamespace(job=SimpleNamespace(dump_folder=str(tmp_path)), goodput=SimpleNamespace(enable=True),
-                             checkpoint=SimpleNamespace(enable=True, folder="checkpoint"))
+    config = SimpleNamespace(
+        job=SimpleNamespace(dump_folder=str(tmp_path)),
+        goodput=SimpleNamespace(enable=True),
+        checkpoint=SimpleNamespace(enable=True, folder="checkpoint"),
+    )
     record = goodput.build_launch_record(config)
     assert (tmp_path / "checkpoint" / "goodput" / f"{record.id}.json").is_file()
     assert goodput.LAUNCH_ID_ENV not in os.environ  # launcher.workers gives it to the workers

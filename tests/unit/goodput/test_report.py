@@ -11,24 +11,59 @@ def launch(lid: str, start: float, end: float | None, code: int | None = 0) -> d
     return {"version": 1, "kind": "launch", "id": lid, "started_at": start, "ended_at": end, "exit_code": code}
 
 
-def segment(lid: str, start: float, *, resume: int, last: int, step_s: float = 1.0, startup: float = 5.0,
-            compile_s: float = 3.0, saves: tuple[int, ...] = (), durable: int | None = None,
-            outcome: str | None = None, preemption: float = 0.0, stall: float = 0.0, teardown: float = 0.0) -> dict:
+def segment(
+    lid: str,
+    start: float,
+    *,
+    resume: int,
+    last: int,
+    step_s: float = 1.0,
+    startup: float = 5.0,
+    compile_s: float = 3.0,
+    saves: tuple[int, ...] = (),
+    durable: int | None = None,
+    outcome: str | None = None,
+    preemption: float = 0.0,
+    stall: float = 0.0,
+    teardown: float = 0.0,
+) -> dict:
     first = resume + 1
     work = (last - first) * step_s
-    seconds = {"startup": startup, "compile": compile_s, "work": work, "data_wait": 0.0,
-               "checkpoint_stall": stall, "upload_wait": 0.0, "preemption_save": preemption,
-               "teardown": teardown, "hang": 0.0}
-    return {"version": 1, "kind": "segment", "id": f"seg-{start}", "launch": lid, "started_at": start,
-            "last_seen": start + sum(seconds.values()), "outcome": outcome, "resume_step": resume,
-            "first_step": first, "first_step_s": compile_s, "last_step": last, "work_s": work,
-            "saves": {str(s): (s - first) * step_s for s in saves}, "durable_step": durable,
-            "seconds": seconds, "timeline": [[0.0, "startup"]]}
+    seconds = {
+        "startup": startup,
+        "compile": compile_s,
+        "work": work,
+        "data_wait": 0.0,
+        "checkpoint_stall": stall,
+        "upload_wait": 0.0,
+        "preemption_save": preemption,
+        "teardown": teardown,
+        "hang": 0.0,
+    }
+    return {
+        "version": 1,
+        "kind": "segment",
+        "id": f"seg-{start}",
+        "launch": lid,
+        "started_at": start,
+        "last_seen": start + sum(seconds.values()),
+        "outcome": outcome,
+        "resume_step": resume,
+        "first_step": first,
+        "first_step_s": compile_s,
+        "last_step": last,
+        "work_s": work,
+        "saves": {str(s): (s - first) * step_s for s in saves},
+        "durable_step": durable,
+        "seconds": seconds,
+        "timeline": [[0.0, "startup"]],
+    }
 
 
 def test_a_single_finished_run():
-    seg = segment("L1", 101.0, resume=0, last=20, saves=(10, 20), durable=20, outcome="finished", stall=1.0,
-                  teardown=2.0)
+    seg = segment(
+        "L1", 101.0, resume=0, last=20, saves=(10, 20), durable=20, outcome="finished", stall=1.0, teardown=2.0
+    )
     s = summarize([launch("L1", 100.0, seg["last_seen"] + 1.0), seg])
     sec = s["seconds"]
     assert sec["productive"] == pytest.approx(20 * 1.0)  # the first step at the typical step time
@@ -43,9 +78,13 @@ def test_a_single_finished_run():
 def test_a_kill9_restart_counts_the_lost_steps_as_redone_and_the_gap_as_away():
     # killed at step 15 (last heartbeat), checkpoint 10 complete; the successor resumes from 10
     first = segment("L1", 101.0, resume=0, last=15, saves=(10,), durable=10)
-    second = segment("L2", first["last_seen"] + 30.0, resume=10, last=20, saves=(20,), durable=20,
-                     outcome="finished")
-    records = [launch("L1", 100.0, None, None), first, launch("L2", second["started_at"] - 1.0, second["last_seen"]), second]
+    second = segment("L2", first["last_seen"] + 30.0, resume=10, last=20, saves=(20,), durable=20, outcome="finished")
+    records = [
+        launch("L1", 100.0, None, None),
+        first,
+        launch("L2", second["started_at"] - 1.0, second["last_seen"]),
+        second,
+    ]
     s = summarize(records)
     sec = s["seconds"]
     assert sec["redone"] == pytest.approx(5 * 1.0)  # steps 11..15
@@ -58,10 +97,30 @@ def test_a_kill9_restart_counts_the_lost_steps_as_redone_and_the_gap_as_away():
 
 def test_before_the_successor_resumes_the_lost_steps_are_unsaved_not_redone():
     first = segment("L1", 101.0, resume=0, last=15, saves=(10,), durable=10)
-    starting = dict(segment("L2", first["last_seen"] + 5.0, resume=0, last=0), resume_step=None,
-                    first_step=None, last_step=None, first_step_s=None, work_s=0.0,
-                    seconds={"startup": 4.0, **{k: 0.0 for k in ("compile", "work", "data_wait",
-                             "checkpoint_stall", "upload_wait", "preemption_save", "teardown", "hang")}})
+    starting = dict(
+        segment("L2", first["last_seen"] + 5.0, resume=0, last=0),
+        resume_step=None,
+        first_step=None,
+        last_step=None,
+        first_step_s=None,
+        work_s=0.0,
+        seconds={
+            "startup": 4.0,
+            **{
+                k: 0.0
+                for k in (
+                    "compile",
+                    "work",
+                    "data_wait",
+                    "checkpoint_stall",
+                    "upload_wait",
+                    "preemption_save",
+                    "teardown",
+                    "hang",
+                )
+            },
+        },
+    )
     starting["last_seen"] = starting["started_at"] + 4.0
     s = summarize([first, starting])
     assert s["seconds"]["unsaved"] == pytest.approx(5.0)

@@ -23,14 +23,12 @@ import torch
 
 from torchtitan_runai import upstream
 from torchtitan_runai.checkpoint import folder as ckfolder
-from torchtitan_runai.errors import UserError
 from torchtitan_runai.config import Export, validate
+from torchtitan_runai.errors import UserError
 from torchtitan_runai.export import main
 from torchtitan_runai.hf.export import (
     export_at_end,
     export_checkpoint,
-    model_args_for,
-    read_model_state_dict,
     resolve_step_dir,
 )
 from torchtitan_runai.hf.initial_load import validate_hf_import
@@ -54,22 +52,39 @@ def write_tokenizer(folder: Path, vocab_size: int = 512) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     specials = ["<|begin_of_text|>", "<|end_of_text|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": specials[0], "eos_token": specials[1],
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": specials[0],
+                "eos_token": specials[1],
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": 2048,
+            }
+        )
+    )
 
 
 def write_config(tmp: Path, assets: Path, **checkpoint: object) -> Path:
     lines = [
-        "[job]", f'dump_folder = "{tmp / "dump"}"',
-        "[model]", 'name = "llama3"', f'flavor = "{FLAVOR}"', f'hf_assets_path = "{assets}"',
-        "[training]", "seq_len = 64", "steps = 10",
-        "[checkpoint]", "enable = true", 'folder = "checkpoint"', "keep_latest_k = 0", "interval = 1",
+        "[job]",
+        f'dump_folder = "{tmp / "dump"}"',
+        "[model]",
+        'name = "llama3"',
+        f'flavor = "{FLAVOR}"',
+        f'hf_assets_path = "{assets}"',
+        "[training]",
+        "seq_len = 64",
+        "steps = 10",
+        "[checkpoint]",
+        "enable = true",
+        'folder = "checkpoint"',
+        "keep_latest_k = 0",
+        "interval = 1",
     ] + [f"{k} = {json.dumps(v)}" for k, v in checkpoint.items()]
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -90,17 +105,20 @@ def build_model(job_config, seed: int):
 
 def checkpoint_manager(job_config, spec, model):
     """torchtitan's own CheckpointManager around model, optimizer and lr scheduler."""
-    parallel_dims = upstream.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1,
-                                          etp=1, world_size=1)
+    parallel_dims = upstream.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
     optimizers = spec.build_optimizers_fn([model], job_config.optimizer, parallel_dims)
-    lr_schedulers = spec.build_lr_schedulers_fn(optimizers, job_config.lr_scheduler,
-                                                job_config.training.steps)
-    sd_adapter = spec.state_dict_adapter(spec.model_args[job_config.model.flavor],
-                                         job_config.model.hf_assets_path)
+    lr_schedulers = spec.build_lr_schedulers_fn(optimizers, job_config.lr_scheduler, job_config.training.steps)
+    sd_adapter = spec.state_dict_adapter(spec.model_args[job_config.model.flavor], job_config.model.hf_assets_path)
     return upstream.CheckpointManager(
-        dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=lr_schedulers,
-        states={}, checkpoint_config=job_config.checkpoint, sd_adapter=sd_adapter,
-        base_folder=job_config.job.dump_folder)
+        dataloader=None,
+        model_parts=[model],
+        optimizers=optimizers,
+        lr_schedulers=lr_schedulers,
+        states={},
+        checkpoint_config=job_config.checkpoint,
+        sd_adapter=sd_adapter,
+        base_folder=job_config.job.dump_folder,
+    )
 
 
 def tokens(vocab: int = 2048) -> torch.Tensor:
@@ -126,8 +144,15 @@ def trained(tmp_path_factory):
         logits = model(tokens())
     step_dir = Path(job_config.job.dump_folder) / "checkpoint" / "step-3"
     ckfolder.mark_complete(step_dir, ckfolder.marker_record(3, "full", step_dir, {}, 1, 1, "test"))
-    return {"tmp": tmp, "assets": assets, "config": config, "job_config": job_config,
-            "step_dir": step_dir, "logits": logits, "model": model}
+    return {
+        "tmp": tmp,
+        "assets": assets,
+        "config": config,
+        "job_config": job_config,
+        "step_dir": step_dir,
+        "logits": logits,
+        "model": model,
+    }
 
 
 # ------------------------------------------------------------------------------------ export
@@ -153,11 +178,17 @@ def test_checkpoint_is_a_full_torchtitan_checkpoint(trained):
 def test_exported_logits_equal_torchtitan_forward(trained):
     from transformers import AutoTokenizer
 
-    out = export_checkpoint(trained["step_dir"], trained["tmp"] / "hf32", load_job_config(trained["config"]),
-                            dtype="float32")
+    out = export_checkpoint(
+        trained["step_dir"], trained["tmp"] / "hf32", load_job_config(trained["config"]), dtype="float32"
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= set(names)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= set(names)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["rope_scaling"]["rope_type"] == "llama3"
@@ -172,14 +203,14 @@ def test_exported_logits_equal_torchtitan_forward(trained):
     unscaled = out.parent / "hf32_unscaled"
     shutil.copytree(out, unscaled)
     (unscaled / "config.json").write_text(json.dumps(config))
-    assert not torch.allclose(hf_logits(unscaled, tokens()), trained["logits"], atol=ATOL,
-                              rtol=RTOL)
+    assert not torch.allclose(hf_logits(unscaled, tokens()), trained["logits"], atol=ATOL, rtol=RTOL)
     assert not list(out.parent.glob(".hf32.partial-*"))
 
 
 def test_bf16_sharded_export_loads(trained):
-    out = export_checkpoint(trained["step_dir"], trained["tmp"] / "hf16", trained["job_config"],
-                            dtype="bfloat16", max_shard_gb=0.002)
+    out = export_checkpoint(
+        trained["step_dir"], trained["tmp"] / "hf16", trained["job_config"], dtype="bfloat16", max_shard_gb=0.002
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
@@ -192,16 +223,39 @@ def test_bf16_sharded_export_loads(trained):
 def test_cli_exports_through_python_dash_m(trained):
     out = trained["tmp"] / "hf_cli"
     run = subprocess.run(
-        [sys.executable, "-m", "torchtitan_runai.export", str(trained["step_dir"].parent),
-         str(out), "--config", str(trained["config"]), "--dtype", "float32"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torchtitan_runai.export",
+            str(trained["step_dir"].parent),
+            str(out),
+            "--config",
+            str(trained["config"]),
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
-    assert "step-3" in json.loads((out / "torchtitan_export.json").read_text())[
-        "source_checkpoint"]
+    assert "step-3" in json.loads((out / "torchtitan_export.json").read_text())["source_checkpoint"]
     again = subprocess.run(
-        [sys.executable, "-m", "torchtitan_runai.export", str(trained["step_dir"]), str(out),
-         "--config", str(trained["config"])],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torchtitan_runai.export",
+            str(trained["step_dir"]),
+            str(out),
+            "--config",
+            str(trained["config"]),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2
     assert "Traceback" not in again.stderr and "--overwrite" in again.stderr
 
@@ -215,9 +269,20 @@ def test_user_errors_are_one_line(trained, tmp_path):
     no_tok = load_job_config(trained["config"], ["--model.hf_assets_path", str(tmp_path)])
     with pytest.raises(UserError, match="no tokenizer files"):
         export_checkpoint(trained["step_dir"], tmp_path / "y", no_tok)
-    assert main([str(trained["step_dir"]), str(tmp_path / "z"), "--config",
-                 str(trained["config"]), "--no-tokenizer", "--model.hf_assets_path",
-                 str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                str(trained["step_dir"]),
+                str(tmp_path / "z"),
+                "--config",
+                str(trained["config"]),
+                "--no-tokenizer",
+                "--model.hf_assets_path",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "z" / "model.safetensors").is_file()
 
 
@@ -245,8 +310,7 @@ def test_import_round_trip_through_torchtitan_initial_load(trained):
     export_checkpoint(trained["step_dir"], hf_dir, load_job_config(trained["config"]), dtype="float32")
     tmp = trained["tmp"] / "continued"
     tmp.mkdir()
-    config = write_config(tmp, trained["assets"], initial_load_path=str(hf_dir),
-                          initial_load_in_hf=True)
+    config = write_config(tmp, trained["assets"], initial_load_path=str(hf_dir), initial_load_in_hf=True)
     job_config = load_job_config(config)
     assert validate_hf_import(job_config) == hf_dir
     spec, fresh = build_model(job_config, seed=2)
@@ -266,8 +330,7 @@ def test_validate_hf_import_catches_mismatch(trained, tmp_path):
     hf_dir = trained["tmp"] / "hf32"  # written by the logits test (module order) or below
     if not hf_dir.is_dir():
         export_checkpoint(trained["step_dir"], hf_dir, load_job_config(trained["config"]), dtype="float32")
-    config = write_config(tmp_path, trained["assets"], initial_load_path=str(hf_dir),
-                          initial_load_in_hf=True)
+    config = write_config(tmp_path, trained["assets"], initial_load_path=str(hf_dir), initial_load_in_hf=True)
     # The whole-config validation (what the launcher runs before any worker) calls validate_hf_import.
     with pytest.raises(UserError, match="hidden_size is 256"):
         load_job_config(config, ["--model.flavor", "8B"])
@@ -275,13 +338,24 @@ def test_validate_hf_import_catches_mismatch(trained, tmp_path):
         load_job_config(config, ["--checkpoint.initial_load_path", str(tmp_path)])
     assert validate_hf_import(load_job_config(config)) == hf_dir
     args = upstream.llama3.llama3_args["8B"]
-    llama31_8b = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                  "rope_theta": 500000.0, "rms_norm_eps": 1e-05, "tie_word_embeddings": False,
-                  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 8192,
-                                   "rope_type": "llama3"}}
+    llama31_8b = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    }
     assert hf_compatibility_problems(llama31_8b, args) == []
     assert hf_compatibility_problems({**llama31_8b, "tie_word_embeddings": True}, args)
 
@@ -319,9 +393,25 @@ def test_exported_files_follow_the_umask(trained, umask, folder_mode, file_mode)
     # umask: another pod's user or a notebook on the shared volume could not read the model
     out = trained["tmp"] / f"hf_umask_{umask:o}"
     run = subprocess.run(
-        ["sh", "-c", f'umask {umask:03o} && exec "$0" "$@"', sys.executable, "-m", "torchtitan_runai.export",
-         str(trained["step_dir"]), str(out), "--config", str(trained["config"]), "--dtype", "float32"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            "sh",
+            "-c",
+            f'umask {umask:03o} && exec "$0" "$@"',
+            sys.executable,
+            "-m",
+            "torchtitan_runai.export",
+            str(trained["step_dir"]),
+            str(out),
+            "--config",
+            str(trained["config"]),
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert out.stat().st_mode & 0o777 == folder_mode
     files = [p for p in out.rglob("*") if p.is_file()]

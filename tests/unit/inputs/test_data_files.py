@@ -47,8 +47,7 @@ def test_config_level_errors(tmp_path, cfg):
     with pytest.raises(UserError, match="training.dataset_path = 'tests/assets/c4_test'"):
         data_files.check_dataset("c4_test", None, cfg)
     with pytest.raises(UserError, match="data.format"):
-        data_files.check_dataset("local", str(write_jsonl(tmp_path / "a.jsonl", TEXTS)),
-                               Data(format="csv"))
+        data_files.check_dataset("local", str(write_jsonl(tmp_path / "a.jsonl", TEXTS)), Data(format="csv"))
     data_files.check_dataset("c4", None, cfg)  # streams from the Hub: nothing local to check
 
 

@@ -220,8 +220,7 @@ def test_backoff_doubles_and_is_capped():
             raise error
         return "ok"
 
-    assert hub_mod.with_backoff(flaky, retries=5, backoff_s=1, max_backoff_s=3, what="t",
-                               sleep=waits.append) == "ok"
+    assert hub_mod.with_backoff(flaky, retries=5, backoff_s=1, max_backoff_s=3, what="t", sleep=waits.append) == "ok"
     assert waits == [1, 2, 3, 3]
 
 
@@ -235,9 +234,16 @@ def test_one_download_per_cache_across_processes(hub, tmp_path):
         print(ensure_tokenizer(cfg))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "out")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len({out.strip() for out, _ in outs}) == 1
@@ -266,8 +272,9 @@ def test_token_never_leaks_to_output_or_files(hub, tmp_path):
         os.environ["HF_TOKEN"] = {TOKEN!r} + "-wrong"; run({REPO!r}, cache_dir=sys.argv[1] + "/c3")
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_VERBOSITY": "debug"}
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "401" in proc.stdout and "403" in proc.stdout and "404" in proc.stdout
     output = proc.stdout + proc.stderr

@@ -3,8 +3,8 @@
 import os
 
 import pytest
-
 from conftest import DEBUG_CONFIG, pod_env, run_launcher
+
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.launcher.launch import plan_launch, torchrun_args, trainer_args
 from torchtitan_runai.launcher.workers import worker_env
@@ -13,11 +13,16 @@ from torchtitan_runai.launcher.workers import worker_env
 def kubeflow_pod(index: int, nodes: int = 2, nproc: str = "8", job: str = "llama") -> dict:
     """What training-operator v1.8/1.9 puts in pod `index` of a PyTorchJob with a Master."""
     return {
-        "MASTER_ADDR": f"{job}-master-0", "PET_MASTER_ADDR": f"{job}-master-0",
-        "MASTER_PORT": "23456", "PET_MASTER_PORT": "23456",
-        "RANK": str(index), "PET_NODE_RANK": str(index),
+        "MASTER_ADDR": f"{job}-master-0",
+        "PET_MASTER_ADDR": f"{job}-master-0",
+        "MASTER_PORT": "23456",
+        "PET_MASTER_PORT": "23456",
+        "RANK": str(index),
+        "PET_NODE_RANK": str(index),
         "WORLD_SIZE": str(nodes * int(nproc)) if nproc.isdigit() else str(nodes),
-        "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": nproc, "PYTHONUNBUFFERED": "1",
+        "PET_NNODES": str(nodes),
+        "PET_NPROC_PER_NODE": nproc,
+        "PYTHONUNBUFFERED": "1",
     }
 
 
@@ -69,9 +74,15 @@ def test_old_operator_master_localhost_and_world_size_is_pods():
 
 
 def test_elastic_pytorchjob_min_max_and_operator_restarts():
-    env = {"PET_RDZV_ENDPOINT": "job-worker-0:29400", "PET_RDZV_BACKEND": "c10d", "PET_NNODES": "2:4",
-           "PET_MAX_RESTARTS": "3", "PET_RDZV_ID": "abc", "PET_RDZV_CONF": "read_timeout=60",
-           "PET_NPROC_PER_NODE": "8"}
+    env = {
+        "PET_RDZV_ENDPOINT": "job-worker-0:29400",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_NNODES": "2:4",
+        "PET_MAX_RESTARTS": "3",
+        "PET_RDZV_ID": "abc",
+        "PET_RDZV_CONF": "read_timeout=60",
+        "PET_NPROC_PER_NODE": "8",
+    }
     plan = plan_launch(env, gpu_count=8)
     args = torchrun_args(plan, [])
     assert plan.shape == "elastic PyTorchJob"
@@ -84,8 +95,13 @@ def test_elastic_pytorchjob_min_max_and_operator_restarts():
 
 
 def test_trainer_v2_pet_only():
-    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "auto", "PET_NODE_RANK": "1",
-           "PET_MASTER_ADDR": "tj-node-0-0.tj", "PET_MASTER_PORT": "29500"}
+    env = {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "auto",
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": "tj-node-0-0.tj",
+        "PET_MASTER_PORT": "29500",
+    }
     plan = plan_launch(env, gpu_count=8)
     assert plan.shape == "Kubeflow Trainer v2"
     assert plan.rdzv_endpoint == "tj-node-0-0.tj:29500" and plan.nnodes == "2" and plan.nproc_per_node == 8
@@ -104,8 +120,14 @@ def test_one_node_job_runs_standalone():
 
 
 def test_override_nnodes_and_knobs():
-    env = {**kubeflow_pod(0), "OVERRIDE_PET_NNODES": "4", "MAX_RESTARTS": "0", "RDZV_TIMEOUT": "120",
-           "LOG_RANK": "0,1", "RDZV_ID": "run-7"}
+    env = {
+        **kubeflow_pod(0),
+        "OVERRIDE_PET_NNODES": "4",
+        "MAX_RESTARTS": "0",
+        "RDZV_TIMEOUT": "120",
+        "LOG_RANK": "0,1",
+        "RDZV_ID": "run-7",
+    }
     args = torchrun_args(plan_launch(env, 8), [])
     assert opt(args, "--nnodes") == "4"
     assert opt(args, "--max_restarts") == "0"
@@ -119,21 +141,24 @@ def test_defaults_max_restarts_1_and_job_uuid_as_id():
     assert plan.max_restarts == 1 and plan.rdzv_id == "u-1"
 
 
-@pytest.mark.parametrize("env, setting", [
-    ({**kubeflow_pod(0), "PET_NNODES": "two"}, "PET_NNODES"),
-    ({**kubeflow_pod(0), "PET_NNODES": "3:2"}, "PET_NNODES"),
-    ({"MASTER_ADDR": "job-master-0", "WORLD_SIZE": "2"}, "MASTER_PORT"),
-    ({"MASTER_ADDR": "job-master-0:23456", "MASTER_PORT": "23456", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
-    ({**kubeflow_pod(0), "MASTER_PORT": "99999"}, "MASTER_PORT"),
-    ({"NGPU": "eight"}, "NGPU"),
-    ({"NGPU": "0"}, "NGPU"),
-    ({**kubeflow_pod(0), "MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
-    ({"PET_RDZV_ENDPOINT": "host-without-port", "PET_NNODES": "2"}, "PET_RDZV_ENDPOINT"),
-    ({"PET_RDZV_ENDPOINT": "h:1"}, "PET_NNODES"),
-    ({"LOG_RANK": "first"}, "LOG_RANK"),
-    ({"OVERRIDE_PET_NNODES": "2"}, "MASTER_ADDR"),  # a node count with nowhere to meet
-    ({"MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "WORLD_SIZE"),
-])
+@pytest.mark.parametrize(
+    "env, setting",
+    [
+        ({**kubeflow_pod(0), "PET_NNODES": "two"}, "PET_NNODES"),
+        ({**kubeflow_pod(0), "PET_NNODES": "3:2"}, "PET_NNODES"),
+        ({"MASTER_ADDR": "job-master-0", "WORLD_SIZE": "2"}, "MASTER_PORT"),
+        ({"MASTER_ADDR": "job-master-0:23456", "MASTER_PORT": "23456", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+        ({**kubeflow_pod(0), "MASTER_PORT": "99999"}, "MASTER_PORT"),
+        ({"NGPU": "eight"}, "NGPU"),
+        ({"NGPU": "0"}, "NGPU"),
+        ({**kubeflow_pod(0), "MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
+        ({"PET_RDZV_ENDPOINT": "host-without-port", "PET_NNODES": "2"}, "PET_RDZV_ENDPOINT"),
+        ({"PET_RDZV_ENDPOINT": "h:1"}, "PET_NNODES"),
+        ({"LOG_RANK": "first"}, "LOG_RANK"),
+        ({"OVERRIDE_PET_NNODES": "2"}, "MASTER_ADDR"),  # a node count with nowhere to meet
+        ({"MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "WORLD_SIZE"),
+    ],
+)
 def test_bad_environment_names_the_variable(env, setting):
     with pytest.raises(UserError) as e:
         plan_launch(env, gpu_count=8)
@@ -195,10 +220,17 @@ def test_preflight_counts_host_memory_per_node_not_per_job(monkeypatch, tmp_path
     import os
 
     from conftest import REPO, pod_env
+
     from torchtitan_runai.launcher import launch, preflight
 
-    env = pod_env(MASTER_ADDR="job-master-0", MASTER_PORT="23456", RANK="0", WORLD_SIZE="4", PET_NNODES="2",
-                  PET_NPROC_PER_NODE="2")
+    env = pod_env(
+        MASTER_ADDR="job-master-0",
+        MASTER_PORT="23456",
+        RANK="0",
+        WORLD_SIZE="4",
+        PET_NNODES="2",
+        PET_NPROC_PER_NODE="2",
+    )
     monkeypatch.setattr(os, "environ", env)
     monkeypatch.chdir(REPO)
     seen = {}
@@ -240,12 +272,17 @@ def test_one_node_count_without_address_is_still_single_node():
     assert plan_launch({"PET_NNODES": "1"}, gpu_count=8).standalone
 
 
-@pytest.mark.parametrize("env, setting", [
-    ({**kubeflow_pod(0), "RANK": "5", "PET_NODE_RANK": "5"}, "PET_NODE_RANK"),
-    ({"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "5"}, "RANK"),
-    ({"PET_NNODES": "2", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "tj-node-0-0.tj", "PET_MASTER_PORT": "29500"},
-     "PET_NODE_RANK"),
-])
+@pytest.mark.parametrize(
+    "env, setting",
+    [
+        ({**kubeflow_pod(0), "RANK": "5", "PET_NODE_RANK": "5"}, "PET_NODE_RANK"),
+        ({"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "5"}, "RANK"),
+        (
+            {"PET_NNODES": "2", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "tj-node-0-0.tj", "PET_MASTER_PORT": "29500"},
+            "PET_NODE_RANK",
+        ),
+    ],
+)
 def test_node_rank_outside_the_node_count_is_refused(env, setting):
     # main accepted RANK=5 of 2 nodes; torchrun then waited the whole rendezvous timeout
     with pytest.raises(UserError) as err:
@@ -259,8 +296,14 @@ def test_log_level_is_validated():
         plan_launch({"LOG_LEVEL": "verbose"}, gpu_count=0)
 
 
-HEAVY_MODULES = ("torch._inductor", "torch._dynamo", "torchtitan.components.quantization", "torchtitan.models",
-                 "torchtitan.train", "datasets")
+HEAVY_MODULES = (
+    "torch._inductor",
+    "torch._dynamo",
+    "torchtitan.components.quantization",
+    "torchtitan.models",
+    "torchtitan.train",
+    "datasets",
+)
 """What the ranks import (and the old launcher did, for 14 s on an H200 host) and validation needs not."""
 
 RECORD_MODULES = """
@@ -304,8 +347,12 @@ def test_the_launchers_validation_imports_no_model_compiler_or_datasets(tmp_path
     (tmp_path / "site" / "sitecustomize.py").write_text(RECORD_MODULES)
     record = tmp_path / "modules.txt"
     path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
-    proc = run_launcher(["--dry-run"], pod_env(NGPU=ngpu, CONFIG_FILE=recipe, OUTPUT_DIR=str(tmp_path / "out"),
-                                               PYTHONPATH=path, MODULES_RECORD=str(record)))
+    proc = run_launcher(
+        ["--dry-run"],
+        pod_env(
+            NGPU=ngpu, CONFIG_FILE=recipe, OUTPUT_DIR=str(tmp_path / "out"), PYTHONPATH=path, MODULES_RECORD=str(record)
+        ),
+    )
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("torchrun "), proc.stderr[-3000:]
     imported = set(record.read_text().splitlines())
     assert {"torch", "torchtitan.config", "torchtitan_runai.job", "torchtitan_runai.launcher.preflight"} <= imported

@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from torchtitan_runai import storage
-
-from torchtitan_runai.launcher import manifest
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.launcher import manifest
 from torchtitan_runai.launcher.manifest import JobSpec
 
 REPO = Path(__file__).resolve().parents[3]
@@ -41,9 +40,17 @@ save_tb_folder = "{tb}"
 
 
 def spec(nodes: int = 2, gpus: int = 8, **kw) -> JobSpec:
-    base = dict(name="llama3-8b", config_file="./train_configs/llama3_8b.toml", nodes=nodes,
-                gpus_per_node=gpus, image="nvcr.io/org/torchtitan-runai:0.1", pvc_claim="my-pvc",
-                mount_path="/outputs", secret="hf-token", grace_seconds=300)
+    base = dict(
+        name="llama3-8b",
+        config_file="./train_configs/llama3_8b.toml",
+        nodes=nodes,
+        gpus_per_node=gpus,
+        image="nvcr.io/org/torchtitan-runai:0.1",
+        pvc_claim="my-pvc",
+        mount_path="/outputs",
+        secret="hf-token",
+        grace_seconds=300,
+    )
     base.update(kw)
     return JobSpec(**base)
 
@@ -58,13 +65,32 @@ def repo(tmp_path):
 
 def run_cli(args, cwd, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "torchtitan_runai.manifest", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "torchtitan_runai.manifest", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-CLI = ["--config", "train_configs/llama3_8b.toml", "--nodes", "2", "--gpus-per-node", "8",
-       "--image", "nvcr.io/org/torchtitan-runai:0.1", "--pvc", "my-pvc:/outputs", "--name", "llama3-8b",
-       "--secret", "hf-token"]
+CLI = [
+    "--config",
+    "train_configs/llama3_8b.toml",
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "8",
+    "--image",
+    "nvcr.io/org/torchtitan-runai:0.1",
+    "--pvc",
+    "my-pvc:/outputs",
+    "--name",
+    "llama3-8b",
+    "--secret",
+    "hf-token",
+]
 
 
 # --- Kubernetes schema (core objects) ---------------------------------------------------------
@@ -78,8 +104,14 @@ def validate(obj):
 def test_pytorchjob_pod_templates_validate_as_core_podtemplates(nodes):
     job = manifest.build_pytorchjob(spec(nodes))
     for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
-        validate({"apiVersion": "v1", "kind": "PodTemplate",
-                  "metadata": {"name": f"llama3-8b-{role.lower()}"}, "template": replica["template"]})
+        validate(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"llama3-8b-{role.lower()}"},
+                "template": replica["template"],
+            }
+        )
 
 
 def test_schema_validation_catches_a_broken_template():
@@ -95,11 +127,22 @@ def test_trainjob_pod_after_overrides_validates_as_core_pod():
     # podTemplateOverrides applied
     job = manifest.build_trainjob(spec())
     trainer, override = job["spec"]["trainer"], job["spec"]["podTemplateOverrides"][0]["spec"]
-    container = {"name": "node", "image": trainer["image"], "command": trainer["command"],
-                 "env": trainer["env"], "resources": trainer["resourcesPerNode"],
-                 "volumeMounts": override["containers"][0]["volumeMounts"]}
-    validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "llama3-8b-node-0-0"},
-              "spec": {"containers": [container], "volumes": override["volumes"], "restartPolicy": "Never"}})
+    container = {
+        "name": "node",
+        "image": trainer["image"],
+        "command": trainer["command"],
+        "env": trainer["env"],
+        "resources": trainer["resourcesPerNode"],
+        "volumeMounts": override["containers"][0]["volumeMounts"],
+    }
+    validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "llama3-8b-node-0-0"},
+            "spec": {"containers": [container], "volumes": override["volumes"], "restartPolicy": "Never"},
+        }
+    )
 
 
 # --- operator structure (CRDs: checked against the documented fields) ------------------------
@@ -109,8 +152,17 @@ PYTORCHJOB_SPEC_KEYS = {"nprocPerNode", "runPolicy", "pytorchReplicaSpecs", "ela
 REPLICA_KEYS = {"replicas", "restartPolicy", "template"}
 TRAINJOB_SPEC_KEYS = {"runtimeRef", "initializer", "trainer", "podTemplateOverrides", "suspend", "managedBy"}
 TRAINER_KEYS = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}
-OVERRIDE_SPEC_KEYS = {"serviceAccountName", "nodeSelector", "affinity", "tolerations", "volumes",
-                      "initContainers", "containers", "schedulingGates", "imagePullSecrets"}
+OVERRIDE_SPEC_KEYS = {
+    "serviceAccountName",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "volumes",
+    "initContainers",
+    "containers",
+    "schedulingGates",
+    "imagePullSecrets",
+}
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 16])
@@ -158,7 +210,7 @@ def test_trainjob_structure():
 
 def test_entrypoint_matches_the_dockerfile():
     text = (REPO / "Dockerfile").read_text()
-    line = next(l for l in text.splitlines() if l.startswith("ENTRYPOINT"))
+    line = next(line for line in text.splitlines() if line.startswith("ENTRYPOINT"))
     assert yaml.safe_load(line.split(None, 1)[1]) == manifest.ENTRYPOINT
     assert f"APP_DIR={manifest.APP_DIR}" in text and f"USER {manifest.CONTAINER_UID}" in text
 
@@ -183,8 +235,10 @@ def test_pvc_at_output_dir_shm_in_memory_token_from_secret():
         assert by_name["OUTPUT_DIR"]["value"] == "/mnt/ckpt"
         assert by_name["CONFIG_FILE"]["value"] == "./train_configs/llama3_8b.toml"
         assert by_name["NGPU"]["value"] == "8"
-        assert by_name["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {
-            "secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}
+        assert by_name["HF_TOKEN"] == {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}},
+        }
         vols, mnts = {v["name"]: v for v in volumes}, {m["mountPath"]: m["name"] for m in mounts}
         assert vols[mnts["/mnt/ckpt"]]["persistentVolumeClaim"] == {"claimName": "my-pvc"}
         assert vols[mnts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
@@ -216,15 +270,26 @@ def test_cli_writes_parseable_specs_and_never_the_token(repo):
     assert sorted(p.name for p in out.iterdir()) == ["pytorchjob.yaml", "runai-v2.sh", "runai.sh", "trainjob.yaml"]
     pj = yaml.safe_load((out / "pytorchjob.yaml").read_text())
     tj = yaml.safe_load((out / "trainjob.yaml").read_text())
-    assert pj == manifest.build_pytorchjob(spec(grace_seconds=pj["spec"]["pytorchReplicaSpecs"]["Master"]
-                                                ["template"]["spec"]["terminationGracePeriodSeconds"]))
+    assert pj == manifest.build_pytorchjob(
+        spec(
+            grace_seconds=pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+                "terminationGracePeriodSeconds"
+            ]
+        )
+    )
     assert tj["spec"]["trainer"]["numNodes"] == 2
     script = (out / "runai.sh").read_text()
     for name in ("runai.sh", "runai-v2.sh"):
         assert subprocess.run(["bash", "-n", str(out / name)]).returncode == 0
         assert os.access(out / name, os.X_OK)
-    for text in (script, (out / "runai-v2.sh").read_text(), (out / "pytorchjob.yaml").read_text(),
-                 (out / "trainjob.yaml").read_text(), res.stdout, res.stderr):
+    for text in (
+        script,
+        (out / "runai-v2.sh").read_text(),
+        (out / "pytorchjob.yaml").read_text(),
+        (out / "trainjob.yaml").read_text(),
+        res.stdout,
+        res.stderr,
+    ):
         assert FAKE_TOKEN not in text
 
 
@@ -238,19 +303,21 @@ def test_cli_stdout_single_format(repo):
 def test_cli_grace_period_follows_the_recipe(repo):
     res = run_cli([*CLI, "--format", "pytorchjob"], repo)
     pod = yaml.safe_load(res.stdout)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == storage.recommended_grace_seconds(
-        storage.checkpoint_bytes("8B"), 2)
+    assert pod["terminationGracePeriodSeconds"] == storage.recommended_grace_seconds(storage.checkpoint_bytes("8B"), 2)
     res = run_cli([*CLI, "--format", "pytorchjob", "--grace-period", "900"], repo)
     assert "terminationGracePeriodSeconds: 900" in res.stdout
 
 
-@pytest.mark.parametrize("change,setting", [
-    ({"--config": "train_configs/missing.toml"}, "--config"),
-    ({"--name": "Llama_8B"}, "--name"),
-    ({"--pvc": "my-pvc:relative/path"}, "--pvc"),
-    ({"--nodes": "0"}, "--nodes"),
-    ({"--secret": "HF Token"}, "--secret"),
-])
+@pytest.mark.parametrize(
+    "change,setting",
+    [
+        ({"--config": "train_configs/missing.toml"}, "--config"),
+        ({"--name": "Llama_8B"}, "--name"),
+        ({"--pvc": "my-pvc:relative/path"}, "--pvc"),
+        ({"--nodes": "0"}, "--nodes"),
+        ({"--secret": "HF Token"}, "--secret"),
+    ],
+)
 def test_cli_user_errors_are_one_line_exit_2(repo, change, setting):
     args = list(CLI)
     for key, value in change.items():
@@ -339,8 +406,14 @@ def test_operator_env_shapes():
     secrets = {"hf-token/HF_TOKEN": FAKE_TOKEN}
     pj1 = operator_env(s, "pytorchjob", 1, secrets)
     assert pj1["MASTER_ADDR"] == pj1["PET_MASTER_ADDR"] == "llama3-8b-master-0"
-    assert (pj1["RANK"], pj1["PET_NODE_RANK"], pj1["WORLD_SIZE"], pj1["PET_NNODES"],
-            pj1["PET_NPROC_PER_NODE"], pj1["MASTER_PORT"]) == ("1", "1", "16", "2", "8", "23456")
+    assert (
+        pj1["RANK"],
+        pj1["PET_NODE_RANK"],
+        pj1["WORLD_SIZE"],
+        pj1["PET_NNODES"],
+        pj1["PET_NPROC_PER_NODE"],
+        pj1["MASTER_PORT"],
+    ) == ("1", "1", "16", "2", "8", "23456")
     assert pj1["HF_TOKEN"] == FAKE_TOKEN and pj1["OUTPUT_DIR"] == "/outputs"
     ra = operator_env(s, "runai", 0)
     assert (ra["PET_NPROC_PER_NODE"], ra["WORLD_SIZE"], ra["JOB_NAME"]) == ("auto", "2", "llama3-8b")
@@ -380,8 +453,9 @@ def dry_run(operator: str, nodes: int, pod: int):
     s = spec(nodes, config_file=f"./train_configs/{configs[0]}")
     env = operator_env(s, operator, pod, {"hf-token/HF_TOKEN": FAKE_TOKEN})
     base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    res = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, env={**base, **env},
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["bash", str(script), "--dry-run"], cwd=REPO, env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert FAKE_TOKEN not in res.stdout + res.stderr
     last = res.stdout.strip().splitlines()[-1]
@@ -446,8 +520,9 @@ def test_runai_v2_command_sets_grace_period_backoff_and_mounts_the_secret():
     single = manifest.build_runai_v2_command(spec(1))
     assert single[:5] == ["runai", "training", "standard", "submit", "llama3-8b"] and "--workers" not in single
     script = manifest.render(spec(3), "runai-v2", "python -m torchtitan_runai.manifest ...")
-    assert shlex.split(script.split("set -euo pipefail\n", 1)[1].replace("\\\n", " ")) == \
-        manifest.build_runai_v2_command(spec(3))
+    assert shlex.split(
+        script.split("set -euo pipefail\n", 1)[1].replace("\\\n", " ")
+    ) == manifest.build_runai_v2_command(spec(3))
 
 
 @pytest.mark.parametrize("claim", ["CLAIM", "My_Claim", "-x", "claim-"])

@@ -10,16 +10,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from torchtitan_runai.launcher import preflight
-from torchtitan_runai.errors import UserError
 from torchtitan_runai.checkpoint import ownership
 from torchtitan_runai.checkpoint.ownership import confirm_shared_folder
+from torchtitan_runai.errors import UserError
+from torchtitan_runai.launcher import preflight
 from torchtitan_runai.launcher.memory_estimate import GIB, ModelShape, TrainSettings, estimate_memory, ffn_hidden_dim
 from torchtitan_runai.launcher.preflight import check_checkpoint_folder, check_dev_shm, check_fit, check_tokenizer
 
@@ -53,15 +52,18 @@ def test_model_states_of_the_proxy_on_one_gpu():
     assert b["logits"] == pytest.approx(8192 * 128256 * 3.2 / GIB)
 
 
-@pytest.mark.parametrize("lbs, ac, compile_, float8, measured", [
-    (1, "op", True, False, 43.95),   # performance-anchors.md, H100, 2026-11-25
-    (1, "none", True, False, 50.5),
-    (4, "op", True, False, 67.4),
-    (4, "full", True, False, 57.4),
-    (2, "none", True, True, 58.1),
-    (4, "op", True, True, 68.7),
-    (1, "op", False, False, 55.5),
-])
+@pytest.mark.parametrize(
+    "lbs, ac, compile_, float8, measured",
+    [
+        (1, "op", True, False, 43.95),  # performance-anchors.md, H100, 2026-11-25
+        (1, "none", True, False, 50.5),
+        (4, "op", True, False, 67.4),
+        (4, "full", True, False, 57.4),
+        (2, "none", True, True, 58.1),
+        (4, "op", True, True, 68.7),
+        (1, "op", False, False, 55.5),
+    ],
+)
 def test_estimate_is_within_ten_percent_of_measured_proxy_peaks(lbs, ac, compile_, float8, measured):
     from bench.memory_estimate import settings
 
@@ -79,8 +81,12 @@ def test_the_whole_committed_comparison_set_is_within_ten_percent():
 
 def test_activation_checkpointing_modes_order():
     acts = {}
-    for name, mode, option in [("none", "none", "op"), ("layer2", "selective", "2"), ("op", "selective", "op"),
-                               ("full", "full", "op")]:
+    for name, mode, option in [
+        ("none", "none", "op"),
+        ("layer2", "selective", "2"),
+        ("op", "selective", "op"),
+        ("full", "full", "op"),
+    ]:
         est = estimate_memory(LLAMA_8B, TrainSettings(ac_mode=mode, ac_option=option, dp_shard=8))
         acts[name] = est.breakdown["activations"]
     assert acts["none"] > acts["layer2"] > acts["op"] > acts["full"] > 0
@@ -142,8 +148,9 @@ def test_fit_ok_warning_and_error_messages():
 
 def test_fit_names_logits_when_they_dominate():
     s = TrainSettings(local_batch_size=16, ac_mode="full", dp_shard=64)
-    small_vocab_huge_logits = ModelShape(dim=1024, n_layers=2, n_heads=8, n_kv_heads=8, ffn_hidden=4096,
-                                         vocab_size=256000)
+    small_vocab_huge_logits = ModelShape(
+        dim=1024, n_layers=2, n_heads=8, n_kv_heads=8, ffn_hidden=4096, vocab_size=256000
+    )
     f = check_fit(estimate_memory(small_vocab_huge_logits, s), 20, s)
     assert "biggest consumer: logits" in f.message and "loss parallel" in f.message
 
@@ -160,8 +167,9 @@ def _in_mount_namespace(setup: str, snippet: str) -> dict:
         pytest.skip("unshare not available")
     flags = "-m" if os.geteuid() == 0 else "-rm"
     argv = [UNSHARE, flags, "sh", "-c", setup + ' && exec "$0" -c "$1"', sys.executable, snippet]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
         pytest.skip("mount namespaces are not allowed here")
     assert proc.returncode == 0, proc.stderr
@@ -171,8 +179,10 @@ def _in_mount_namespace(setup: str, snippet: str) -> dict:
 def _probe(mount_opts: str, call: str, tmp_path: Path) -> dict:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    py = (f"import json, dataclasses; from torchtitan_runai.launcher.preflight import *; "
-          f"print(json.dumps(dataclasses.asdict({call})))")
+    py = (
+        f"import json, dataclasses; from torchtitan_runai.launcher.preflight import *; "
+        f"print(json.dumps(dataclasses.asdict({call})))"
+    )
     return _in_mount_namespace(f"mount -t tmpfs -o {mount_opts} tmpfs {mnt}", py.replace("MNT", str(mnt)))
 
 
@@ -234,9 +244,11 @@ def test_dev_shm_large_is_ok_and_missing_warns(tmp_path):
 def _config(tmp_path, assets_path="", repo_id="", allow_download=True):
     from torchtitan_runai.config import Hub
 
-    return SimpleNamespace(model=SimpleNamespace(hf_assets_path=assets_path),
-                           hub=Hub(repo_id=repo_id, cache_dir=str(tmp_path / "cache"), allow_download=allow_download),
-                           job=SimpleNamespace(dump_folder=str(tmp_path)))
+    return SimpleNamespace(
+        model=SimpleNamespace(hf_assets_path=assets_path),
+        hub=Hub(repo_id=repo_id, cache_dir=str(tmp_path / "cache"), allow_download=allow_download),
+        job=SimpleNamespace(dump_folder=str(tmp_path)),
+    )
 
 
 def test_tokenizer_present_locally(tmp_path):
@@ -272,8 +284,9 @@ def test_tokenizer_download_needs_a_token_for_gated_repos(tmp_path):
 def test_run_preflight_dry_run_turns_machine_errors_into_notes(tmp_path):
     from torchtitan_runai.job import parse_job_config
 
-    config = parse_job_config(["--job.config_file", "train_configs/debug_model.toml",
-                               "--model.hf_assets_path", str(tmp_path / "missing")])
+    config = parse_job_config(
+        ["--job.config_file", "train_configs/debug_model.toml", "--model.hf_assets_path", str(tmp_path / "missing")]
+    )
     real = preflight.run_preflight(config, 2, 79.6, dry_run=False, env={})
     dry = preflight.run_preflight(config, 2, 79.6, dry_run=True, env={})
     level = lambda fs, check: next(f.level for f in fs if f.check == check)  # noqa: E731
@@ -282,8 +295,9 @@ def test_run_preflight_dry_run_turns_machine_errors_into_notes(tmp_path):
     tiny = preflight.run_preflight(config, 2, 0.5, dry_run=False, env={})
     assert level(tiny, "memory") == "error"
     assert level(preflight.run_preflight(config, 2, 0.5, dry_run=True, env={}), "memory") == "warning"
-    tp2 = parse_job_config(["--job.config_file", "train_configs/debug_model.toml",
-                            "--parallelism.tensor_parallel_degree", "2"])
+    tp2 = parse_job_config(
+        ["--job.config_file", "train_configs/debug_model.toml", "--parallelism.tensor_parallel_degree", "2"]
+    )
     bad = preflight.run_preflight(tp2, 3, 79.6, env={})
     assert level(bad, "parallelism") == "error" and "world size 3" in bad[0].message
     assert [f.check for f in bad] == ["parallelism"]
@@ -301,21 +315,45 @@ def test_enforce_prints_warnings_and_raises_the_first_error():
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "torchtitan_runai.preflight", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "torchtitan_runai.preflight", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_reports_a_fitting_debug_run(tmp_path):
-    proc = _cli("--config", "train_configs/debug_model.toml", "--nodes", "1", "--gpus-per-node", "2",
-                           "--job.dump_folder", str(tmp_path))
+    proc = _cli(
+        "--config",
+        "train_configs/debug_model.toml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--job.dump_folder",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[     ok] memory: fits" in proc.stdout and "activations" in proc.stdout
     # Its 10 s budget is a benchmark (bench/preflight_time.py, results in bench/results/), not a test.
 
 
 def test_cli_exits_2_when_the_model_does_not_fit(tmp_path):
-    args = ["--config", "train_configs/llama3_405b.toml", "--nodes", "2", "--gpus-per-node", "8",
-            "--gpu-memory-gib", "80", "--job.dump_folder", str(tmp_path)]
+    args = [
+        "--config",
+        "train_configs/llama3_405b.toml",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory-gib",
+        "80",
+        "--job.dump_folder",
+        str(tmp_path),
+    ]
     proc = _cli(*args)
     assert proc.returncode == 2
     assert "[  error] memory: does not fit" in proc.stdout and "biggest consumer: optimizer" in proc.stdout
@@ -403,8 +441,12 @@ def test_shared_folder_over_a_real_gloo_process_group(tmp_path):
     port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port, a, b], stdout=subprocess.PIPE, text=True,
-                              env=env, cwd=REPO) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(r), port, a, b], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        )
+        for r in range(2)
+    ]
     out = [p.communicate(timeout=120)[0] for p in procs]
     assert out[0].strip() == "OK"
     assert out[1].startswith("ERR") and "ReadWriteMany" in out[1]
@@ -424,6 +466,7 @@ def test_gpu_memory_comes_from_nvidia_smi_without_touching_cuda(tmp_path, monkey
 
 
 # host memory for pinned checkpoint staging
+
 
 def test_host_memory_limit_is_the_smaller_of_cgroup_and_ram(tmp_path):
     meminfo = tmp_path / "meminfo"
@@ -458,8 +501,9 @@ def test_run_preflight_reports_host_memory_and_a_dry_run_notes_it():
     tiny = (10**9, "the container's memory limit")
     level = lambda fs: next(f.level for f in fs if f.check == "host memory")  # noqa: E731
     assert level(preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny)) == "error"
-    assert level(preflight.run_preflight(config, 16, 79.6, dry_run=True, env={}, local_ranks=8,
-                                         host_limit=tiny)) == "note"
+    assert (
+        level(preflight.run_preflight(config, 16, 79.6, dry_run=True, env={}, local_ranks=8, host_limit=tiny)) == "note"
+    )
 
 
 # --- issue 16: a cluster job is not judged by the laptop that checks it ------------------------
@@ -468,8 +512,9 @@ def test_run_preflight_reports_host_memory_and_a_dry_run_notes_it():
 def test_machine_checks_of_another_machine_are_notes_not_errors(tmp_path):
     from torchtitan_runai.job import parse_job_config
 
-    config = parse_job_config(["--job.config_file", "train_configs/llama3_8b.toml",
-                               "--job.dump_folder", str(tmp_path)], world_size=16)
+    config = parse_job_config(
+        ["--job.config_file", "train_configs/llama3_8b.toml", "--job.dump_folder", str(tmp_path)], world_size=16
+    )
     tiny = (10**9, "the node's RAM")
     here = preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny, here=True)
     there = preflight.run_preflight(config, 16, 79.6, env={}, local_ranks=8, host_limit=tiny, here=False)
@@ -530,11 +575,17 @@ def test_probe_measures_a_write_speed_and_leaves_nothing(tmp_path):
 def test_a_preemption_that_cannot_fit_is_one_warning_with_the_fixes():
     fits = preflight.GraceBudget(300, "TERMINATION_GRACE_PERIOD_SECONDS", 295, "SHUTDOWN_TIMEOUT=295", 24e9, 2e9)
     assert preflight.check_grace_budget(fits, "/outputs/checkpoint").level == "ok"  # 2 x 12 s + 5 s
-    tight = preflight.GraceBudget(30, "Kubernetes' default", 30, "this torchrun's fixed 30 s (it has no "
-                                  "--shutdown_timeout)", 48e9, 2e9)
+    tight = preflight.GraceBudget(
+        30, "Kubernetes' default", 30, "this torchrun's fixed 30 s (it has no --shutdown_timeout)", 48e9, 2e9
+    )
     assert tight.needed_s == 53 and tight.budget_s == 27
     finding = preflight.check_grace_budget(tight, "/outputs/checkpoint")
     assert finding.level == "warning" and finding.check == "grace period"
-    for fix in ("terminationGracePeriodSeconds to 66", "older torchrun always kills after 30 s",
-                "checkpoint_perf.writer_threads", "more nodes", "2 x 48.0 GB per node at 2.00 GB/s"):
+    for fix in (
+        "terminationGracePeriodSeconds to 66",
+        "older torchrun always kills after 30 s",
+        "checkpoint_perf.writer_threads",
+        "more nodes",
+        "2 x 48.0 GB per node at 2.00 GB/s",
+    ):
         assert fix in finding.message, fix

@@ -18,13 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers
 from fakehub import FakeHub  # noqa: E402
 from tokgen import write_tokenizer  # noqa: E402
 
-from torchtitan_runai import hub  # noqa: E402
-
-from torchtitan_runai.launcher import stage
 from torchtitan_runai.config import Data, Hub  # noqa: E402
+from torchtitan_runai.errors import UserError  # noqa: E402
+from torchtitan_runai.launcher import stage
 from torchtitan_runai.training import tokenizer as tokenizer_mod  # noqa: E402
 from torchtitan_runai.training.data import load_local_dataset  # noqa: E402
-from torchtitan_runai.errors import UserError  # noqa: E402
 
 REPO = "meta-llama/Llama-3.1-8B"
 TOKEN = "hf_STAGEcanary9876543210zyxwvuTOKEN"
@@ -44,10 +42,10 @@ def hub(monkeypatch, tok_dir):
     with FakeHub(token=TOKEN) as fake:
         fake.add_folder(REPO, tok_dir)
         for i in range(3):
-            rows = "".join(json.dumps({"text": f"c4 shard {i} doc {j}", "url": "u"}) + "\n"
-                           for j in range(5))
-            fake.add_file("allenai/c4", f"en/c4-train.{i:05d}-of-01024.json.gz",
-                          gzip.compress(rows.encode()), repo_type="dataset")
+            rows = "".join(json.dumps({"text": f"c4 shard {i} doc {j}", "url": "u"}) + "\n" for j in range(5))
+            fake.add_file(
+                "allenai/c4", f"en/c4-train.{i:05d}-of-01024.json.gz", gzip.compress(rows.encode()), repo_type="dataset"
+            )
         monkeypatch.setenv("HF_ENDPOINT", fake.url)
         yield fake
 
@@ -110,7 +108,9 @@ def test_stage_c4_shards_for_local_training(hub, tmp_path):
     en = tmp_path / "pvc" / "data" / "c4" / "en"
     assert f"--training.dataset=local --training.dataset_path={en}" in lines[-2]
     assert sorted(p.name for p in en.iterdir() if p.is_file()) == [
-        "c4-train.00000-of-01024.json.gz", "c4-train.00001-of-01024.json.gz"]
+        "c4-train.00000-of-01024.json.gz",
+        "c4-train.00001-of-01024.json.gz",
+    ]
     rows = load_local_dataset(str(en), Data(cache_dir=str(tmp_path / "dsc")))
     assert len(rows) == 10 and rows[0]["text"] == "c4 shard 0 doc 0"
 
@@ -131,11 +131,21 @@ needs_wiring = pytest.mark.skipif(not _wired(), reason="[hub]/[data] not yet in 
 
 
 def run_cli(tmp_path, *extra, token=TOKEN):
-    args = [sys.executable, "-m", "torchtitan_runai.stage", "--config",
-            str(ROOT / "train_configs" / "debug_model.toml"), *extra,
-            f"--job.dump_folder={tmp_path / 'out'}", f"--model.hf_assets_path={tmp_path / 'none'}",
-            "--training.dataset=local", f"--training.dataset_path={corpus(tmp_path)}",
-            f"--hub.repo_id={REPO}", "--hub.backoff_s=0.01", "--hub.retries=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "torchtitan_runai.stage",
+        "--config",
+        str(ROOT / "train_configs" / "debug_model.toml"),
+        *extra,
+        f"--job.dump_folder={tmp_path / 'out'}",
+        f"--model.hf_assets_path={tmp_path / 'none'}",
+        "--training.dataset=local",
+        f"--training.dataset_path={corpus(tmp_path)}",
+        f"--hub.repo_id={REPO}",
+        "--hub.backoff_s=0.01",
+        "--hub.retries=1",
+    ]
     env = {**os.environ, "HF_TOKEN": token, "PYTHONPATH": str(ROOT)}
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 

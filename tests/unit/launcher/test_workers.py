@@ -4,19 +4,25 @@ import os
 from pathlib import Path
 
 from conftest import REPO, pod_env
+
 from torchtitan_runai.errors import HANG_VERDICT_ENV
 from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV
 from torchtitan_runai.launcher import workers
 
 
 def test_every_variable_the_workers_get():
-    env = workers.environment({}, "/out", 8, shutdown_timeout=40, hang_verdict=Path("/tmp/x/hang-verdict"),
-                              launch_id="launch-1")
+    env = workers.environment(
+        {}, "/out", 8, shutdown_timeout=40, hang_verdict=Path("/tmp/x/hang-verdict"), launch_id="launch-1"
+    )
     assert env == {
-        "TORCHINDUCTOR_CACHE_DIR": "/out/.cache/inductor", "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
-        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", "PYTORCH_ALLOC_CONF": "expandable_segments:True",
-        "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
-        HANG_VERDICT_ENV: "/tmp/x/hang-verdict", LAUNCH_ID_ENV: "launch-1",
+        "TORCHINDUCTOR_CACHE_DIR": "/out/.cache/inductor",
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+        "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
+        HANG_VERDICT_ENV: "/tmp/x/hang-verdict",
+        LAUNCH_ID_ENV: "launch-1",
     }
 
 
@@ -25,8 +31,14 @@ def test_one_process_per_node_and_a_torchrun_with_the_flag_add_nothing_more():
 
 
 def test_the_user_wins_the_defaults_and_the_launcher_its_own():
-    user = {"OMP_NUM_THREADS": "4", "TORCHINDUCTOR_CACHE_DIR": "/mine", "PYTORCH_CUDA_ALLOC_CONF": "x",
-            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5", HANG_VERDICT_ENV: "/stale", LAUNCH_ID_ENV: "stale"}
+    user = {
+        "OMP_NUM_THREADS": "4",
+        "TORCHINDUCTOR_CACHE_DIR": "/mine",
+        "PYTORCH_CUDA_ALLOC_CONF": "x",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5",
+        HANG_VERDICT_ENV: "/stale",
+        LAUNCH_ID_ENV: "stale",
+    }
     env = workers.environment(user, "/out", 8, shutdown_timeout=40, hang_verdict="/new", launch_id="new")
     assert not {"OMP_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_ALLOC_CONF"} & set(env)
     assert (env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"], env[HANG_VERDICT_ENV], env[LAUNCH_ID_ENV]) == ("40", "/new", "new")
@@ -37,8 +49,14 @@ def test_the_launcher_exports_them_once_just_before_the_agent(monkeypatch, tmp_p
     from torchtitan_runai.launcher import launch
 
     env = pod_env(OUTPUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="3")
-    for name in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF",
-                 HANG_VERDICT_ENV, LAUNCH_ID_ENV):
+    for name in (
+        "HF_HOME",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "PYTORCH_ALLOC_CONF",
+        "PYTORCH_CUDA_ALLOC_CONF",
+        HANG_VERDICT_ENV,
+        LAUNCH_ID_ENV,
+    ):
         env.pop(name, None)
     monkeypatch.setattr(os, "environ", env)
     monkeypatch.chdir(REPO)

@@ -115,17 +115,29 @@ def test_explicit_format_for_files_without_suffix(tmp_path, cfg):
         (lambda p: (p / "x.jsonl").write_text(""), "training.dataset_path", "empty"),
         (lambda p: (p / "x.jsonl").write_text("\n\n"), "training.dataset_path", "no records"),
         (lambda p: (p / "x").mkdir(), "training.dataset_path", "no data files"),
-        (lambda p: ((p / "x").mkdir(), (p / "x" / "a.txt").write_text("t"),
-                    (p / "x" / "b.parquet").write_bytes(b"x")), "training.dataset_path", "mixes"),
-        (lambda p: write_jsonl(p / "x.jsonl", TEXTS, column="content"), "data.text_column",
-         "columns: ['content', 'id']"),
+        (
+            lambda p: (
+                (p / "x").mkdir(),
+                (p / "x" / "a.txt").write_text("t"),
+                (p / "x" / "b.parquet").write_bytes(b"x"),
+            ),
+            "training.dataset_path",
+            "mixes",
+        ),
+        (
+            lambda p: write_jsonl(p / "x.jsonl", TEXTS, column="content"),
+            "data.text_column",
+            "columns: ['content', 'id']",
+        ),
     ],
 )
 def test_clear_errors(tmp_path, cfg, setup, setting, words):
     setup(tmp_path)
     target = tmp_path / ("x.jsonl" if (tmp_path / "x.jsonl").exists() else "x")
-    for check in (lambda: load_local_dataset(str(target), cfg),
-                  lambda: data_files.check_dataset("local", str(target), cfg)):
+    for check in (
+        lambda: load_local_dataset(str(target), cfg),
+        lambda: data_files.check_dataset("local", str(target), cfg),
+    ):
         with pytest.raises(UserError) as err:
             check()
         assert err.value.setting == setting and words in err.value.line()
@@ -148,8 +160,7 @@ def job_config(path: str, data: Data, seq_len: int = 16, batch: int = 2):
 
 def first_tokens(loader, n):
     batches = iter(loader)
-    return [(inputs["input"].clone(), labels.clone())
-            for inputs, labels in (next(batches) for _ in range(n))]
+    return [(inputs["input"].clone(), labels.clone()) for inputs, labels in (next(batches) for _ in range(n))]
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -209,7 +220,8 @@ def flaky_dataset():
         text_datasets.DATASETS["flaky_test"] = DatasetConfig(
             path="unused",
             loader=lambda _: IterableDataset.from_generator(
-                _flaky_stream, gen_kwargs={"shards": [0, 1], "marker": marker, "fail_at": fail_at}),
+                _flaky_stream, gen_kwargs={"shards": [0, 1], "marker": marker, "fail_at": fail_at}
+            ),
             sample_processor=lambda sample: sample["text"],
         )
 
@@ -219,8 +231,14 @@ def flaky_dataset():
 
 def stream_tokens(tokenizer, data: Data, sleeps=None):
     cls = data_mod.ResilientTextDataset
-    ds = cls(dataset_name="flaky_test", dataset_path=None, tokenizer=tokenizer, seq_len=16,
-             data=data, sleep=(sleeps.append if sleeps is not None else lambda s: None))
+    ds = cls(
+        dataset_name="flaky_test",
+        dataset_path=None,
+        tokenizer=tokenizer,
+        seq_len=16,
+        data=data,
+        sleep=(sleeps.append if sleeps is not None else lambda s: None),
+    )
     return [x["input"].tolist() for x, _ in ds]
 
 
@@ -243,7 +261,8 @@ def test_stream_gives_up_after_bounded_retries(tokenizer, flaky_dataset):
         raise ConnectionError("down")
 
     text_datasets.DATASETS["flaky_test"] = DatasetConfig(
-        "unused", lambda _: IterableDataset.from_generator(always_down), lambda s: s["text"])
+        "unused", lambda _: IterableDataset.from_generator(always_down), lambda s: s["text"]
+    )
     sleeps: list[float] = []
     with pytest.raises(ConnectionError):
         stream_tokens(tokenizer, Data(retries=3, backoff_s=1, max_backoff_s=2), sleeps)

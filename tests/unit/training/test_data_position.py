@@ -29,13 +29,14 @@ def map_docs(infinite: bool = True):
 def stream_docs(**kwargs):
     from datasets import Dataset
 
-    return dp.StreamDocuments(Dataset.from_dict({"text": TEXTS}).to_iterable_dataset(num_shards=3), text_of,
-                              **kwargs)
+    return dp.StreamDocuments(Dataset.from_dict({"text": TEXTS}).to_iterable_dataset(num_shards=3), text_of, **kwargs)
 
 
 def ranks(global_batch: int, dp_degree: int, documents=map_docs, seq_len: int = 8) -> list[dp.GlobalOrder]:
-    return [dp.GlobalOrder(documents(), tokenize, seq_len, global_batch, dp.lanes_of(global_batch, dp_degree, r),
-                           rank=r) for r in range(dp_degree)]
+    return [
+        dp.GlobalOrder(documents(), tokenize, seq_len, global_batch, dp.lanes_of(global_batch, dp_degree, r), rank=r)
+        for r in range(dp_degree)
+    ]
 
 
 def step(orders: list[dp.GlobalOrder]) -> list[tuple[int, ...]]:
@@ -75,8 +76,10 @@ def test_resume_at_another_size_continues_the_uninterrupted_order(documents, n, 
 
 def test_the_order_does_not_depend_on_the_size_nor_on_streaming():
     one = [step(ranks(4, 1)) for _ in range(1)]
-    orders = {name: ranks(4, size, docs) for name, size, docs in
-              [("1", 1, map_docs), ("4", 4, map_docs), ("stream2", 2, stream_docs)]}
+    orders = {
+        name: ranks(4, size, docs)
+        for name, size, docs in [("1", 1, map_docs), ("4", 4, map_docs), ("stream2", 2, stream_docs)]
+    }
     runs = {name: [step(o) for _ in range(30)] for name, o in orders.items()}
     assert runs["1"] == runs["4"] == runs["stream2"]
     assert runs["1"][0] == one[0]
@@ -126,12 +129,14 @@ class FlakyStream:
 
 def test_a_dropped_stream_resumes_where_it_was():
     waits = []
-    flaky = dp.StreamDocuments(FlakyStream({5, 17}, ConnectionError("Connection reset by peer")), text_of,
-                               sleep=waits.append, backoff_s=0.5)
+    flaky = dp.StreamDocuments(
+        FlakyStream({5, 17}, ConnectionError("Connection reset by peer")), text_of, sleep=waits.append, backoff_s=0.5
+    )
     order = dp.GlobalOrder(flaky, tokenize, 8, 2, range(2))
     clean = dp.GlobalOrder(map_docs(), tokenize, 8, 2, range(2))
-    assert [order.window(lane) for _ in range(20) for lane in range(2)] == \
-        [clean.window(lane) for _ in range(20) for lane in range(2)]
+    assert [order.window(lane) for _ in range(20) for lane in range(2)] == [
+        clean.window(lane) for _ in range(20) for lane in range(2)
+    ]
     assert waits == [0.5, 0.5]
 
 
@@ -143,8 +148,14 @@ class DeadStream(FlakyStream):
 
 def test_a_stream_gives_up_after_bounded_retries_and_at_once_on_other_errors():
     waits = []
-    dead = dp.StreamDocuments(DeadStream(set(), ConnectionError("reset")), text_of, retries=3,
-                              sleep=waits.append, backoff_s=1, max_backoff_s=3)
+    dead = dp.StreamDocuments(
+        DeadStream(set(), ConnectionError("reset")),
+        text_of,
+        retries=3,
+        sleep=waits.append,
+        backoff_s=1,
+        max_backoff_s=3,
+    )
     with pytest.raises(ConnectionError):
         dp.GlobalOrder(dead, tokenize, 8, 1, range(1)).window(0)
     assert waits == [1, 2, 3]
@@ -194,9 +205,13 @@ def dataset_job(tmp_path, monkeypatch, kind: str):
     job.training.seq_len, job.training.local_batch_size = 8, 2
     job.data = Data(cache_dir=str(tmp_path / "cache"), streaming=kind == "local-stream")
     job.training.dataset, job.training.dataset_path = {
-        "local": ("local", str(folder)), "local-stream": ("local", str(folder)),
-        "c4_test": ("c4_test", str(folder)), "c4": ("c4", None)}[kind]
+        "local": ("local", str(folder)),
+        "local-stream": ("local", str(folder)),
+        "c4_test": ("c4_test", str(folder)),
+        "c4": ("c4", None),
+    }[kind]
     if kind == "c4":
+
         def stream(path):
             return load_dataset("json", data_files=[str(folder / "part.jsonl")], split="train", streaming=True)
 
@@ -225,8 +240,8 @@ def test_every_dataset_resumes_at_another_size(tmp_path, monkeypatch, hf_tokeniz
 
     job = dataset_job(tmp_path, monkeypatch, kind)
     job.training.global_batch_size = 4
-    build = lambda dp_degree: [data_mod.build_dataloader(dp_degree, r, hf_tokenizer, job)  # noqa: E731
-                               for r in range(dp_degree)]
+    def build(dp_degree):
+        return [data_mod.build_dataloader(dp_degree, r, hf_tokenizer, job) for r in range(dp_degree)]
     expected = loader_steps(build(1), 12, local_batch=2)
     before = build(2)
     got = loader_steps(before, 5, local_batch=2)

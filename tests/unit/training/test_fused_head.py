@@ -28,8 +28,9 @@ def test_the_chunk_size_changes_nothing(chunk):
     loss = fused_linear_cross_entropy(HeadInput(hidden, weight), labels, chunk_tokens=chunk)
     loss.backward()
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    expected = torch.nn.functional.cross_entropy((h2 @ w2.t()).reshape(-1, 30), labels.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    expected = torch.nn.functional.cross_entropy(
+        (h2 @ w2.t()).reshape(-1, 30), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     expected.backward()
     tol = dict(atol=1e-5, rtol=1e-5)  # computed in fp32 whatever the input dtype
     torch.testing.assert_close(loss.double(), expected, **tol)

@@ -41,8 +41,7 @@ def console():
 
 @pytest.fixture
 def process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -59,8 +58,7 @@ def job_config(tmp_path: Path, **metrics):
 
 
 def parallel_dims():
-    return upstream.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1,
-                                 world_size=1)
+    return upstream.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
 
 
 class FakeCudaMonitor:
@@ -113,10 +111,9 @@ def test_cpu_step_line_keeps_torchtitan_fields(tmp_path, console, process_group,
     assert isinstance(processor.color, upstream.NoColor)
     run_two_log_steps(config, processor)
 
-    lines = [l for l in stream.getvalue().splitlines() if "step:" in l]
+    lines = [line for line in stream.getvalue().splitlines() if "step:" in line]
     assert len(lines) == 2
-    assert [TORCHTITAN_STEP.search(l).groups()[:2] for l in lines] == [
-        ("1", "7.50000"), ("5", "6.25000")]
+    assert [TORCHTITAN_STEP.search(line).groups()[:2] for line in lines] == [("1", "7.50000"), ("5", "6.25000")]
     last = lines[1]
     assert "node0/rank0" in last and "\x1b" not in last
     assert "memory: n/a" in last and "mfu: n/a" in last
@@ -139,7 +136,7 @@ def test_gpu_step_line_has_memory_and_mfu(tmp_path, console, process_group, monk
     config = job_config(tmp_path, enable_tensorboard=False)
     processor = metrics.build_metrics_processor(config, parallel_dims(), None)
     run_two_log_steps(config, processor)
-    last = [l for l in stream.getvalue().splitlines() if "step:" in l][-1]
+    last = [line for line in stream.getvalue().splitlines() if "step:" in line][-1]
     assert TORCHTITAN_STEP.search(last).groups() == ("5", "6.25000", "0.5000")
     assert "memory: 61.20GiB(77.35%)" in last
     mfu = float(re.search(r"mfu: ([\d.]+)%", last).group(1))
@@ -155,9 +152,15 @@ def test_startup_summary(tmp_path):
     config.model.flavor = "8B"
     config.debug.seed = 1234
     config.checkpoint.enable = True
-    lines = metrics.startup_summary(config, world_size=16, nodes=2, seed=1234,
-                                 config_file="train_configs/llama3_8b.toml",
-                                 resumed_from_step=500, device="cuda")
+    lines = metrics.startup_summary(
+        config,
+        world_size=16,
+        nodes=2,
+        seed=1234,
+        config_file="train_configs/llama3_8b.toml",
+        resumed_from_step=500,
+        device="cuda",
+    )
     text = "\n".join(lines)
     assert "world_size=16 nodes=2 (8 per node) device=cuda" in text
     assert "parallelism: dp_replicate=1 dp_shard=-1 tp=1 pp=1 cp=1" in text
@@ -165,9 +168,9 @@ def test_startup_summary(tmp_path):
     assert f"tokenizer: {config.model.hf_assets_path}" in text
     assert "resumed from step 500" in text and "tensorboard: " in text
     fresh = metrics.startup_summary(config, world_size=1, nodes=1, parallel_dims=parallel_dims())
-    assert any("starting fresh (no complete checkpoint)" in l for l in fresh)
-    assert any("dp_shard=1" in l for l in fresh)
+    assert any("starting fresh (no complete checkpoint)" in line for line in fresh)
+    assert any("dp_shard=1" in line for line in fresh)
     # the resolved global batch, not the config's -1 (main printed global_batch_size=-1, the trainer 8)
     assert config.training.global_batch_size == -1
-    assert any(f"global_batch_size={config.training.local_batch_size}" in l for l in fresh)
-    assert any("global_batch_size=auto" in l for l in lines)  # dp_shard=-1 not yet resolved: no guess
+    assert any(f"global_batch_size={config.training.local_batch_size}" in line for line in fresh)
+    assert any("global_batch_size=auto" in line for line in lines)  # dp_shard=-1 not yet resolved: no guess

@@ -16,4 +16,3 @@ def test_our_specs_are_torchtitans_llama3_with_our_functions():
     assert ours.parallelize_fn is spec.parallelize and stock.build_loss_fn is not loss.build_loss_fn
     fused = upstream.get_train_spec(FUSED_TRAIN_SPEC_NAME)
     assert fused.model_cls is fused_head.FusedHeadTransformer and fused.build_loss_fn is loss.build_loss_fn
-

@@ -32,8 +32,9 @@ class Flaky:
 
 
 def reader(ds, waits, **kw):
-    return stream_mod.RetryingStream(ds, "c4", kw.get("retries", 2), kw.get("backoff_s", 1.0),
-                                     kw.get("max_backoff_s", 3.0), waits.append)
+    return stream_mod.RetryingStream(
+        ds, "c4", kw.get("retries", 2), kw.get("backoff_s", 1.0), kw.get("max_backoff_s", 3.0), waits.append
+    )
 
 
 def test_a_failed_read_resumes_from_the_state_before_it_and_logs_one_line(caplog):

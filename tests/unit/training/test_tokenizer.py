@@ -61,7 +61,8 @@ def test_build_tokenizer_picks_the_format(env, tok_dir, tmp_path):
     only_tiktoken = tmp_path / "tt"
     (only_tiktoken / "original").mkdir(parents=True)
     (only_tiktoken / "original" / "tokenizer.model").write_bytes(
-        (tok_dir / "original" / "tokenizer.model").read_bytes())
+        (tok_dir / "original" / "tokenizer.model").read_bytes()
+    )
     assert isinstance(tokenizer_mod.build_tokenizer(job(tmp_path, str(only_tiktoken))), TiktokenTokenizer)
     assert type(tokenizer_mod.build_tokenizer(job(tmp_path, str(tok_dir)))).__name__ == "HuggingFaceTokenizer"
     forced = tokenizer_mod.build_tokenizer(job(tmp_path, str(tok_dir), tokenizer_format="tiktoken"))
@@ -76,5 +77,5 @@ def test_sentencepiece_file_is_rejected(tmp_path):
 
 def test_very_long_text_is_chunked_consistently(tok_dir):
     tt = TiktokenTokenizer(tok_dir / "original" / "tokenizer.model")
-    text = ("word " * 100_001)
+    text = "word " * 100_001
     assert tt.decode(tt.encode(text, add_bos=False)) == text

@@ -40,6 +40,7 @@ class Exited(Exception):
 @pytest.fixture
 def exits(monkeypatch):
     """os._exit raises Exited; logging.shutdown (run's last act) leaves pytest's handlers alone."""
+
     def leave(code):
         raise Exited(code)
 
@@ -54,6 +55,7 @@ class Events(list):
         def record(*args, **kwargs):
             self.append((name, *args, *kwargs.values()))
             return result
+
         return record
 
     def names(self) -> list[str]:
@@ -82,10 +84,15 @@ class FakeCheckpointer:
 
 def fake_trainer(events: Events, step=0, **attrs):
     """What run() and the teardowns touch of a RunaiTrainer."""
-    t = SimpleNamespace(ledger=FakeLedger(events), watchdog=SimpleNamespace(stop=events.fake("watchdog.stop")),
-                        checkpointer=FakeCheckpointer(events), stop_flag=signals.StopFlag(),
-                        metrics_processor=SimpleNamespace(close=events.fake("metrics.close")),
-                        close=events.fake("trainer.close"), step=step)
+    t = SimpleNamespace(
+        ledger=FakeLedger(events),
+        watchdog=SimpleNamespace(stop=events.fake("watchdog.stop")),
+        checkpointer=FakeCheckpointer(events),
+        stop_flag=signals.StopFlag(),
+        metrics_processor=SimpleNamespace(close=events.fake("metrics.close")),
+        close=events.fake("trainer.close"),
+        step=step,
+    )
     for key, value in attrs.items():
         setattr(t, key, value)
     return t
@@ -105,8 +112,11 @@ def run_with(monkeypatch, exits):
     monkeypatch.setattr(log_filter, "quiet_expected_noise", lambda *a, **k: None)
     monkeypatch.setattr(upstream, "init_logger", lambda *a, **k: None)
     monkeypatch.setattr(trainer_mod.device, "select_device", lambda *a, **k: None)
-    monkeypatch.setattr(trainer_mod, "parse_job_config", lambda argv, world_size, resume: (
-        events.append(("parse", argv, world_size, resume)) or config))
+    monkeypatch.setattr(
+        trainer_mod,
+        "parse_job_config",
+        lambda argv, world_size, resume: events.append(("parse", argv, world_size, resume)) or config,
+    )
     monkeypatch.setattr(trainer_mod, "export_at_end", events.fake("export_at_end"))
 
     def run(train, argv=("--training.steps", "10")):
@@ -152,8 +162,13 @@ def test_a_finished_run_tears_down_exports_then_exits_0(run_with, monkeypatch):
     assert exit_code == 0
     assert events[0] == ("parse", ["--training.steps", "10"], 4, True)  # the world size a resume adapts to
     # the export after the process group is gone (export_at_end itself picks rank 0)
-    assert events[1:] == [("watchdog.stop",), ("checkpointer.finish_async", True), ("trainer.close",),
-                          ("export_at_end", config, 10, 3), ("ledger.end", "finished")]
+    assert events[1:] == [
+        ("watchdog.stop",),
+        ("checkpointer.finish_async", True),
+        ("trainer.close",),
+        ("export_at_end", config, 10, 3),
+        ("ledger.end", "finished"),
+    ]
 
 
 def test_a_run_stopped_before_its_last_step_is_not_exported(run_with):
@@ -180,8 +195,9 @@ def test_a_failed_run_is_a_traceback_not_an_exit(run_with):
 
 def test_teardown_after_preemption_tolerates_what_was_never_built():
     events = Events()
-    trainer_mod._teardown_preempted(fake_trainer(events, checkpointer=FakeCheckpointer(events, upload=False),
-                                                 metrics_processor=None))
+    trainer_mod._teardown_preempted(
+        fake_trainer(events, checkpointer=FakeCheckpointer(events, upload=False), metrics_processor=None)
+    )
     assert events == [("watchdog.stop",)]
     bare = fake_trainer(events)
     del bare.checkpointer, bare.metrics_processor  # torchtitan's __init__ failed before building them
@@ -209,9 +225,12 @@ def test_the_ledger_comes_first_and_the_watchdog_and_checkpointer_are_wired_to_i
     ledger = FakeLedger(events)
     checkpointer = FakeCheckpointer(events)
     model_parts = [torch.nn.Linear(2, 2)]
-    config = SimpleNamespace(job=SimpleNamespace(dump_folder=str(tmp_path)), checkpoint=SimpleNamespace(folder="ck"),
-                             resilience=Resilience(hang_timeout_seconds=321, heartbeat_seconds=4),
-                             optimizer=SimpleNamespace(name="AdamW"))
+    config = SimpleNamespace(
+        job=SimpleNamespace(dump_folder=str(tmp_path)),
+        checkpoint=SimpleNamespace(folder="ck"),
+        resilience=Resilience(hang_timeout_seconds=321, heartbeat_seconds=4),
+        optimizer=SimpleNamespace(name="AdamW"),
+    )
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / ownership.OWNER).write_text(json.dumps({"job": "job-of-the-folder"}))
 
@@ -230,8 +249,14 @@ def test_the_ledger_comes_first_and_the_watchdog_and_checkpointer_are_wired_to_i
     monkeypatch.setattr(staging, "install", events.fake("staging.install", "pool"))
 
     t = trainer_mod.RunaiTrainer(config)
-    assert events.names() == ["build_ledger", "signals.install", "torchtitan.__init__", "adopt", "staging.install",
-                              "watchdog.start"]
+    assert events.names() == [
+        "build_ledger",
+        "signals.install",
+        "torchtitan.__init__",
+        "adopt",
+        "staging.install",
+        "watchdog.start",
+    ]
     assert events[3] == ("adopt", checkpointer, config, 8, 4, "job-of-the-folder")  # dp = replicate x shard
     assert events[4] == ("staging.install", checkpointer, config.checkpoint, None, model_parts, "AdamW")
     assert t.ledger is ledger and t.staging_pool == "pool"
@@ -359,8 +384,14 @@ def test_the_data_loader_wait_is_charged_to_the_ledger(monkeypatch):
     monkeypatch.setattr(upstream.Trainer, "batch_generator", batches)
     t = bare_trainer(events)
     assert list(islice(t.batch_generator(iter("ab")), 2)) == ["a", "b"]
-    assert events == [("ledger.during", "data_wait"), ("loaded", "a"), ("ledger.during_end", "data_wait"),
-                      ("ledger.during", "data_wait"), ("loaded", "b"), ("ledger.during_end", "data_wait")]
+    assert events == [
+        ("ledger.during", "data_wait"),
+        ("loaded", "a"),
+        ("ledger.during_end", "data_wait"),
+        ("ledger.during", "data_wait"),
+        ("loaded", "b"),
+        ("ledger.during_end", "data_wait"),
+    ]
 
 
 def test_a_loaded_checkpoint_is_the_resumed_from_step():
@@ -377,8 +408,9 @@ def test_goodput_report_writes_the_summary_and_the_scalars(tmp_path):
     t = object.__new__(trainer_mod.RunaiTrainer)
     t.ledger, t.step = ledger, 5
     t.job_config = SimpleNamespace(job=SimpleNamespace(dump_folder=str(tmp_path)))
-    t.metrics_processor = SimpleNamespace(logger=SimpleNamespace(log=lambda values, step: scalars.append((values,
-                                                                                                         step))))
+    t.metrics_processor = SimpleNamespace(
+        logger=SimpleNamespace(log=lambda values, step: scalars.append((values, step)))
+    )
     t.report_goodput()
     summary = json.loads((tmp_path / "goodput.json").read_text())
     assert summary["goodput"] is not None and summary["seconds"]["startup"] > 0

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_runai import upstream
-from torchtitan_runai.training.checkpoint import upload
 from torchtitan_runai.checkpoint.folder import (
     StepFolder,
     examine,
@@ -81,6 +80,7 @@ from torchtitan_runai.checkpoint.resume import (
 from torchtitan_runai.config import PINNED_MODE
 from torchtitan_runai.errors import UserError, forget_report, report_to_launcher
 from torchtitan_runai.goodput.ledger import NullLedger
+from torchtitan_runai.training.checkpoint import upload
 from torchtitan_runai.upstream import logger
 
 
@@ -178,8 +178,9 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
     def _mark(self, step: int, kind: str) -> None:
         if self._rank() == 0:
             path = Path(self._create_checkpoint_id(step))
-            record = marker_record(step, kind, path, schedule_of(self.job_config), self.world_size,
-                                   self.dp_degree, self.job_id)
+            record = marker_record(
+                step, kind, path, schedule_of(self.job_config), self.world_size, self.dp_degree, self.job_id
+            )
             loader = self.states.get("dataloader")
             record["data"] = data_record(self.job_config, self.dp_degree, getattr(loader, "format", "per-rank"))
             mark_complete(path, record)
@@ -245,20 +246,27 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             if self._rank() == 0 and partial and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             newest = newest_resumable(scan(Path(self.folder)))
-            kept = (f"the newest complete checkpoint (step {newest.step}) is intact and the run resumes from it"
-                    if newest is not None else "no checkpoint was complete yet; the run starts afresh")
-            error = UserError("checkpoint.folder", str(self.folder),
-                              f"the disk is full: the step {step} checkpoint could not be written"
-                              f"{' (its partial folder is removed)' if partial else ''}. Nothing saved was lost: "
-                              f"{kept} once there is room",
-                              "free space on the volume, lower checkpoint.keep_latest_k, or grow the volume")
+            kept = (
+                f"the newest complete checkpoint (step {newest.step}) is intact and the run resumes from it"
+                if newest is not None
+                else "no checkpoint was complete yet; the run starts afresh"
+            )
+            error = UserError(
+                "checkpoint.folder",
+                str(self.folder),
+                f"the disk is full: the step {step} checkpoint could not be written"
+                f"{' (its partial folder is removed)' if partial else ''}. Nothing saved was lost: "
+                f"{kept} once there is room",
+                "free space on the volume, lower checkpoint.keep_latest_k, or grow the volume",
+            )
             report_to_launcher(error)  # its last line and exit 2, even on the way out for a SIGTERM
             raise error from None
 
     # -- saving ----------------------------------------------------------------------------
 
-    def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection: bool = False,
-                 to_hf: bool = False):
+    def dcp_save(
+        self, state_dict, checkpoint_id, async_mode, enable_garbage_collection: bool = False, to_hf: bool = False
+    ):
         """torchtitan's ``dcp_save`` (which lets DCP build a one-thread writer) with our writer:
         ``writer_threads`` threads; the early upload process waited for before an async save; a
         synchronous save staged through the reusable stager first when there is one."""
@@ -272,9 +280,13 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         if mode == PINNED_MODE:
             if self.upload is not None:
                 self.upload.wait_ready()
-            result = dcp.async_save(state_dict, storage_writer=writer, process_group=self.pg,
-                                    async_checkpointer_type=AsyncCheckpointerType.PROCESS,
-                                    async_stager=self.stager)
+            result = dcp.async_save(
+                state_dict,
+                storage_writer=writer,
+                process_group=self.pg,
+                async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                async_stager=self.stager,
+            )
         elif mode == "async":
             result = dcp.async_save(state_dict, storage_writer=writer, process_group=self.pg)
         else:
@@ -340,8 +352,10 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         # Stock saves a model-only checkpoint here when last_save_model_only is set, and then picks
         # it to resume from, which crashes. Our final and preemption checkpoints are always full.
         if self.last_save_model_only and not self.last_save_in_hf:
-            logger.info("checkpoint.last_save_model_only is set: saving a full (resumable) checkpoint "
-                        "instead; export the weights with torchtitan_runai.export")
+            logger.info(
+                "checkpoint.last_save_model_only is set: saving a full (resumable) checkpoint "
+                "instead; export the weights with torchtitan_runai.export"
+            )
             self.last_save_model_only = False
         super()._save_last_step(curr_step)
 
@@ -356,19 +370,25 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         uploaded = time.monotonic()
         if step <= 0 or self.last_complete_step == step or not self.enable or self.load_only:
             what = "nothing new to save" if step <= 0 or not self.enable or self.load_only else "already complete"
-            return (f"preemption: signal -> exit path in {uploaded - signal_at:.2f}s; step {step}: {what}"
-                    + (f" (waited {uploaded - began:.2f}s for step {waited_for}'s upload, marked)" if waited_for else ""))
+            return f"preemption: signal -> exit path in {uploaded - signal_at:.2f}s; step {step}: {what}" + (
+                f" (waited {uploaded - began:.2f}s for step {waited_for}'s upload, marked)" if waited_for else ""
+            )
         self.last_staging_s = None
         self.save(step, last_step=True)
         self._retire_wait()  # the process leaves with os._exit: retention must be done by then
         done = time.monotonic()
         staged = "" if self.last_staging_s is None else f"staged from the device in {self.last_staging_s:.2f}s, "
         size = folder_bytes(Path(self._create_checkpoint_id(step)))  # every rank's part: the folder is shared
-        upload_part = (f"waited {uploaded - began:.2f}s for step {waited_for}'s upload and marked it, "
-                       if waited_for else "no upload in flight, ")
-        return (f"preemption: signal -> step {step} checkpoint marked in {done - signal_at:.2f}s ({upload_part}"
-                f"saved {size / 1e9:.2f} GB, all ranks, in {done - uploaded:.2f}s: {staged}{self.writer_threads} "
-                "writer thread(s) per rank)")
+        upload_part = (
+            f"waited {uploaded - began:.2f}s for step {waited_for}'s upload and marked it, "
+            if waited_for
+            else "no upload in flight, "
+        )
+        return (
+            f"preemption: signal -> step {step} checkpoint marked in {done - signal_at:.2f}s ({upload_part}"
+            f"saved {size / 1e9:.2f} GB, all ranks, in {done - uploaded:.2f}s: {staged}{self.writer_threads} "
+            "writer thread(s) per rank)"
+        )
 
     def close(self) -> None:
         """torchtitan's close, after stopping the upload process (it ignores SIGTERM: see upload)."""
@@ -431,8 +451,11 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         plan = plan_resume(chosen, self.job_config, self.world_size, self.dp_degree)
         keys = saved_keys(chosen.path)
         loader = self.states.get("dataloader")
-        if hasattr(loader, "use_per_rank") and "dataloader" not in self.exclude_from_loading \
-                and any(k.startswith("dataloader.dp_rank_") for k in keys):
+        if (
+            hasattr(loader, "use_per_rank")
+            and "dataloader" not in self.exclude_from_loading
+            and any(k.startswith("dataloader.dp_rank_") for k in keys)
+        ):
             loader.use_per_rank()  # written before global data positions, or with data.order = "per-rank"
         if plan is not None and plan.changed:
             logger.info(plan.line())
@@ -447,8 +470,11 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             logger.warning(f"{chosen.path} has no RNG state for this rank: the RNG continues from the seed")
             self.exclude_from_loading = [*self.exclude_from_loading, "rng"]
         for name in ("lr_scheduler", "dataloader"):  # a stock checkpoint may lack what we always save
-            if name in self.states and name not in self.exclude_from_loading and not any(
-                    k == name or k.startswith(f"{name}.") for k in keys):
+            if (
+                name in self.states
+                and name not in self.exclude_from_loading
+                and not any(k == name or k.startswith(f"{name}.") for k in keys)
+            ):
                 logger.warning(f"{chosen.path} has no {name} state: it starts afresh")
                 self.exclude_from_loading = [*self.exclude_from_loading, name]
         try:

@@ -69,8 +69,9 @@ def staging_options():
     accelerator is present; shared and async only (no pinning, blocking copies) where none is."""
     has = getattr(torch, "accelerator", None)
     gpu = has.is_available() if has is not None else torch.cuda.is_available()
-    return StagingOptions(use_pinned_memory=gpu, use_shared_memory=True, use_async_staging=True,
-                          use_non_blocking_copy=gpu)
+    return StagingOptions(
+        use_pinned_memory=gpu, use_shared_memory=True, use_async_staging=True, use_non_blocking_copy=gpu
+    )
 
 
 class KeptStateDictStager(StateDictStager):
@@ -103,8 +104,9 @@ class ReusableStager(DefaultStager):
     def __init__(self, config: StagingOptions, pool: StagingPool | None = None):
         super().__init__(config)
         self.pool = pool
-        self._state_dict_stager = KeptStateDictStager(pin_memory=config.use_pinned_memory,
-                                                      share_memory=config.use_shared_memory, pool=pool)
+        self._state_dict_stager = KeptStateDictStager(
+            pin_memory=config.use_pinned_memory, share_memory=config.use_shared_memory, pool=pool
+        )
 
     def close(self) -> None:  # end of run (torchtitan's CheckpointManager.close)
         super().close()
@@ -122,8 +124,7 @@ def build_stager(options: StagingOptions | None = None, pool: StagingPool | None
 
 def pool_supported() -> bool:
     """The pool hands buffers over through DCP's per-storage staging hook and its storage cache."""
-    return (hasattr(StateDictStager, "_stage_untyped_storage")
-            and hasattr(StateDictStager(), "_cached_storage_mapping"))
+    return hasattr(StateDictStager, "_stage_untyped_storage") and hasattr(StateDictStager(), "_cached_storage_mapping")
 
 
 def staging_sizes(model_parts: Iterable[Any], moments: int) -> list[int]:
@@ -218,13 +219,16 @@ class StagingPool:
                     self._free[n].append(storage)
         except Exception as exc:  # never let a speed-up break training: DCP allocates the rest itself
             self.error = exc
-            logger.warning(f"checkpoint staging memory could not be prepared ({exc!r}); the first "
-                           "checkpoint allocates it instead (slower, as stock)")
+            logger.warning(
+                f"checkpoint staging memory could not be prepared ({exc!r}); the first "
+                "checkpoint allocates it instead (slower, as stock)"
+            )
         finally:
             self.seconds = time.monotonic() - began
         if self.error is None:
-            logger.info(f"checkpoint staging memory prepared in {self.seconds:.1f}s "
-                        f"({self.nbytes / 1e9:.1f} GB, background)")
+            logger.info(
+                f"checkpoint staging memory prepared in {self.seconds:.1f}s ({self.nbytes / 1e9:.1f} GB, background)"
+            )
 
     def take(self, nbytes: int) -> Any:
         if self._thread.ident is not None:
@@ -242,9 +246,15 @@ class StagingPool:
             self._free.clear()
 
 
-def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" = None, *,
-            model_parts: Iterable[Any] = (), optimizer_name: str = "",
-            stager_factory: Callable[..., Any] = build_stager) -> StagingPool | None:
+def install(
+    manager: Any,
+    checkpoint_config: Any,
+    perf: "CheckpointPerf | None" = None,
+    *,
+    model_parts: Iterable[Any] = (),
+    optimizer_name: str = "",
+    stager_factory: Callable[..., Any] = build_stager,
+) -> StagingPool | None:
     """Trainer wiring (pinned mode only): the reusable stager and, unless switched off, the pool
     preparing its memory now. Returns the pool (or ``None``)."""
     perf = perf or CheckpointPerf()
@@ -257,12 +267,15 @@ def install(manager: Any, checkpoint_config: Any, perf: "CheckpointPerf | None" 
         return None
     pool = None
     if perf.prepare_at_start and not pool_supported():
-        logger.warning("checkpoint_perf.prepare_at_start: this torch's DCP stager has no per-storage hook; "
-                       "the first checkpoint allocates its staging memory itself")
+        logger.warning(
+            "checkpoint_perf.prepare_at_start: this torch's DCP stager has no per-storage hook; "
+            "the first checkpoint allocates its staging memory itself"
+        )
     elif perf.prepare_at_start:
         moments = ADAM_MOMENTS.get(optimizer_name.lower(), 0)
         pin = torch.cuda.is_available()
-        pool = StagingPool(staging_sizes(model_parts, moments), pin=pin,
-                           device_index=torch.cuda.current_device() if pin else None).start()
+        pool = StagingPool(
+            staging_sizes(model_parts, moments), pin=pin, device_index=torch.cuda.current_device() if pin else None
+        ).start()
     manager.stager = stager_factory(pool=pool)
     return pool

@@ -75,8 +75,9 @@ def supported() -> bool:
         from torch.distributed.checkpoint import _async_process_executor as ape
     except ImportError:
         return False
-    return all(hasattr(ape, name) for name in ("_ProcessGroupInitInfo", "_AsyncCheckpointProcess",
-                                               "_CHECKPOINT_PROCESS"))
+    return all(
+        hasattr(ape, name) for name in ("_ProcessGroupInitInfo", "_AsyncCheckpointProcess", "_CHECKPOINT_PROCESS")
+    )
 
 
 def spawn_shielded(target, *args, **kwargs):
@@ -109,8 +110,7 @@ class UploadProcess:
         # multiprocessing's own exit hook would terminate() and join() the child, which ignores
         # SIGTERM: on any normal interpreter exit stop it first (atexit runs hooks last-in first).
         atexit.register(self.shutdown)
-        self._thread = threading.Thread(target=self._spawn, args=(info,), name="checkpoint-upload-process",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._spawn, args=(info,), name="checkpoint-upload-process", daemon=True)
         self._thread.start()
         return self
 
@@ -125,8 +125,10 @@ class UploadProcess:
         self.seconds = time.monotonic() - began
         if self.error is None:
             ape._CHECKPOINT_PROCESS = self.process
-            logger.info(f"checkpoint upload process ready in {self.seconds:.1f}s (background, pid "
-                        f"{self.pid}; SIGTERM/SIGINT blocked there)")
+            logger.info(
+                f"checkpoint upload process ready in {self.seconds:.1f}s (background, pid "
+                f"{self.pid}; SIGTERM/SIGINT blocked there)"
+            )
         else:
             logger.warning(f"checkpoint upload process could not start ({self.error!r})")
 

@@ -5,18 +5,13 @@ Checkpoints here are real DCP checkpoints written by torch.distributed.checkpoin
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 
-import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
 from ckpt_util import config, write_ckpt
+
 from torchtitan_runai.training.checkpoint import manager
-from torchtitan_runai.errors import UserError
 
 
 def test_rng_state_round_trips_through_dcp(tmp_path):
@@ -49,8 +44,9 @@ def test_only_resume_choose_picks_the_checkpoint_torchtitans_newest_first_pick_n
     step, or -1 with ``folder`` pointed at a path that does not exist. Here torchtitan's pick would be step 5
     (a stock model-only save: it has .metadata), ours is step 3."""
     called = []
-    monkeypatch.setattr(manager.upstream.CheckpointManager, "_find_load_step",
-                        lambda self, folder="": called.append(folder) or -1)
+    monkeypatch.setattr(
+        manager.upstream.CheckpointManager, "_find_load_step", lambda self, folder="": called.append(folder) or -1
+    )
     write_ckpt(tmp_path, 3)
     write_ckpt(tmp_path, 5, mark=False)
     m = bare_manager(tmp_path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from torchtitan_runai.training.checkpoint import staging as ckpt_perf
 from torchtitan_runai.config import CheckpointPerf
+from torchtitan_runai.training.checkpoint import staging as ckpt_perf
 
 
 def cpu_stager():
@@ -30,16 +30,24 @@ class Stateful:
 def manager(**tensors):
     model = {"w": torch.randn(64, 32)}
     optim = {"state.w.exp_avg": torch.randn(64, 32), "state.w.step": torch.tensor(3.0)}
-    return SimpleNamespace(stager=None, states={"model": Stateful(model), "optimizer": Stateful(optim),
-                                                "dataloader": Stateful({"x": 1}), "lr_scheduler": None})
+    return SimpleNamespace(
+        stager=None,
+        states={
+            "model": Stateful(model),
+            "optimizer": Stateful(optim),
+            "dataloader": Stateful({"x": 1}),
+            "lr_scheduler": None,
+        },
+    )
 
 
 def pinned(enable=True, mode="async_with_pinned_mem", load_only=False):
     return SimpleNamespace(enable=enable, async_mode=mode, load_only=load_only)
 
 
-@pytest.mark.parametrize("cfg", [pinned(enable=False), pinned(mode="async"), pinned(mode="disabled"),
-                                 pinned(load_only=True)])
+@pytest.mark.parametrize(
+    "cfg", [pinned(enable=False), pinned(mode="async"), pinned(mode="disabled"), pinned(load_only=True)]
+)
 def test_install_does_nothing_unless_torchtitan_stages_pinned(cfg):
     m = manager()
     assert ckpt_perf.install(m, cfg, model_parts=[Model()], optimizer_name="AdamW") is None
@@ -57,7 +65,8 @@ class Model(torch.nn.Module):
 
 def test_staging_sizes_are_each_parameter_its_moments_and_the_buffers():
     assert sorted(ckpt_perf.staging_sizes([Model()], moments=2)) == sorted(
-        [64 * 32 * 4] * 3 + [32 * 4] * 3 + [8 * 4 * 4])
+        [64 * 32 * 4] * 3 + [32 * 4] * 3 + [8 * 4 * 4]
+    )
     assert len(ckpt_perf.staging_sizes([Model()], moments=0)) == 3
 
 
@@ -84,7 +93,7 @@ def test_populate_faults_pages_in_without_changing_the_memory_contract():
     assert _rss_shmem_kib() - before >= 60 * 1024  # the 64 MiB are resident before anything touches them
     t = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
     t.fill_(7)
-    assert int(t[:1 << 20].sum()) == 7 * (1 << 20) and int(t[-1]) == 7
+    assert int(t[: 1 << 20].sum()) == 7 * (1 << 20) and int(t[-1]) == 7
 
 
 def test_new_shared_storage_travels_by_file_descriptor_like_torchs_own():
@@ -114,9 +123,11 @@ def test_a_pool_that_cannot_prepare_leaves_stock_behaviour(monkeypatch):
 
 def test_first_staging_uses_the_pools_buffers_and_later_ones_reuse_them():
     model = Model()
-    sd = {"model": {"w": model.w.detach(), "norm": model.norm.detach()},
-          "optimizer": {"state.w.exp_avg": torch.zeros_like(model.w), "state.w.step": torch.tensor(3.0)},
-          "obj": Plain(5)}
+    sd = {
+        "model": {"w": model.w.detach(), "norm": model.norm.detach()},
+        "optimizer": {"state.w.exp_avg": torch.zeros_like(model.w), "state.w.step": torch.tensor(3.0)},
+        "obj": Plain(5),
+    }
     pool = ckpt_perf.StagingPool([64 * 32 * 4, 64 * 32 * 4, 32 * 4], pin=False).start()
     pool._thread.join()
     ready = {s.data_ptr() for free in pool._free.values() for s in free}
@@ -142,8 +153,12 @@ def test_install_builds_the_stager_with_a_pool_and_respects_the_switches():
     assert type(m.stager).__name__ == "ReusableStager"
     m.stager.close()
     m2 = manager()
-    assert ckpt_perf.install(m2, pinned(), CheckpointPerf(prepare_at_start=False),
-                             model_parts=[Model()], stager_factory=cpu) is None
+    assert (
+        ckpt_perf.install(
+            m2, pinned(), CheckpointPerf(prepare_at_start=False), model_parts=[Model()], stager_factory=cpu
+        )
+        is None
+    )
     assert type(m2.stager).__name__ == "ReusableStager"  # reuse without the pool
     m2.stager.close()
     m3 = manager()

@@ -15,8 +15,8 @@ import textwrap
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
 from conftest import REPO, free_port
+
 from torchtitan_runai.training.checkpoint import upload
 from torchtitan_runai.training.checkpoint.staging import build_stager, staging_options
 
@@ -55,8 +55,14 @@ SCRIPT = textwrap.dedent("""
 def test_the_upload_process_survives_the_pods_sigterm_and_still_writes(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), str(free_port())], cwd=REPO,
-                          capture_output=True, text=True, timeout=240, start_new_session=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ck"), str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["handler"] == [15], "the trainer's own handler still gets the signal"
@@ -66,8 +72,11 @@ def test_the_upload_process_survives_the_pods_sigterm_and_still_writes(tmp_path)
 
 
 def test_the_writer_uses_the_thread_count(tmp_path):
-    dcp.save({f"t{i}": torch.full((256,), float(i)) for i in range(8)}, storage_writer=upload.writer(tmp_path, 3),
-             no_dist=True)
+    dcp.save(
+        {f"t{i}": torch.full((256,), float(i)) for i in range(8)},
+        storage_writer=upload.writer(tmp_path, 3),
+        no_dist=True,
+    )
     assert len(list(tmp_path.glob("*.distcp"))) == 3
     assert upload.writer(tmp_path, 0).thread_count == 1
 
