@@ -168,7 +168,9 @@ def test_tini_is_pid1_and_the_entrypoint_is_run_llama_train():
 
 def test_dockerignore_keeps_secrets_venvs_and_outputs_out():
     patterns = {
-        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
     }
     assert {".git", ".venv", "outputs", "*.safetensors", ".env", "**/__pycache__", "tests"} <= patterns
     for needed in ("torchtitan_runai", "train_configs", "docker", "run_llama_train.sh", "pyproject.toml", "train.py"):

@@ -240,8 +240,10 @@ def test_every_dataset_resumes_at_another_size(tmp_path, monkeypatch, hf_tokeniz
 
     job = dataset_job(tmp_path, monkeypatch, kind)
     job.training.global_batch_size = 4
+
     def build(dp_degree):
         return [data_mod.build_dataloader(dp_degree, r, hf_tokenizer, job) for r in range(dp_degree)]
+
     expected = loader_steps(build(1), 12, local_batch=2)
     before = build(2)
     got = loader_steps(before, 5, local_batch=2)
