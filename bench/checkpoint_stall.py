@@ -292,7 +292,9 @@ def to_markdown(meta: dict, results: list[dict], verdict: dict) -> str:
         "",
         "A checkpoint whose upload failed was not written: its small stall means nothing (column 'upload errors').",
         "",
-        "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | steps 2..first ckpt-1 lost s | staging memory prepared in s (background) | logged save s | launch to first step s |",
+        "| run | status | upload errors | median step s | lost s, 1st ckpt | lost s, 2nd ckpt | "
+        "steps 2..first ckpt-1 lost s | staging memory prepared in s (background) | logged save s | "
+        "launch to first step s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:

@@ -402,11 +402,13 @@ def read_trace(path: Path) -> dict[int, str]:
 
 
 def render(report: dict) -> str:
+    settings = {
+        k: v for k, v in report.get("settings", {}).items() if k in ("steps", "resume_steps", "interval", "delay")
+    }
     lines = [
         f"# Preemption on the pod's path: {report.get('machine')} ({report['date']})",
         "",
-        f"torch {report.get('torch')}; {report.get('note', '')}; settings: "
-        f"{ {k: v for k, v in report.get('settings', {}).items() if k in ('steps', 'resume_steps', 'interval', 'delay')} }",
+        f"torch {report.get('torch')}; {report.get('note', '')}; settings: {settings}",
         "",
         "| case | exit | signal -> exit s | upload in flight at signal | preemption line | stalls s (after step: s) | "
         "restart: resumed from, exit | losses after resume = d (steps, max diff) |",

@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         L = [
             f"# Launch to first step: {meta['date']} on {meta['machine']}",
             "",
-            "Stock torchtitan 0.2.2 `torchrun -m torchtitan.train`, 8-layer Llama 3.1 8B proxy, compile on, local batch 1, "
-            "selective op AC, seq 8192, one GPU. `cold` = empty inductor cache (every stock pod start); `warm` = "
+            "Stock torchtitan 0.2.2 `torchrun -m torchtitan.train`, 8-layer Llama 3.1 8B proxy, compile on, "
+            "local batch 1, selective op AC, seq 8192, one GPU. `cold` = empty inductor cache (every stock pod "
+            "start); `warm` = "
             "the same cache folder again (our restart: cache on the output volume). Seconds from launch.",
             "",
             "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             "| --- | --- | --- | --- | --- |",
         ]
         L += [
-            f"| {x['name']} | {x['rc']} | {f(x['first_line_s'])} | {f(x['training_starts_s'])} | {f(x['first_step_s'])} |"
+            f"| {x['name']} | {x['rc']} | {f(x['first_line_s'])} | "
+            f"{f(x['training_starts_s'])} | {f(x['first_step_s'])} |"
             for x in results
         ]
         Path(f"{stem}.md").write_text("\n".join(L) + "\n")

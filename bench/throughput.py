@@ -282,7 +282,8 @@ def to_markdown(meta: dict, results: list[dict], summary: dict) -> str:
         "",
         "Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
         "",
-        "| config | group | prec | lbs | AC | compile | loss | status | tok/s | MFU % | max reserved GiB | max active GiB | first step s |",
+        "| config | group | prec | lbs | AC | compile | loss | status | tok/s | MFU % | max reserved GiB | "
+        "max active GiB | first step s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:

@@ -184,7 +184,8 @@ class CheckpointPerf:
 
     reuse_staging: bool = True
     """With ``checkpoint.async_mode = "async_with_pinned_mem"``: stage through ``build_stager`` (pinned
-    buffers kept across checkpoints; works around torch 2.11's per-save close, ``torchtitan_runai.training.checkpoint.staging``)."""
+    buffers kept across checkpoints; works around torch 2.11's per-save close,
+    ``torchtitan_runai.training.checkpoint.staging``)."""
 
     prepare_at_start: bool = True
     """With ``reuse_staging``: create, fault in and pin the staging memory on a background thread
@@ -246,10 +247,12 @@ class JobConfig:
     """The sections this fork adds to torchtitan's JobConfig (merged by torchtitan's ConfigManager)."""
 
     resilience: Resilience = field(default_factory=Resilience)
-    """Preemption, hang detection and checkpoint-folder ownership (``training.signals``, ``training.watchdog``, ``checkpoint.ownership``)."""
+    """Preemption, hang detection and checkpoint-folder ownership (``training.signals``, ``training.watchdog``,
+    ``checkpoint.ownership``)."""
 
     hub: Hub = field(default_factory=Hub)
-    """Where the tokenizer comes from on the Hugging Face Hub, and its cache (``torchtitan_runai.hub``, ``torchtitan_runai.training.tokenizer``)."""
+    """Where the tokenizer comes from on the Hugging Face Hub, and its cache (``torchtitan_runai.hub``,
+    ``torchtitan_runai.training.tokenizer``)."""
 
     data: Data = field(default_factory=Data)
     """Local/PVC dataset format and streaming retries (``torchtitan_runai.training.data``)."""
@@ -258,7 +261,8 @@ class JobConfig:
     """Throughput/memory levers measured on the GPU (``torchtitan_runai.training.loss``, bench/)."""
 
     checkpoint_perf: CheckpointPerf = field(default_factory=CheckpointPerf)
-    """Checkpoint-stall levers on top of torchtitan's [checkpoint] (``torchtitan_runai.training.checkpoint.staging``)."""
+    """Checkpoint-stall levers on top of torchtitan's [checkpoint]
+    (``torchtitan_runai.training.checkpoint.staging``)."""
 
     export: Export = field(default_factory=Export)
     """A Hugging Face copy of the model at the end of training (``torchtitan_runai.hf.export``)."""
@@ -531,7 +535,8 @@ def check_world_size(config, world_size: int) -> None:
             raise UserError(
                 "parallelism",
                 shown,
-                f"the fixed degrees multiply to {fixed}, which does not divide the world size {world_size} (nodes x GPUs per node)",
+                f"the fixed degrees multiply to {fixed}, which does not divide the world size {world_size} "
+                "(nodes x GPUs per node)",
                 f"choose degrees whose product divides {world_size}, or change the node/GPU count",
             )
     elif fixed != world_size:

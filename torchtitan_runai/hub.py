@@ -5,7 +5,8 @@ Secret; ``hf_token``), stripped of surrounding whitespace (a Secret made from a 
 newline, an invalid header value), passed to ``huggingface_hub`` as ``token=``. The token is never a
 config field, never logged, and is redacted, in every spelling (as is, stripped, ``repr``), from
 every message we build (``redact``, ``describe``: exception text and chained causes); the HTTP
-client's DEBUG trace, which quotes request headers, is never switched on (``quiet_http_trace``). Hub failures become one-line ``UserError``s (``hub_error``): 401 (token missing
+client's DEBUG trace, which quotes request headers, is never switched on (``quiet_http_trace``). Hub failures
+become one-line ``UserError``s (``hub_error``): 401 (token missing
 or wrong), 403 (licence not accepted on the model page), 404 (repo, revision or file), no network,
 rate limited / Hub down (retried with exponential backoff first, ``with_backoff``: ``hub.retries``,
 ``hub.backoff_s``). ``HF_ENDPOINT`` is honoured (read at call time), which is how the tests point the

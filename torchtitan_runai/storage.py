@@ -41,7 +41,8 @@ recipe   parameters          one checkpoint
 
 Old checkpoints are removed only once a new one is complete (``checkpoint.folder.retain``: at most
 ``keep_latest_k`` complete ones, whatever wrote them), so the PVC must hold ``keep_latest_k + 1`` of
-them at the peak (``checkpoint.folder.peak_room``, which preflight checks). :func:`recommend_keep_latest_k` turns a PVC size into the largest safe
+them at the peak (``checkpoint.folder.peak_room``, which preflight checks). :func:`recommend_keep_latest_k` turns a
+PVC size into the largest safe
 ``checkpoint.keep_latest_k`` (10% of the PVC kept free for TensorBoard, the HF cache and the
 filesystem; capped at 10, torchtitan's default; never 1, which torchtitan forbids, never 0 = keep all).
 """

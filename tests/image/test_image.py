@@ -7,7 +7,8 @@ the FROM name; docker/build.sh then builds the Dockerfile on it, as `docker buil
 differs from NGC is listed in docs/cluster.md ("The image"); the GPU is the one thing mocked away
 (the rehearsal trains on 2 CPU ranks over gloo).
 
-Checks: every shipped file git tracks is in the image, `pip check` clean, torch (and triton) the base's byte for byte, `--dry-run`, the 2-rank
+Checks: every shipped file git tracks is in the image, `pip check` clean, torch (and triton) the base's byte for byte,
+`--dry-run`, the 2-rank
 rehearsal as the image's user and as an arbitrary UID in group 0 (OpenShift), `podman stop`
 (SIGTERM) → exit 143 with a complete checkpoint and a resume from it, tini as PID 1, image size.
 

@@ -181,7 +181,10 @@ def test_dockerignore_keeps_secrets_venvs_and_outputs_out():
 
 
 def test_runtime_requirements_come_from_pyproject_without_image_owned_packages():
-    text = '[project]\ndependencies = ["torchtitan==0.2.2", "torch>=2.10.0a0", "nvidia-nccl-cu13", "tomli>=2; python_version < \'3.11\'"]\n'
+    text = (
+        '[project]\ndependencies = ["torchtitan==0.2.2", "torch>=2.10.0a0", "nvidia-nccl-cu13", '
+        "\"tomli>=2; python_version < '3.11'\"]\n"
+    )
     assert pin.runtime_requirements(text) == ["torchtitan==0.2.2", "tomli>=2; python_version < '3.11'"]
 
 

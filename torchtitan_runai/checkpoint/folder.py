@@ -20,7 +20,8 @@ by an atomic rename, after every rank's shards are written, so a readable ``.met
 of the lengths it lists is a finished save. Its kind comes from the keys: model weights, optimizer
 state and train state make it ``full`` (resumable); weights alone ``model-only`` (complete, never
 moved; continue from it with ``checkpoint.initial_load_path``). Its record is synthesised
-(``adopted``, the data-parallel degree from its ``dataloader.dp_rank_*`` keys). Only a complete ``full`` one can be resumed (``StepFolder.resumable``);
+(``adopted``, the data-parallel degree from its ``dataloader.dp_rank_*`` keys). Only a complete ``full`` one can be
+resumed (``StepFolder.resumable``);
 a complete ``model-only`` one still holds the weights (the export reads it). Incomplete ones newer
 than the checkpoint a run resumes from (a save cut off by SIGKILL, ...) are moved to ``.incomplete/``
 (``quarantine``) at start, never deleted there. Complete checkpoints are never moved.

@@ -25,8 +25,8 @@ is how the round trip is tested.
 
 torchtitan checks none of this up front: a wrong flavor shows up as a size-mismatch traceback on
 every rank after the model is built. ``validate_hf_import`` (called from the whole-config
-validation, ``job.parse_job_config``, before any worker starts) compares the folder's ``config.json`` with the configured
-flavor and reports the first difference as one line.
+validation, ``job.parse_job_config``, before any worker starts) compares the folder's ``config.json`` with the
+configured flavor and reports the first difference as one line.
 """
 
 from __future__ import annotations

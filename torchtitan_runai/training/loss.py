@@ -13,7 +13,8 @@ Variants (``[perf] loss``, see ``config.Perf``); all return the same value and g
   fp32): stock behaviour.
 * ``chunked``: the same on slices of the logits, each slice's fp32 copy recomputed in backward
   instead of kept, so eager mode never holds fp32 logits. The bf16 logits still exist.
-* ``fused``: (memory lever, not a speed lever: see ``config.Perf.loss``) the model's output layer hands over hidden states and weight (see
+* ``fused``: (memory lever, not a speed lever: see ``config.Perf.loss``) the model's output layer hands over hidden
+  states and weight (see
   ``torchtitan_runai.training.fused_head``) and the loss computes logits, loss and gradients chunk by chunk:
   neither the logits nor their gradient ever exist in full. Needs the model class
   ``FusedHeadTransformer``; if the model returns plain logits the loss falls back to ``plain``.

@@ -7,7 +7,8 @@ checkpoint from a real multi-rank run as well.
 
 Tolerance: exported HF logits vs torchtitan's forward, fp32 on CPU, 2x512 tokens: atol 1e-5,
 rtol 1e-5 (seen: 5e-7). Tight on purpose: leaving out the Llama-3.1 rope scaling in config.json
-moves the logits by ~1e-4 at 512 tokens, and the test checks that it would be caught. The import round trip (to_hf then from_hf) is a pure permutation: exactly equal weights.
+moves the logits by ~1e-4 at 512 tokens, and the test checks that it would be caught. The import round trip (to_hf
+then from_hf) is a pure permutation: exactly equal weights.
 """
 
 from __future__ import annotations

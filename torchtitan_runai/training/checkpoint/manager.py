@@ -220,7 +220,10 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
                 need, protect = (folder_bytes(newest.path) if newest is not None else 0), (room_for,)
             line = retain(folder, self.keep_latest_k, protect, need, found=found).line()
         except Exception as e:  # retention must never stop training: the next pass tries again
-            line = f"checkpoint retention in {self.folder} failed ({type(e).__name__}: {e}); it retries after the next save"
+            line = (
+                f"checkpoint retention in {self.folder} failed ({type(e).__name__}: {e}); "
+                "it retries after the next save"
+            )
         if line:
             logger.warning(line) if room_for is not None else logger.info(line)
 

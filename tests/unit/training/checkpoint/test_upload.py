@@ -45,8 +45,10 @@ SCRIPT = textwrap.dedent("""
         result.upload_completion.result(timeout=120)
         pid = up.pid
         up.shutdown()
-        print(json.dumps({"handler": got, "alive_after_sigterm": alive, "metadata": os.path.exists(sys.argv[1] + "/.metadata"),
-                          "files": sorted(os.listdir(sys.argv[1])), "stopped": not os.path.exists(f"/proc/{pid}/status")}))
+        print(json.dumps({"handler": got, "alive_after_sigterm": alive,
+                          "metadata": os.path.exists(sys.argv[1] + "/.metadata"),
+                          "files": sorted(os.listdir(sys.argv[1])),
+                          "stopped": not os.path.exists(f"/proc/{pid}/status")}))
         sys.stdout.flush()
         os._exit(0)
 """)
