@@ -225,7 +225,8 @@ def test_a_full_disk_in_any_writer_thread_fails_the_save_once_without_thread_tra
     mnt.mkdir()
     snippet = (
         "import torch, torch.distributed.checkpoint as dcp\n"
-        "from torchtitan_runai.checkpoint import folder, upload\n"
+        "from torchtitan_runai.checkpoint import folder\n"
+        "from torchtitan_runai.training.checkpoint import upload\n"
         f"w = upload.writer('{mnt}/step-1', 4)\n"
         "try:\n"
         "    dcp.save({str(i): torch.ones(100_000) for i in range(8)}, storage_writer=w)\n"

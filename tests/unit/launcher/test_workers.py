@@ -5,7 +5,7 @@ from pathlib import Path
 
 from conftest import REPO, pod_env
 
-from torchtitan_runai.errors import HANG_VERDICT_ENV
+from torchtitan_runai.errors import HANG_VERDICT_ENV, WORKER_ERROR_ENV
 from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV
 from torchtitan_runai.launcher import workers
 
@@ -63,7 +63,8 @@ def test_the_launcher_exports_them_once_just_before_the_agent(monkeypatch, tmp_p
     monkeypatch.setattr(launch.preflight, "visible_gpus", lambda: 0)
     seen = {}
 
-    def agent(command, plan, hang_verdict):
+    def agent(command, plan, hang_verdict, worker_error):
+        seen[WORKER_ERROR_ENV + "_arg"] = str(worker_error)
         seen.update(os.environ, verdict_dir=str(hang_verdict.parent), verdict_dir_exists=hang_verdict.parent.is_dir())
         return 0
 
@@ -74,5 +75,6 @@ def test_the_launcher_exports_them_once_just_before_the_agent(monkeypatch, tmp_p
     assert seen["TORCHINDUCTOR_CACHE_DIR"] == str(out / ".cache" / "inductor")
     assert seen["OMP_NUM_THREADS"] == "3"  # the user's
     assert seen[HANG_VERDICT_ENV] == seen["verdict_dir"] + "/hang-verdict" and seen["verdict_dir_exists"]
+    assert seen[WORKER_ERROR_ENV] == seen[WORKER_ERROR_ENV + "_arg"] == seen["verdict_dir"] + "/worker-error"
     assert (out / "checkpoint" / "goodput" / f"{seen[LAUNCH_ID_ENV]}.json").is_file()
     assert not Path(seen["verdict_dir"]).exists()  # the scratch folder goes with the agent

@@ -39,13 +39,12 @@ class Exited(Exception):
 
 @pytest.fixture
 def exits(monkeypatch):
-    """os._exit raises Exited; logging.shutdown (run's last act) leaves pytest's handlers alone."""
+    """The trainer's way out (errors.flush_and_exit: flush, then os._exit) raises Exited instead."""
 
     def leave(code):
         raise Exited(code)
 
-    monkeypatch.setattr(trainer_mod.os, "_exit", leave)
-    monkeypatch.setattr(trainer_mod.logging, "shutdown", lambda: None)
+    monkeypatch.setattr(trainer_mod, "flush_and_exit", leave)
 
 
 class Events(list):
