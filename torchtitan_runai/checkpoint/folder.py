@@ -188,6 +188,42 @@ def examine(path: Path, step: int | None = None) -> StepFolder:
     return StepFolder(step, path, True, record=record)
 
 
+def _is_step_folder(path: Path) -> bool:
+    return bool(_STEP_RE.match(path.name)) and ((path / ".metadata").is_file() or (path / MARKER).is_file())
+
+
+def checkpoint_around(path: Path, depth: int = 3) -> Path | None:
+    """The checkpoint a write to ``path`` would land in or replace: a step folder (``step-N`` with
+    DCP's ``.metadata`` or our marker) that is ``path`` or holds it, a folder of step folders that
+    is or holds it, or a step folder up to ``depth`` levels below it (a dump folder holds
+    ``<checkpoint.folder>/step-N``). None where a command may write. No command writes there:
+    the export refuses such a destination (``hf.export.export_checkpoint``)."""
+    path = Path(path).resolve()
+    for above in (path, *path.parents):
+        if not above.is_dir():
+            continue
+        if _is_step_folder(above):
+            return above
+        try:
+            if any(_is_step_folder(child) for child in above.iterdir() if child.is_dir()):
+                return above
+        except OSError:  # an unreadable parent holds nothing we could replace
+            continue
+    level = [path] if path.is_dir() else []
+    for _ in range(depth):
+        below: list[Path] = []
+        for folder in level:
+            try:
+                below += [child for child in folder.iterdir() if child.is_dir() and not child.is_symlink()]
+            except OSError:
+                continue
+        found = next((child for child in below if _is_step_folder(child)), None)
+        if found is not None:
+            return found
+        level = below
+    return None
+
+
 def scan(folder: Path) -> list[StepFolder]:
     """Every ``step-N`` folder, newest first, with its verdict."""
     return [examine(path, step) for step, path in step_folders(folder)]

@@ -286,6 +286,17 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise UserError("--dtype", dtype, "unsupported export dtype", f"one of {DTYPES}")
     out = Path(output_dir)
+    # Before anything else: no export (--overwrite included) may replace or write into a checkpoint.
+    guarded = folder.checkpoint_around(out)
+    if guarded is not None:
+        inside = guarded == out.resolve() or guarded in out.resolve().parents
+        raise UserError(
+            "OUTPUT_DIR",
+            str(out),
+            f"{'is inside' if inside else 'contains'} the checkpoint {guarded}: the export would write into or "
+            "replace resumable checkpoints",
+            "export to a folder outside the checkpoint folder, e.g. <dump_folder>/hf (nothing was written)",
+        )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError("OUTPUT_DIR", str(out), "exists and is not empty", "choose a new folder or pass --overwrite")
     assets = Path(job_config.model.hf_assets_path or "")

@@ -287,6 +287,39 @@ def test_user_errors_are_one_line(trained, tmp_path):
     assert (tmp_path / "z" / "model.safetensors").is_file()
 
 
+def test_no_export_replaces_or_writes_into_a_checkpoint(trained, tmp_path):
+    """--overwrite onto the step folder it reads, the checkpoint folder or the dump folder above them
+    replaced the resumable checkpoint with HF files (exit 0); now each is one line, exit 2."""
+    step_dir = trained["step_dir"]
+    ckpt, dump = step_dir.parent, step_dir.parent.parent
+    files = sorted(p.relative_to(dump) for p in dump.rglob("*"))
+    for dest in (step_dir, ckpt, dump, step_dir / "hf", ckpt / "hf", ckpt / "new" / "hf"):
+        with pytest.raises(UserError, match="checkpoint") as error:
+            export_checkpoint(step_dir, dest, trained["job_config"], overwrite=True)
+        assert error.value.setting == "OUTPUT_DIR" and "outside the checkpoint folder" in error.value.fix
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchtitan_runai.export",
+            str(step_dir),
+            str(ckpt),
+            "--overwrite",
+            "--config",
+            str(trained["config"]),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "OUTPUT_DIR" in run.stderr
+    assert sorted(p.relative_to(dump) for p in dump.rglob("*")) == files  # nothing written, nothing removed
+    assert ckfolder.examine(step_dir, 3).resumable
+    assert ckfolder.checkpoint_around(dump.parent / "hf") is None  # beside the dump folder is fine
+
+
 def test_export_at_end_keeps_checkpoint_resumable(trained):
     job_config = load_job_config(trained["config"])
     job_config.export = Export(at_end=True, folder="hf_end", dtype="float32")
