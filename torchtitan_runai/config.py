@@ -14,7 +14,9 @@ ranks train with. Every mistake is one ``UserError`` naming the setting, its val
 
 - the file: missing, unreadable, TOML syntax error (with its line);
 - keys: unknown sections or keys (with the nearest valid name), values of the wrong type;
-- values: seed outside [0, 2**32), steps or batch sizes not positive, seq_len not divisible by the
+- values: seed outside [0, 2**32), steps or batch sizes not positive, optimizer numbers (a learning
+  rate or eps not positive, a negative weight decay, betas outside [0, 1)), a schedule longer in
+  warmup than in steps or with decay_ratio / min_lr_factor outside [0, 1], seq_len not divisible by the
   tensor/context-parallel degree, parallel degrees that cannot tile the world size, global batch
   not divisible by local batch x data-parallel degree, [export] without checkpoints, and more
   (``validate``).
@@ -26,6 +28,7 @@ import contextlib
 import dataclasses
 import difflib
 import io
+import math
 import tempfile
 import types
 import typing
@@ -572,6 +575,78 @@ def data_parallel_degree(config, world_size: int) -> int:
     return shard * p.data_parallel_replicate_degree
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_optimizer(config) -> None:
+    """The optimizer's numbers, before any worker builds it: torch refuses some only on the ranks,
+    with a traceback (betas, eps), and accepts others that wreck the run (a negative learning rate
+    climbs the loss; a negative weight decay grows the weights)."""
+    o = config.optimizer
+    if not _finite(o.lr) or o.lr <= 0:
+        raise UserError(
+            "optimizer.lr", o.lr, "must be a positive number", "use e.g. 3e-4 (the 8B recipe) or 8e-4 (the debug model)"
+        )
+    if not _finite(o.weight_decay) or o.weight_decay < 0:
+        raise UserError(
+            "optimizer.weight_decay", o.weight_decay, "must not be negative", "use 0 (none) or e.g. 0.1 (the default)"
+        )
+    if not _finite(o.eps) or o.eps <= 0:
+        raise UserError(
+            "optimizer.eps",
+            o.eps,
+            "must be a small positive number (it keeps Adam's update from dividing by zero)",
+            "use e.g. 1e-8",
+        )
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        if not _finite(value) or not 0 <= value < 1:
+            raise UserError(
+                f"optimizer.{name}", value, "must be in [0, 1)", "use e.g. beta1 = 0.9, beta2 = 0.95 (the defaults)"
+            )
+
+
+def check_schedule(config) -> None:
+    """The learning-rate schedule against the run's length. torchtitan 0.2.2 shortens a warmup longer
+    than the schedule (only a warning on every rank, after the workers started) and lets decay_ratio
+    and min_lr_factor leave [0, 1] (a negative or growing learning rate)."""
+    s, steps = config.lr_scheduler, config.training.steps
+    if s.warmup_steps < 0:
+        raise UserError("lr_scheduler.warmup_steps", s.warmup_steps, "must not be negative", "use 0 or more")
+    if s.total_steps is not None and s.total_steps <= 0:
+        raise UserError(
+            "lr_scheduler.total_steps",
+            s.total_steps,
+            "must be positive",
+            "remove it (the schedule then spans training.steps) or set the steps the schedule spans",
+        )
+    total = s.total_steps if s.total_steps is not None else steps
+    if steps > 0 and s.warmup_steps > total:
+        spans = "lr_scheduler.total_steps" if s.total_steps is not None else "training.steps"
+        raise UserError(
+            "lr_scheduler.warmup_steps",
+            s.warmup_steps,
+            f"is longer than the schedule ({spans} = {total}): torchtitan would cut the warmup to {total} steps",
+            f"set lr_scheduler.warmup_steps to at most {total} (recipes warm up for about a fifth of the "
+            f"steps, here {max(total // 5, 1)}), or raise {spans}",
+        )
+    if s.decay_ratio is not None and (not _finite(s.decay_ratio) or not 0 <= s.decay_ratio <= 1):
+        raise UserError(
+            "lr_scheduler.decay_ratio",
+            s.decay_ratio,
+            "is the share of the steps spent decaying, so must be in [0, 1]",
+            "use e.g. 0.8, or remove it to decay right after the warmup",
+        )
+    if not _finite(s.min_lr_factor) or not 0 <= s.min_lr_factor <= 1:
+        raise UserError(
+            "lr_scheduler.min_lr_factor",
+            s.min_lr_factor,
+            "is the final learning rate as a share of optimizer.lr, so must be in [0, 1]",
+            "use e.g. 0.1, or 0 to decay to zero",
+        )
+
+
 def validate(config, world_size: int | None = None) -> None:
     t = config.training
     why = check_seed(config.debug.seed)
@@ -647,10 +722,8 @@ def validate(config, world_size: int | None = None) -> None:
             "makes the final (and a preemption) checkpoint model-only, which cannot be resumed",
             "remove it and set [export] at_end = true for a Hugging Face copy at the end",
         )
-    if config.lr_scheduler.warmup_steps < 0:
-        raise UserError(
-            "lr_scheduler.warmup_steps", config.lr_scheduler.warmup_steps, "must not be negative", "use 0 or more"
-        )
+    check_optimizer(config)
+    check_schedule(config)
     ex = getattr(config, "export", None)
     if ex is not None and ex.at_end:
         if not ck.enable:

@@ -18,7 +18,7 @@ REFUSED = "another run is training in this folder now"
 
 
 def test_runs_started_together_exactly_one_trains(tmp_path):
-    args = train_args(tmp_path, 2, 2)
+    args = train_args(tmp_path, 2, 2, "--lr_scheduler.warmup_steps", "2")
     procs = [start(tmp_path, args, f"run{i}.log") for i in (0, 1)]
     codes = [p.wait(timeout=300) for p in procs]
     logs = [(tmp_path / f"run{i}.log").read_text() for i in (0, 1)]

@@ -46,7 +46,15 @@ def test_newline_token_trains_and_never_appears_anywhere(tmp_path):
     with FakeHub(token=CANARY) as hub:
         hub.add_folder(REPO_ID, TOKENIZER)
         proc = run_launcher(
-            [*hub_args(tmp_path), "--training.steps", "2", "--checkpoint.interval", "2"],
+            [
+                *hub_args(tmp_path),
+                "--training.steps",
+                "2",
+                "--lr_scheduler.warmup_steps",
+                "2",
+                "--checkpoint.interval",
+                "2",
+            ],
             pod_env(NGPU="2", LOG_RANK="all", HF_ENDPOINT=hub.url, HF_TOKEN=CANARY + "\n"),
         )
         gets = hub.gets("/tokenizer.json")

@@ -33,6 +33,8 @@ def train_args(tmp, *more: str) -> list[str]:
         str(tmp / "out"),
         "--training.steps",
         str(STEPS),
+        "--lr_scheduler.warmup_steps",  # the debug recipe's 5 would outlast the run
+        str(STEPS),
         "--checkpoint.interval",
         str(AT),
         "--metrics.log_freq",

@@ -102,6 +102,12 @@ CASES = [
     ("global-batch", None, ["--training.global_batch_size", "7"], {}, "training.global_batch_size"),
     ("seq-len-too-long", None, ["--training.seq_len", "140000"], {}, "training.seq_len"),
     ("warmup-negative", None, ["--lr_scheduler.warmup_steps", "-1"], {}, "lr_scheduler.warmup_steps"),
+    # issue 24: optimizer and schedule values (a worker's traceback, or a warning, before)
+    ("lr-negative", None, ["--optimizer.lr", "-1e-4"], {}, "optimizer.lr"),
+    ("weight-decay-negative", None, ["--optimizer.weight_decay", "-0.1"], {}, "optimizer.weight_decay"),
+    ("eps-zero", replace("eps = 1e-8", "eps = 0.0"), [], {}, "optimizer.eps"),
+    ("warmup-past-steps", None, ["--training.steps", "3"], {}, "lr_scheduler.warmup_steps"),
+    ("decay-ratio-above-1", None, ["--lr_scheduler.decay_ratio", "1.5"], {}, "lr_scheduler.decay_ratio"),
     ("hang-timeout-negative", None, ["--resilience.hang_timeout_seconds", "-3"], {}, "resilience.hang_timeout_seconds"),
     ("async-mode", None, ["--checkpoint.async_mode", "sometimes"], {}, "checkpoint.async_mode"),
     ("load-step-incomplete", None, ["--checkpoint.load_step", "5"], {}, "checkpoint.load_step"),

@@ -116,6 +116,21 @@ def test_schema_errors(tmp_path, monkeypatch, extra, setting, words):
         (["--checkpoint.keep_latest_k", "1"], "checkpoint.keep_latest_k"),
         (["--training.global_batch_size", "6"], "training.global_batch_size"),
         (["--training.stepz", "3"], "command line"),
+        # issue 24: optimizer and schedule values, refused before any worker builds them
+        (["--optimizer.lr", "-1e-4"], "optimizer.lr"),
+        (["--optimizer.lr", "0"], "optimizer.lr"),
+        (["--optimizer.lr", "nan"], "optimizer.lr"),
+        (["--optimizer.weight_decay", "-0.1"], "optimizer.weight_decay"),
+        (["--optimizer.eps", "0"], "optimizer.eps"),
+        (["--optimizer.eps", "-1e-8"], "optimizer.eps"),
+        (["--optimizer.beta2", "1.0"], "optimizer.beta2"),
+        (["--training.steps", "4"], "lr_scheduler.warmup_steps"),  # the debug recipe warms up for 5
+        (["--lr_scheduler.total_steps", "3"], "lr_scheduler.warmup_steps"),
+        (["--lr_scheduler.total_steps", "0"], "lr_scheduler.total_steps"),
+        (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps"),
+        (["--lr_scheduler.decay_ratio", "1.5"], "lr_scheduler.decay_ratio"),
+        (["--lr_scheduler.decay_ratio", "-0.1"], "lr_scheduler.decay_ratio"),
+        (["--lr_scheduler.min_lr_factor", "-0.5"], "lr_scheduler.min_lr_factor"),
     ],
 )
 def test_value_errors(monkeypatch, args, setting):
@@ -123,6 +138,24 @@ def test_value_errors(monkeypatch, args, setting):
     with pytest.raises(UserError) as e:
         parse_job_config(["--job.config_file", "train_configs/debug_model.toml", *args], world_size=2)
     assert e.value.setting == setting
+
+
+def test_warmup_longer_than_the_run_names_both_numbers_and_the_fix(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(UserError) as e:
+        parse_job_config(["--job.config_file", "train_configs/debug_model.toml", "--training.steps", "3"])
+    line = e.value.line()
+    assert "lr_scheduler.warmup_steps = 5" in line and "training.steps = 3" in line and "at most 3" in line
+
+
+def test_schedule_edges_that_are_fine(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = ["--job.config_file", "train_configs/debug_model.toml"]
+    # warmup as long as the run, a schedule longer than the run, a constant rate and no decay
+    parse_job_config([*base, "--training.steps", "5"], world_size=2)
+    parse_job_config([*base, "--training.steps", "3", "--lr_scheduler.total_steps", "30"], world_size=2)
+    parse_job_config([*base, "--lr_scheduler.decay_ratio", "0", "--lr_scheduler.min_lr_factor", "1"], world_size=2)
+    parse_job_config([*base, "--optimizer.weight_decay", "0", "--optimizer.beta1", "0"], world_size=2)
 
 
 def test_toml_syntax_error_names_the_line(tmp_path, monkeypatch):

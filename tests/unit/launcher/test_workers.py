@@ -69,7 +69,7 @@ def test_the_launcher_exports_them_once_just_before_the_agent(monkeypatch, tmp_p
         return 0
 
     monkeypatch.setattr(launch, "run_agent", agent)
-    assert launch.main(["--training.steps", "1"]) == 0
+    assert launch.main(["--training.steps", "1", "--lr_scheduler.warmup_steps", "1"]) == 0
     out = tmp_path / "out"
     assert seen["HF_HOME"] == str(out / ".cache" / "huggingface")
     assert seen["TORCHINDUCTOR_CACHE_DIR"] == str(out / ".cache" / "inductor")
