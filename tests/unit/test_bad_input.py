@@ -126,6 +126,10 @@ CASES = [
         "RANK",
     ),
     ("stock-llama3-spec", None, ["--model.name", "llama3"], {}, "llama3_runai"),
+    # issue 24: a run with no step lines; a node/rank variable that comes alone (ran alone, no note)
+    ("log-rank-past-the-nodes-ranks", None, [], {"LOG_RANK": "5"}, "LOG_RANK"),
+    ("world-size-without-master-addr", None, [], {"WORLD_SIZE": "2"}, "WORLD_SIZE"),
+    ("rank-without-world-size", None, [], {"RANK": "1"}, "RANK"),
     (
         "config-with-bom-and-bad-key",
         lambda tmp: (

@@ -41,7 +41,8 @@ Kubeflow Trainer v2         ``PET_MASTER_ADDR`` and ``PET_NNODES``, no ``MASTER_
 old operator (<= v1.3)      ``MASTER_ADDR`` and no ``PET_*`` at all. ``--nnodes WORLD_SIZE`` (the
                             pod count there), c10d rendezvous at ``MASTER_ADDR:MASTER_PORT``; the
                             master pod's ``MASTER_ADDR=localhost`` makes it host the store.
-single node                 none of the above: ``--standalone``.
+single node                 none of the above: ``--standalone``. ``WORLD_SIZE`` or ``RANK`` here (no
+                            ``MASTER_ADDR`` to meet at) is refused, unless they say one node (1, 0).
 ==========================  =========================================================================
 
 A multi-node shape whose node count is 1 also runs standalone (nothing to rendezvous with).
@@ -58,8 +59,8 @@ Variables (all optional except where a shape needs them):
                         to resolve (default 600).
 ``RDZV_ID``             rendezvous id shared by all pods (default ``PET_RDZV_ID``, ``JOB_UUID``,
                         else ``torchtitan-runai``).
-``LOG_RANK``            comma-separated local ranks whose output is shown (default 0). ``all`` shows
-                        every rank.
+``LOG_RANK``            comma-separated local ranks whose output is shown (default 0), each below the
+                        node's process count. ``all`` shows every rank.
 ``LOG_LEVEL``           ``info`` (default): the lines a person reads; ``debug``: also every line torchrun,
                         torchtitan and this fork print at start and at each checkpoint, and the
                         warnings that are expected on this path (silenced otherwise).
@@ -248,6 +249,33 @@ def _nproc(env: Mapping[str, str], gpu_count: int) -> tuple[int, str]:
     return _int(env, "CPU_NPROC", minimum=1, default=2), "CPU rehearsal (no GPU visible)"
 
 
+LONE_NODE_VARIABLES = ("WORLD_SIZE", "RANK")
+"""The old operator's node count and node rank: every cluster shape that sets them also sets
+``MASTER_ADDR`` (docs/cluster.md); without it they are a multi-node intent that cannot rendezvous."""
+
+
+def _refuse_lone_node_variables(env: Mapping[str, str]) -> None:
+    """``WORLD_SIZE`` or ``RANK`` in the single-node shape (no ``MASTER_ADDR``, no ``PET_*``).
+
+    They only mean something beside the ``MASTER_ADDR`` they meet at: alone, torchrun would run this
+    node standalone and say nothing. The values a single node agrees with (``WORLD_SIZE=1``,
+    ``RANK=0``, as some platforms set on a one-node job) pass."""
+    present = {name: env[name].strip() for name in LONE_NODE_VARIABLES if env.get(name, "").strip()}
+    if not present or all(present.get(name, value) == value for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"))):
+        return
+    name = "WORLD_SIZE" if "WORLD_SIZE" in present else "RANK"
+    pair = "RANK" if name == "WORLD_SIZE" else "WORLD_SIZE"
+    shown = ", ".join(f"{k}={v}" for k, v in present.items())
+    raise UserError(
+        name,
+        present[name],
+        f"is set ({shown}) without MASTER_ADDR, so nothing says where the nodes meet and this node would train alone",
+        f"for a multi-node run set MASTER_ADDR and MASTER_PORT (the master pod) with WORLD_SIZE (the pod count) "
+        f"and RANK (this pod's index), as the operator does; for a single node unset {name}"
+        + (f" and {pair}" if pair in present else ""),
+    )
+
+
 def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
     """Map a pod's environment to a LaunchPlan. Pure: no I/O, raises UserError on bad values."""
     has_pet = any(k.startswith("PET_") for k in env)
@@ -259,6 +287,16 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
     log_ranks = env.get("LOG_RANK", "0").strip() or "0"
     if log_ranks != "all" and not all(p.strip().isdigit() for p in log_ranks.split(",")):
         raise UserError("LOG_RANK", log_ranks, "must be local rank numbers like 0 or 0,1, or 'all'", "set LOG_RANK=0")
+    beyond = [] if log_ranks == "all" else [p.strip() for p in log_ranks.split(",") if int(p) >= nproc]
+    if beyond:
+        # torchrun's filter would hide every rank it does not name: a run with no step lines at all
+        raise UserError(
+            "LOG_RANK",
+            log_ranks,
+            f"names local rank {', '.join(beyond)} but this node runs {nproc} process(es) (local ranks "
+            f"0..{nproc - 1}, from {nproc_source}), so its output would never be shown",
+            f"set LOG_RANK to local ranks in 0..{nproc - 1} (e.g. LOG_RANK=0), or LOG_RANK=all",
+        )
     log_level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
     if log_level not in ("info", "debug"):
         raise UserError("LOG_LEVEL", env.get("LOG_LEVEL"), "must be info or debug", "unset it, or set LOG_LEVEL=debug")
@@ -345,6 +383,7 @@ def plan_launch(env: Mapping[str, str], gpu_count: int) -> LaunchPlan:
                 "set MASTER_ADDR and MASTER_PORT to the master pod (the operator sets them; "
                 "PET_RDZV_ENDPOINT for an elastic job), or set the node count to 1",
             )
+        _refuse_lone_node_variables(env)
         return LaunchPlan(shape="single node", nnodes="1", standalone=True, **common)
     if plan.nnodes == "1":
         return LaunchPlan(

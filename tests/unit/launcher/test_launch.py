@@ -357,3 +357,66 @@ def test_the_launchers_validation_imports_no_model_compiler_or_datasets(tmp_path
     imported = set(record.read_text().splitlines())
     assert {"torch", "torchtitan.config", "torchtitan_runai.job", "torchtitan_runai.launcher.preflight"} <= imported
     assert sorted(m for m in imported if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES)) == []
+
+
+# --- issue 24: LOG_RANK past the node's ranks; node/rank variables that come alone --------------
+
+
+@pytest.mark.parametrize(
+    "env, gpus, beyond",
+    [
+        ({"LOG_RANK": "5", "NGPU": "2"}, 8, "5"),
+        ({"LOG_RANK": "0,2", "NGPU": "2"}, 8, "2"),
+        ({"LOG_RANK": "8"}, 8, "8"),  # processes from the visible GPUs
+        ({**kubeflow_pod(1), "LOG_RANK": "8"}, 8, "8"),  # a multi-node shape: local ranks of this node
+    ],
+)
+def test_log_rank_past_the_nodes_ranks_is_refused(env, gpus, beyond):
+    # main accepted LOG_RANK=5 on 2 processes: torchrun's filter hid every rank, no step line at all
+    with pytest.raises(UserError) as err:
+        plan_launch(env, gpu_count=gpus)
+    nproc = int(env.get("NGPU", gpus))
+    line = err.value.line()
+    assert err.value.setting == "LOG_RANK" and f"local rank {beyond}" in line
+    assert f"0..{nproc - 1}" in err.value.fix and "LOG_RANK=all" in err.value.fix
+
+
+def test_log_rank_inside_the_nodes_ranks_passes():
+    assert plan_launch({"LOG_RANK": "0,1", "NGPU": "2"}, gpu_count=8).log_ranks == "0,1"
+    assert plan_launch({"LOG_RANK": "all", "NGPU": "1"}, gpu_count=8).log_ranks == "all"
+
+
+@pytest.mark.parametrize(
+    "env, setting",
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE"),
+        ({"RANK": "1"}, "RANK"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE"),
+        ({"WORLD_SIZE": "1", "RANK": "1"}, "WORLD_SIZE"),
+        ({"MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2"}, "WORLD_SIZE"),  # the address forgotten
+    ],
+)
+def test_world_size_or_rank_without_master_addr_is_refused(env, setting):
+    # main ran this node alone, standalone, without a word
+    with pytest.raises(UserError) as err:
+        plan_launch(env, gpu_count=8)
+    assert err.value.setting == setting
+    assert "without MASTER_ADDR" in err.value.why and "MASTER_ADDR and MASTER_PORT" in err.value.fix
+    assert f"unset {setting}" in err.value.fix
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "1"}, {"RANK": "0"}, {"WORLD_SIZE": "1", "RANK": "0"}])
+def test_one_node_world_size_and_rank_still_run_standalone(env):
+    assert plan_launch(env, gpu_count=8).standalone
+
+
+def test_every_cluster_shape_with_world_size_or_rank_still_plans():
+    # the shapes of cluster-env.md that carry WORLD_SIZE / RANK all carry MASTER_ADDR too
+    for env in (
+        kubeflow_pod(0),
+        kubeflow_pod(1),
+        kubeflow_pod(1, nproc="auto"),
+        {"MASTER_ADDR": "localhost", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "0"},
+        {"MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2"},
+    ):
+        assert not plan_launch(env, gpu_count=8).standalone
