@@ -1,16 +1,18 @@
 """The Hugging Face Hub: the token, retries with backoff, one-line errors, the locked cache download.
 
 Access uses ``HF_TOKEN`` from the environment, else the file ``HF_TOKEN_PATH`` names (a mounted
-Secret; ``hf_token``), stripped of surrounding whitespace (a Secret made from a file ends in a
-newline, an invalid header value), passed to ``huggingface_hub`` as ``token=``. The token is never a
-config field, never logged, and is redacted, in every spelling (as is, stripped, ``repr``), from
-every message we build (``redact``, ``describe``: exception text and chained causes); the HTTP
-client's DEBUG trace, which quotes request headers, is never switched on (``quiet_http_trace``). Hub failures
-become one-line ``UserError``s (``hub_error``): 401 (token missing
-or wrong), 403 (licence not accepted on the model page), 404 (repo, revision or file), no network,
-rate limited / Hub down (retried with exponential backoff first, ``with_backoff``: ``hub.retries``,
-``hub.backoff_s``). ``HF_ENDPOINT`` is honoured (read at call time), which is how the tests point the
-real client at a fake Hub on 127.0.0.1.
+Secret; ``hf_token``, the one lookup: the download, the launcher's check and preflight all use it;
+``token_source`` says which one it found), stripped of surrounding whitespace (a Secret made from a
+file ends in a newline, an invalid header value), passed to ``huggingface_hub`` as ``token=``. A
+token file that cannot be read or is empty is one line naming ``HF_TOKEN_PATH``, never an anonymous
+download. The token is never a config field, never logged, and is redacted, in every spelling (as
+is, stripped, ``repr``), from every message we build (``redact``, ``describe``: exception text and
+chained causes); the HTTP client's DEBUG trace, which quotes request headers, is never switched on
+(``quiet_http_trace``). Hub failures become one-line ``UserError``s (``hub_error``): 401 (token
+missing or wrong), 403 (licence not accepted on the model page), 404 (repo, revision or file), no
+network, rate limited / Hub down (retried with exponential backoff first, ``with_backoff``:
+``hub.retries``, ``hub.backoff_s``). ``HF_ENDPOINT`` is honoured (read at call time), which is how
+the tests point the real client at a fake Hub on 127.0.0.1.
 
 The cache is ``hub.cache_dir``, else ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
 ``<job.dump_folder>/hf_cache`` (``resolve_cache_dir``). ``locked_download`` makes one process per
@@ -44,30 +46,55 @@ logger = logging.getLogger(__name__)
 # secrets
 
 
-def _raw_token(strict: bool = True) -> str | None:
-    raw = os.environ.get(TOKEN_ENV)
-    if raw is None and os.environ.get(TOKEN_PATH_ENV):
-        try:
-            raw = Path(os.environ[TOKEN_PATH_ENV]).read_text()
-        except OSError as error:
-            if not strict:
-                return None
-            raise UserError(
-                TOKEN_PATH_ENV,
-                os.environ[TOKEN_PATH_ENV],
-                f"cannot read the token file ({error.strerror})",
-                "mount the Secret there (runai --secret-volume) or unset HF_TOKEN_PATH",
-            ) from None
-    return raw
+def _raw_token(strict: bool = True, env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(the token as written, where it came from) or (None, None); the one lookup (``hf_token``).
+
+    An empty ``HF_TOKEN`` counts as unset, as huggingface_hub counts it. ``strict``: a token file
+    that cannot be read, or holds nothing, is a ``UserError`` (else: no token)."""
+    env = os.environ if env is None else env
+    raw = env.get(TOKEN_ENV)
+    if raw is not None and raw.strip():
+        return raw, TOKEN_ENV
+    path = env.get(TOKEN_PATH_ENV)
+    if not path:
+        return None, None
+    fix = (
+        "put the token in the Secret the file is mounted from (kubectl create secret generic hf-token "
+        "--from-file=HF_TOKEN=/dev/stdin, the token on stdin; runai --secret-volume mounts it), or unset "
+        "HF_TOKEN_PATH to go to the Hub without a token"
+    )
+    try:
+        raw = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        if not strict:
+            return None, None
+        why = getattr(error, "strerror", None) or "not text"
+        raise UserError(TOKEN_PATH_ENV, path, f"cannot read the token file ({why})", fix) from None
+    if not raw.strip():
+        if not strict:
+            return None, None
+        # huggingface_hub would go to the Hub anonymously: a gated repo's 401 much later, or a
+        # public file fetched with no word that the Secret is empty
+        raise UserError(
+            TOKEN_PATH_ENV, path, "the token file is empty, so the Hub would be called without a token", fix
+        )
+    return raw, f"{TOKEN_PATH_ENV} ({path})"
 
 
-def hf_token() -> str | None:
+def hf_token(env: Mapping[str, str] | None = None) -> str | None:
     """The Hub token: HF_TOKEN, else the file HF_TOKEN_PATH names (a mounted Secret), or None.
 
     Surrounding whitespace is dropped: a Secret made from a file usually ends in a newline, which
-    is not a valid HTTP header value.
+    is not a valid HTTP header value. A token file that cannot be read or is empty is a ``UserError``
+    naming HF_TOKEN_PATH. ``env``: the environment to read (default ``os.environ``).
     """
-    return (_raw_token() or "").strip() or None
+    return (_raw_token(env=env)[0] or "").strip() or None
+
+
+def token_source(env: Mapping[str, str] | None = None) -> str | None:
+    """Where ``hf_token`` finds the token, for a person to read (``"HF_TOKEN"`` or
+    ``"HF_TOKEN_PATH (/the/file)"``), never the token; None when there is none. Raises as ``hf_token``."""
+    return _raw_token(env=env)[1]
 
 
 def _spellings(token: str) -> list[str]:
@@ -81,7 +108,7 @@ def _spellings(token: str) -> list[str]:
 
 def redact(text: str, token: str | None = None) -> str:
     """``text`` with the Hub token (HF_TOKEN or HF_TOKEN_PATH's, in any spelling) replaced by ``***``."""
-    raw = _raw_token(strict=False)
+    raw = _raw_token(strict=False)[0]
     for t in [token] if token is not None else [raw]:
         for form in _spellings(t) if t else ():
             text = text.replace(form, "***")

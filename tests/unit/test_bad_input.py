@@ -54,7 +54,13 @@ def corrupt_tokenizer(tmp: Path) -> Path:
     return folder
 
 
-# (id, config file builder or None for the stock debug config, extra args, env, setting named)
+def empty_token_file(tmp: Path) -> None:
+    """A mounted Secret with nothing in it (``HF_TOKEN_PATH`` names it); the stock config."""
+    (tmp / "HF_TOKEN").write_text("\n")
+
+
+# (id, config file builder or None for the stock debug config, extra args, env, setting named);
+# "{tmp}" in an argument or an environment value is the case's folder
 CASES = [
     ("missing-config", lambda tmp: str(tmp / "nope.toml"), [], {}, "CONFIG_FILE"),
     ("config-is-a-directory", lambda tmp: str(tmp), [], {}, "CONFIG_FILE"),
@@ -130,6 +136,14 @@ CASES = [
     ("log-rank-past-the-nodes-ranks", None, [], {"LOG_RANK": "5"}, "LOG_RANK"),
     ("world-size-without-master-addr", None, [], {"WORLD_SIZE": "2"}, "WORLD_SIZE"),
     ("rank-without-world-size", None, [], {"RANK": "1"}, "RANK"),
+    # issue 24: went to the Hub anonymously
+    (
+        "hf-token-path-empty-file",
+        empty_token_file,
+        [],
+        {"HF_TOKEN": "", "HF_TOKEN_PATH": "{tmp}/HF_TOKEN"},
+        "HF_TOKEN_PATH",
+    ),
     (
         "config-with-bom-and-bad-key",
         lambda tmp: (
@@ -225,7 +239,7 @@ def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict,
     for key in [k for k in os.environ if k.startswith(("PET_", "MASTER_", "JOB_"))]:
         del os.environ[key]
     os.environ.update({"NGPU": "2", "CONFIG_FILE": config or str(REPO / "train_configs/debug_model.toml")})
-    os.environ.update(env)
+    os.environ.update({key: value.replace("{tmp}", str(tmp)) for key, value in env.items()})
     capfd.readouterr()  # only what the launcher prints
     with warnings.catch_warnings(record=True) as shown:
         # a fresh interpreter's filters (no -W, no PYTHONWARNINGS): what it would print on stderr

@@ -96,6 +96,35 @@ def test_token_file_named_by_hf_token_path_is_read_and_stripped(fake, env, tmp_p
         hub.hf_token()
 
 
+@pytest.mark.parametrize("content", ["", "\n", "  \n\n"])
+def test_an_empty_token_file_is_one_line_not_an_anonymous_download(fake, env, tmp_path, content):
+    # issue 24: main went to the Hub without a token (a gated repo's 401 later, or silently anonymous)
+    token_file = tmp_path / "HF_TOKEN"
+    token_file.write_text(content)
+    env.setenv("HF_TOKEN_PATH", str(token_file))
+    with pytest.raises(UserError) as err:
+        hub.hf_token()
+    assert err.value.setting == "HF_TOKEN_PATH" and "empty" in err.value.why
+    assert "unset HF_TOKEN_PATH" in err.value.fix and "Secret" in err.value.fix
+    with pytest.raises(UserError, match="HF_TOKEN_PATH"):
+        ensure_tokenizer(job(tmp_path))
+    assert not [r for r in fake.requests if "/resolve/" in r[1]]  # nothing was asked of the Hub
+    assert hub.redact("no token here") == "no token here"  # redaction never raises
+
+
+def test_the_token_lookup_says_where_it_found_the_token(env, tmp_path):
+    token_file = tmp_path / "HF_TOKEN"
+    token_file.write_text(CANARY + "\n")
+    assert hub.token_source({}) is None and hub.hf_token({}) is None
+    assert hub.token_source({"HF_TOKEN": CANARY}) == "HF_TOKEN"
+    from_file = {"HF_TOKEN_PATH": str(token_file)}
+    assert hub.token_source(from_file) == f"HF_TOKEN_PATH ({token_file})" and hub.hf_token(from_file) == CANARY
+    # HF_TOKEN wins; an empty HF_TOKEN counts as unset (as huggingface_hub counts it)
+    assert hub.hf_token({**from_file, "HF_TOKEN": "hf_other"}) == "hf_other"
+    assert hub.token_source({**from_file, "HF_TOKEN": ""}).startswith("HF_TOKEN_PATH")
+    assert hub.token_source({"HF_TOKEN": "hf_set", "HF_TOKEN_PATH": str(tmp_path / "empty-or-missing")}) == "HF_TOKEN"
+
+
 def test_a_token_the_client_rejects_never_reaches_a_message(fake, env, tmp_path, caplog, capsys):
     # whitespace inside the token survives the strip: the HTTP client refuses the header and quotes
     # it (repr, so the newline is the two characters \n) in every retry warning and in the error

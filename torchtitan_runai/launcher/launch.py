@@ -77,7 +77,8 @@ Variables (all optional except where a shape needs them):
                         (``torchtitan_runai.storage``). Unset: the config's ``job.dump_folder``.
 ``HF_TOKEN``            the Hub token, read from the environment by this launcher (the tokenizer
                         download) and the workers; never printed, never in argv. Or ``HF_TOKEN_PATH``:
-                        a file that holds it (a mounted Secret). Surrounding whitespace is dropped.
+                        a file that holds it (a mounted Secret). Surrounding whitespace is dropped;
+                        a token file that cannot be read or is empty is refused before any worker.
 
 The workers also get, unless already set: ``PYTORCH_ALLOC_CONF=expandable_segments:True`` and the
 Inductor/FX-graph cache on the output volume; every variable the launcher gives them, and who wins,
@@ -105,7 +106,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from torchtitan_runai import goodput, storage
+from torchtitan_runai import goodput, hub, storage
 from torchtitan_runai.checkpoint.folder import newest_resumable, scan
 from torchtitan_runai.checkpoint.ownership import claim_folder, hold_folder
 from torchtitan_runai.checkpoint.resume import prestart
@@ -615,6 +616,7 @@ def preflight_inputs(config, env: Mapping[str, str], plan: LaunchPlan, dry_run: 
             # one line (LOG_RANK hides most ranks' output) and costs no torchrun restart; the ranks
             # then read the folder or the cache, with no network. A dry run downloads nothing (the
             # check below reports what a real run would do).
+            hub.hf_token(env)  # an unreadable or empty HF_TOKEN_PATH file: one line, download or not
             hub_section = getattr(config, "hub", None) or Hub()
             tokenizer_files.verify_tokenizer(tokenizer_files.ensure_tokenizer(config), hub_section.tokenizer_format)
     except UserError as error:

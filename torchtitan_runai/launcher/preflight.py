@@ -41,8 +41,11 @@ What is checked
                  than 80% of the container's memory limit (cgroup) or of the node's RAM, which would
                  otherwise end in the kernel's OOM killer with no message;
 ``tokenizer``    the tokenizer is in ``model.hf_assets_path`` or the Hub cache, or can be downloaded
-                 (``hub.repo_id`` set, downloads allowed); nothing is downloaded here. A Hub
-                 download without ``HF_TOKEN`` is a warning: Meta's repos are gated.
+                 (``hub.repo_id`` set, downloads allowed); nothing is downloaded here. The token is
+                 looked up as the download does (``hub.token_source``: ``HF_TOKEN``, else the file
+                 ``HF_TOKEN_PATH`` names) and the line says which it found, never the token; a Hub
+                 download without one is a warning (Meta's repos are gated), a token file that
+                 cannot be read or is empty an error.
 ``grace period``  will the preemption checkpoint fit in the time the workers get after SIGTERM?
                  (``check_grace_budget``, below; a warning, never an error).
 
@@ -329,14 +332,19 @@ def check_tokenizer(config: Any, env: Mapping[str, str] | None = None) -> Findin
             "Fix: stage it (python -m torchtitan_runai.stage --config FILE) or point "
             "hub.cache_dir / HF_HUB_CACHE at the staged cache",
         )
-    if not env.get(hub.TOKEN_ENV):
+    try:  # the download's own lookup (HF_TOKEN, else the file HF_TOKEN_PATH names): its source, never the token
+        source = hub.token_source(env)
+    except UserError as error:
+        return Finding("error", "tokenizer", error.line())
+    if source is None:
         return Finding(
             "warning",
             "tokenizer",
-            f"will download {hub_section.repo_id} without HF_TOKEN: gated repos "
-            "(meta-llama) answer 401. Fix: pass HF_TOKEN from a Secret",
+            f"will download {hub_section.repo_id} without a token (neither HF_TOKEN nor HF_TOKEN_PATH is set): "
+            "gated repos (meta-llama) answer 401. Fix: pass HF_TOKEN from a Secret, or mount the Secret and "
+            "set HF_TOKEN_PATH to its file",
         )
-    return Finding("ok", "tokenizer", f"will download {hub_section.repo_id} into {cache} (HF_TOKEN set)")
+    return Finding("ok", "tokenizer", f"will download {hub_section.repo_id} into {cache} (token from {source})")
 
 
 # ---------------------------------------------------------------------------------------------

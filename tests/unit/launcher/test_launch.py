@@ -420,3 +420,27 @@ def test_every_cluster_shape_with_world_size_or_rank_still_plans():
         {"MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2"},
     ):
         assert not plan_launch(env, gpu_count=8).standalone
+
+
+def test_dry_run_on_the_runai_v2_spec_finds_the_token_file(monkeypatch, tmp_path, capfd):
+    # issue 23: the v2 spec mounts the Secret and sets HF_TOKEN_PATH; the dry run said the download
+    # would go "without HF_TOKEN"
+    from conftest import REPO
+
+    from torchtitan_runai.launcher import launch, preflight
+
+    secret = "hf_" + "z" * 30
+    token_file = tmp_path / "secret" / "HF_TOKEN"
+    token_file.parent.mkdir()
+    token_file.write_text(secret + "\n")
+    monkeypatch.setattr(os, "environ", pod_env(NGPU="2", HF_TOKEN_PATH=str(token_file)))
+    os.environ.pop("HF_TOKEN", None)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(preflight, "visible_gpus", lambda: 0)
+    hub_args = ["--hub.repo_id", "meta-llama/Llama-3.1-8B", "--model.hf_assets_path", str(tmp_path / "none")]
+    hub_args += ["--hub.cache_dir", str(tmp_path / "cache"), "--job.dump_folder", str(tmp_path / "out")]
+    capfd.readouterr()
+    assert launch.main(["--dry-run", *hub_args]) == 0
+    out, err = capfd.readouterr()
+    assert f"token from HF_TOKEN_PATH ({token_file})" in err, err
+    assert "without" not in err and secret not in out + err

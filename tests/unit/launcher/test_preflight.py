@@ -277,6 +277,26 @@ def test_tokenizer_download_needs_a_token_for_gated_repos(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing downloaded, nothing created
 
 
+def test_tokenizer_check_finds_the_token_where_the_download_does(tmp_path):
+    # issue 23: the Run:ai v2 spec mounts the Secret and sets HF_TOKEN_PATH; preflight read only
+    # HF_TOKEN and reported a download "without HF_TOKEN"
+    cfg = _config(tmp_path, repo_id="meta-llama/Llama-3.1-8B")
+    secret = "hf_" + "y" * 30
+    token_file = tmp_path / "secret" / "HF_TOKEN"
+    token_file.parent.mkdir()
+    token_file.write_text(secret + "\n")
+    f = check_tokenizer(cfg, env={"HF_TOKEN_PATH": str(token_file)})
+    assert f.level == "ok" and f"token from HF_TOKEN_PATH ({token_file})" in f.message, f.message
+    assert secret not in f.message
+    f = check_tokenizer(cfg, env={"HF_TOKEN": secret, "HF_TOKEN_PATH": str(token_file)})
+    assert f.level == "ok" and "token from HF_TOKEN)" in f.message and secret not in f.message
+    token_file.write_text("\n")  # the Secret is empty: an error, as the download would be refused
+    f = check_tokenizer(cfg, env={"HF_TOKEN_PATH": str(token_file)})
+    assert f.level == "error" and "HF_TOKEN_PATH" in f.message and "empty" in f.message
+    f = check_tokenizer(cfg, env={})
+    assert f.level == "warning" and "neither HF_TOKEN nor HF_TOKEN_PATH" in f.message
+
+
 # ---------------------------------------------------------------------------------------------
 # run_preflight and the CLI
 
