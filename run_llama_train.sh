@@ -6,6 +6,8 @@
 # Never enable shell tracing here: HF_TOKEN is in the environment.
 set -euo pipefail
 
+# The launcher reads a relative CONFIG_FILE from where this script was called, not from the repository.
+export TORCHTITAN_RUNAI_CALLER_DIR="$PWD"
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 if [ -x ".venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then

@@ -136,6 +136,13 @@ CASES = [
     ("log-rank-past-the-nodes-ranks", None, [], {"LOG_RANK": "5"}, "LOG_RANK"),
     ("world-size-without-master-addr", None, [], {"WORLD_SIZE": "2"}, "WORLD_SIZE"),
     ("rank-without-world-size", None, [], {"RANK": "1"}, "RANK"),
+    (
+        "relative-config-found-nowhere",
+        None,
+        [],
+        {"TORCHTITAN_RUNAI_CALLER_DIR": "{tmp}", "CONFIG_FILE": "configs/mine.toml"},
+        "CONFIG_FILE",
+    ),
     # issue 24: went to the Hub anonymously
     (
         "hf-token-path-empty-file",

@@ -50,7 +50,9 @@ A multi-node shape whose node count is 1 also runs standalone (nothing to rendez
 Variables (all optional except where a shape needs them):
 
 ``CONFIG_FILE``         the TOML recipe (default ``./train_configs/llama3_8b.toml``); passed as
-                        ``--job.config_file`` unless the arguments already name one.
+                        ``--job.config_file`` unless the arguments already name one. A relative path
+                        is looked up where ``run_llama_train.sh`` was called first, then in the
+                        repository (``config_path``).
 ``NGPU``                processes per node. Else a numeric ``PET_NPROC_PER_NODE``, else the number
                         of visible GPUs, else (no GPU) ``CPU_NPROC`` (default 2) for a CPU rehearsal.
 ``OVERRIDE_PET_NNODES`` node count to use instead of ``PET_NNODES``.
@@ -436,11 +438,57 @@ def torchrun_args(
     return args
 
 
+CALLER_DIR_ENV = "TORCHTITAN_RUNAI_CALLER_DIR"
+"""The directory ``run_llama_train.sh`` was called from (it changes to the repository first)."""
+
+
+def config_path(path: str, env: Mapping[str, str], setting: str) -> str:
+    """A relative config path as the caller meant it.
+
+    ``run_llama_train.sh`` changes to the repository before it starts this launcher (the recipes'
+    own relative paths, ``./assets/...``, are the repository's), so a relative ``CONFIG_FILE`` typed
+    in another directory would be looked up in the wrong one. A relative path that exists in the
+    caller's directory (``TORCHTITAN_RUNAI_CALLER_DIR``, set by the script) is made absolute there;
+    one that exists only in the repository (``./train_configs/...``) stays as it is. Found in
+    neither: one line naming both directories."""
+    caller = env.get(CALLER_DIR_ENV, "").strip()
+    if not caller or os.path.isabs(path):
+        return path
+    mine = Path(caller) / path
+    if mine.exists():
+        here = Path(path)
+        return path if here.exists() and here.resolve() == mine.resolve() else str(mine)
+    if not Path(path).exists():
+        raise UserError(
+            setting,
+            path,
+            f"does not exist in {caller} (where run_llama_train.sh was called) nor in {Path.cwd()} (the repository)",
+            f"give the path from {caller}, an absolute path, or a recipe such as ./train_configs/llama3_8b.toml",
+        )
+    return path
+
+
 def trainer_args(env: Mapping[str, str], user_args: list[str]) -> list[str]:
-    """The trainer's arguments: CONFIG_FILE as --job.config_file unless the user passed one."""
-    if config_file_from_args(user_args) is not None:
+    """The trainer's arguments: CONFIG_FILE as --job.config_file unless the user passed one; either
+    relative to the caller's directory where the file is there (``config_path``)."""
+    given = config_file_from_args(user_args)
+    if given is None:
+        configured = env.get("CONFIG_FILE")
+        path = config_path(configured, env, "CONFIG_FILE") if configured else DEFAULT_CONFIG
+        return ["--job.config_file", path, *user_args]
+    path = config_path(given, env, "--job.config_file")
+    if path == given:
         return list(user_args)
-    return ["--job.config_file", env.get("CONFIG_FILE") or DEFAULT_CONFIG, *user_args]
+    out, follows = [], False
+    for arg in user_args:
+        key, eq, value = arg.partition("=")
+        if follows and arg == given:
+            arg = path
+        elif key in ("--job.config_file", "--job.config-file") and eq and value == given:
+            arg = f"{key}={path}"
+        follows = arg in ("--job.config_file", "--job.config-file")
+        out.append(arg)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

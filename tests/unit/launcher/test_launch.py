@@ -1,6 +1,7 @@
 """Environment shapes -> torchrun arguments (pure), one test per shape in cluster-env.md."""
 
 import os
+import subprocess
 
 import pytest
 from conftest import DEBUG_CONFIG, pod_env, run_launcher
@@ -444,3 +445,55 @@ def test_dry_run_on_the_runai_v2_spec_finds_the_token_file(monkeypatch, tmp_path
     out, err = capfd.readouterr()
     assert f"token from HF_TOKEN_PATH ({token_file})" in err, err
     assert "without" not in err and secret not in out + err
+
+
+# --- issue 24: a relative CONFIG_FILE from another directory ------------------------------------
+
+
+def test_a_relative_config_resolves_against_the_callers_directory(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # where run_llama_train.sh runs the launcher
+    (tmp_path / "mine.toml").write_text("")
+    env = {"TORCHTITAN_RUNAI_CALLER_DIR": str(tmp_path)}
+    mine = str(tmp_path / "mine.toml")
+    assert trainer_args({**env, "CONFIG_FILE": "mine.toml"}, []) == ["--job.config_file", mine]
+    assert trainer_args(env, ["--job.config_file", "mine.toml", "--x"]) == ["--job.config_file", mine, "--x"]
+    assert trainer_args(env, ["--job.config-file=mine.toml"]) == [f"--job.config-file={mine}"]
+    # only in the repository (the recipes), absolute, or the default: as given
+    recipe = "./train_configs/debug_model.toml"
+    assert trainer_args({**env, "CONFIG_FILE": recipe}, []) == ["--job.config_file", recipe]
+    assert trainer_args({**env, "CONFIG_FILE": mine}, []) == ["--job.config_file", mine]
+    assert trainer_args(env, [])[1] == "./train_configs/llama3_8b.toml"
+    # called from the repository itself: unchanged
+    here = {"TORCHTITAN_RUNAI_CALLER_DIR": str(REPO), "CONFIG_FILE": recipe}
+    assert trainer_args(here, []) == ["--job.config_file", recipe]
+
+
+def test_a_relative_config_found_nowhere_names_both_directories(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    env = {"TORCHTITAN_RUNAI_CALLER_DIR": str(tmp_path), "CONFIG_FILE": "nope.toml"}
+    with pytest.raises(UserError) as err:
+        trainer_args(env, [])
+    assert err.value.setting == "CONFIG_FILE" and str(tmp_path) in err.value.why and str(REPO) in err.value.why
+
+
+def test_the_script_reads_a_relative_config_file_from_where_it_was_called(tmp_path):
+    # main: "CONFIG_FILE = my.toml: the config file does not exist" (the script changes directory first)
+    from conftest import REPO
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "my.toml").write_text((REPO / "train_configs" / "debug_model.toml").read_text())
+    env = pod_env(NGPU="2", CONFIG_FILE="configs/my.toml")
+    proc = subprocess.run(
+        ["bash", str(REPO / "run_llama_train.sh"), "--dry-run", "--job.dump_folder", str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--job.config_file " + str(tmp_path / "configs" / "my.toml") in proc.stdout.splitlines()[-1]
