@@ -11,10 +11,11 @@ The policy, in one place:
 - whether it may, and with which batch: a changed data-parallel degree keeps the global batch, the
   schedule and the data position (``plan_resume``: local batch x accumulation adapt; a size that
   cannot keep the global batch, changed tensor/pipeline/context parallel degrees, or per-rank data
-  positions at another size stop, with how to proceed; ``adapt_to_checkpoint`` applies the plan to
-  the config before it is validated); changed schedule settings resume with loud,
-  concrete warnings (``schedule_changes``); a checkpoint at or past ``training.steps`` means there is
-  nothing to train (``already_done``: the launcher exits 0).
+  positions at another size stop, with how to proceed: the same settings, or the model-only route
+  (``weights_route``: a new folder that starts from the checkpoint's weights, at any layout);
+  ``adapt_to_checkpoint`` applies the plan to the config before it is validated); changed schedule
+  settings resume with loud, concrete warnings (``schedule_changes``); a checkpoint at or past
+  ``training.steps`` means there is nothing to train (``already_done``: the launcher exits 0).
 
 ``prestart`` is the launcher's check, once per pod before any worker starts; the trainer's
 ``RunaiCheckpointManager.choose`` applies the same ``choose`` on rank 0 when it loads.
@@ -22,6 +23,7 @@ The policy, in one place:
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -76,15 +78,27 @@ def choose(found: Iterable[StepFolder], load_step: int, folder: Path, initial_lo
     return chosen
 
 
+def weights_route(found: StepFolder) -> str:
+    """The flags that start a new run from ``found``'s model weights alone (torchtitan's initial load,
+    ``checkpoint.initial_load_path``): what is left when ``found`` cannot be resumed. The weights load
+    at any layout (DCP reshards them by name); optimizer state and the data position start afresh.
+    ``<new>`` is the new run's checkpoint folder, one without checkpoints: in the old one the newest
+    checkpoint would be resumed (and refused) again, and an initial load is read only where there is
+    nothing to resume."""
+    return (
+        f"--checkpoint.folder <new> --checkpoint.initial_load_path {shlex.quote(str(found.path))} "
+        "--checkpoint.initial_load_model_only"
+    )
+
+
 def model_only_error(found: StepFolder) -> UserError:
     return UserError(
         "checkpoint.folder",
         str(found.path.parent),
         f"its newest complete checkpoint {found.path.name} holds model weights only (no optimizer or train "
         "state; stock torchtitan's final save), so it cannot be resumed",
-        f"continue from its weights in a new folder: --checkpoint.folder <new> --checkpoint.initial_load_path "
-        f"{found.path} --checkpoint.initial_load_model_only (optimizer state and data position start afresh), "
-        "or move it away to start over",
+        f"continue from its weights in a new folder: {weights_route(found)} (optimizer state and data position "
+        "start afresh), or move it away to start over",
     )
 
 
@@ -152,8 +166,7 @@ def per_rank_error(found: StepFolder, world_size: int, dp_degree: int) -> UserEr
         f'positions (data.order = "per-rank", or a checkpoint from before global data positions); this run has '
         f"{dp_degree} (world size {world_size}), so they cannot be restored",
         f"run with the original node/GPU count (world size {old_ws}), or continue from its weights in a new folder: "
-        f"--checkpoint.folder <new> --checkpoint.initial_load_path {found.path} --checkpoint.initial_load_model_only "
-        "(optimizer state and data position start afresh)",
+        f"{weights_route(found)} (optimizer state and data position start afresh)",
     )
 
 
@@ -239,7 +252,9 @@ def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int)
                 getattr(config.parallelism, name),
                 f"{found.path} was written with {name} = {data[key]}; only the data-parallel size "
                 "(the node or GPU count) may change on resume",
-                f"set parallelism.{name} = {data[key]}",
+                f"resume it at the checkpoint's layout: --parallelism.{name} {data[key]}; or continue from its "
+                f"weights at this layout in a new folder: {weights_route(found)} (optimizer state and data "
+                "position start afresh)",
             )
     if not data and old_ws and world_size // dp_degree != old_ws // old_dp:
         raise UserError(
@@ -247,7 +262,9 @@ def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int)
             f"{old_ws // old_dp} -> {world_size // dp_degree} GPU(s) per data-parallel rank",
             f"{found.path} was written with tensor x pipeline x context parallel = {old_ws // old_dp}; "
             "only the data-parallel size may change on resume",
-            "use the checkpoint's tensor/pipeline/context parallel degrees",
+            "resume it with the checkpoint's tensor/pipeline/context parallel degrees; or continue from its "
+            f"weights at this layout in a new folder: {weights_route(found)} (optimizer state and data "
+            "position start afresh)",
         )
     if data.get("format") != GLOBAL_ORDER:
         if old_dp != dp_degree:
@@ -262,8 +279,7 @@ def plan_resume(found: StepFolder, config: Any, world_size: int, dp_degree: int)
             f"{found.path} continues a run with a global batch of {global_batch} sequences (its data "
             "position is defined over that many sequences per step)",
             f"remove the setting (a resume keeps {global_batch}), or continue from its weights in a new "
-            f"folder: --checkpoint.folder <new> --checkpoint.initial_load_path {found.path} "
-            "--checkpoint.initial_load_model_only",
+            f"folder: {weights_route(found)}",
         )
     split = split_batch(global_batch, dp_degree, t.local_batch_size)
     if split is None:

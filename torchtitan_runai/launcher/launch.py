@@ -23,8 +23,9 @@ Usage::
 
 ``--dry-run`` (first argument only) validates and prints the equivalent torchrun command as the
 last line of stdout, shell-quoted, and starts nothing. Checks that depend on the machine (GPUs
-present, disk space, tokenizer files) are warnings in a dry run. Arguments after the options are
-passed to torchtitan unchanged, e.g. ``run_llama_train.sh --training.steps 5``.
+present, disk space, tokenizer files, context parallel without a GPU: ``check_device_support``) are
+warnings in a dry run. Arguments after the options are passed to torchtitan unchanged, e.g.
+``run_llama_train.sh --training.steps 5``.
 
 Environment shapes (what each operator injects: docs/cluster.md), tried in this order:
 
@@ -692,6 +693,30 @@ def apply_storage(config, train_args: list[str], env: Mapping[str, str], world_s
     return config, train_args
 
 
+def check_device_support(config, gpus: int, dry_run: bool) -> None:
+    """Refuse, before any worker starts, what the ranks cannot run on the device this machine gives
+    them: with no GPU visible they train on CPU with gloo (``training/device.py``). Like the other
+    checks of the machine (``NGPU`` against the visible GPUs), a dry run only warns: the machine that
+    trains may have GPUs.
+
+    Context parallel: torch's ring attention shards only the CUDA attention kernels (flash, memory
+    efficient, cuDNN); on CPU, SDPA dispatches ``aten._scaled_dot_product_flash_attention_for_cpu``,
+    which has no DTensor sharding strategy, and step 1 dies with a traceback in every rank."""
+    cp = config.parallelism.context_parallel_degree
+    if gpus > 0 or cp <= 1:
+        return
+    error = UserError(
+        "parallelism.context_parallel_degree",
+        cp,
+        "context parallel needs GPUs and none is visible: the ranks would train on CPU, where torch's ring "
+        "attention has no kernel (it shards only CUDA attention), and step 1 would fail",
+        "run on GPUs, or pass --parallelism.context_parallel_degree 1 for a CPU run",
+    )
+    if not dry_run:
+        raise error
+    print(f"[launch] warning: {error.line()}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     dry_run = bool(argv) and argv[0] == "--dry-run"
     user_args = argv[1:] if dry_run else list(argv)
@@ -701,6 +726,7 @@ def main(argv: list[str]) -> int:
     train_args = trainer_args(env, user_args)
     config = parse_job_config(train_args, world_size=plan.world_size, resume=True)
     check_trainable_spec(config)
+    check_device_support(config, gpus, dry_run)
     config, train_args = apply_storage(config, train_args, env, plan.world_size)
     done = preflight_inputs(config, env, plan, dry_run)
     if done:

@@ -97,10 +97,28 @@ def test_changed_model_parallel_degrees_are_refused(setting, kwargs):
         ck.plan_resume(found(dp=2, world=2), config(**kwargs), world_size=4, dp_degree=2)
 
 
+@pytest.mark.parametrize("setting, key", [("tensor_parallel_degree", "tp"), ("pipeline_parallel_degree", "pp")])
+def test_a_changed_layout_names_the_model_only_route_with_its_exact_flags(setting, key):
+    # issue 22: a TP 2 checkpoint refused at FSDP 4 said only "set it back"; its weights carry over
+    # with an initial load into a new folder (tests/integration/test_layout_change.py runs that route)
+    with pytest.raises(UserError) as error:
+        ck.plan_resume(found(dp=2, world=4, **{key: 2}), config(), world_size=4, dp_degree=4)
+    assert error.value.setting == f"parallelism.{setting}" and error.value.value == 1
+    assert error.value.fix == (
+        f"resume it at the checkpoint's layout: --parallelism.{setting} 2; or continue from its weights at this "
+        "layout in a new folder: --checkpoint.folder <new> --checkpoint.initial_load_path /ckpt/step-10 "
+        "--checkpoint.initial_load_model_only (optimizer state and data position start afresh)"
+    )
+    spaced = fd.StepFolder(10, Path("/my ckpt/step-10"), True, record=found(dp=2, world=4, **{key: 2}).record)
+    with pytest.raises(UserError, match="--checkpoint.initial_load_path '/my ckpt/step-10' "):
+        ck.plan_resume(spaced, config(), world_size=4, dp_degree=4)  # the flags paste into a shell as printed
+
+
 def test_an_old_marker_compares_gpus_per_replica():
     old = found(dp=2, world=4, data_format=None)  # tp x pp x cp = 2, before "data" was recorded
-    with pytest.raises(UserError, match="tensor x pipeline x context parallel = 2"):
+    with pytest.raises(UserError, match="tensor x pipeline x context parallel = 2") as error:
         ck.plan_resume(old, config(), world_size=4, dp_degree=4)
+    assert "--checkpoint.initial_load_path /ckpt/step-10 --checkpoint.initial_load_model_only" in error.value.fix
 
 
 def test_per_rank_positions_resume_at_their_size_only():

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 from conftest import DEBUG_CONFIG, pod_env, run_launcher
@@ -426,6 +427,15 @@ def test_every_cluster_shape_with_world_size_or_rank_still_plans():
 def test_dry_run_on_the_runai_v2_spec_finds_the_token_file(monkeypatch, tmp_path, capfd):
     # issue 23: the v2 spec mounts the Secret and sets HF_TOKEN_PATH; the dry run said the download
     # would go "without HF_TOKEN"
+# --- issue 22: context parallel on CPU is refused before any worker starts -----------------------
+
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+
+
+@pytest.fixture
+def cp_pod(monkeypatch, tmp_path):
+    """launch.main in this process, as a 2-process pod whose GPUs ``gpus(n)`` fakes; torchrun's agent
+    replaced by a recorder (``started``: the commands it was given)."""
     from conftest import REPO
 
     from torchtitan_runai.launcher import launch, preflight
@@ -497,3 +507,56 @@ def test_the_script_reads_a_relative_config_file_from_where_it_was_called(tmp_pa
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--job.config_file " + str(tmp_path / "configs" / "my.toml") in proc.stdout.splitlines()[-1]
+    monkeypatch.setattr(os, "environ", pod_env(NGPU="2"))
+    monkeypatch.chdir(REPO)
+    started: list[list[str]] = []
+    monkeypatch.setattr(launch, "run_agent", lambda command, *a, **kw: started.append(command) or 0)
+    monkeypatch.setattr(preflight, "detect_gpu_memory_gib", lambda: 79.6)  # an H100's, where GPUs are faked
+
+    def gpus(n: int) -> None:
+        monkeypatch.setattr(preflight, "visible_gpus", lambda: n)
+
+    def main(*args: str) -> int:
+        return launch.main([*args, "--job.dump_folder", str(tmp_path / "out"), *CP2])
+
+    return SimpleNamespace(gpus=gpus, main=main, started=started, out=tmp_path / "out")
+
+
+def test_context_parallel_without_a_gpu_is_refused_before_any_worker(cp_pod):
+    # it was a traceback in every rank at step 1: aten._scaled_dot_product_flash_attention_for_cpu has
+    # no sharding strategy (torch's ring attention covers only CUDA attention kernels)
+    cp_pod.gpus(0)
+    with pytest.raises(UserError) as error:
+        cp_pod.main()
+    assert error.value.setting == "parallelism.context_parallel_degree" and error.value.value == 2
+    assert "none is visible" in error.value.why and "--parallelism.context_parallel_degree 1" in error.value.fix
+    assert cp_pod.started == [] and not cp_pod.out.exists()  # no worker, nothing written
+
+
+def test_context_parallel_without_a_gpu_is_a_warning_in_a_dry_run(cp_pod, capsys):
+    # like NGPU against the visible GPUs: the machine that trains may have them
+    cp_pod.gpus(0)
+    assert cp_pod.main("--dry-run") == 0
+    out, err = capsys.readouterr()
+    assert "[launch] warning: parallelism.context_parallel_degree = 2: context parallel needs GPUs" in err
+    assert out.splitlines()[-1].startswith("torchrun ") and cp_pod.started == []
+
+
+def test_context_parallel_on_gpus_stays_allowed(cp_pod, capsys):
+    cp_pod.gpus(2)
+    assert cp_pod.main("--dry-run") == 0
+    assert "context_parallel_degree" not in capsys.readouterr().err
+    assert cp_pod.main() == 0
+    assert len(cp_pod.started) == 1 and " ".join(CP2) in " ".join(cp_pod.started[0])
+
+
+def test_context_parallel_on_this_cpu_machine_is_one_line_from_the_real_launcher(tmp_path):
+    proc = run_launcher(["--job.dump_folder", str(tmp_path / "out"), *CP2], pod_env(NGPU="2"), timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        "run_llama_train.sh: error: parallelism.context_parallel_degree = 2: context parallel needs GPUs and "
+        "none is visible: the ranks would train on CPU, where torch's ring attention has no kernel (it shards "
+        "only CUDA attention), and step 1 would fail. Fix: run on GPUs, or pass "
+        "--parallelism.context_parallel_degree 1 for a CPU run"
+    ]
+    assert not (tmp_path / "out").exists()  # no worker started: not even the dump folder
