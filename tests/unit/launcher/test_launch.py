@@ -427,15 +427,6 @@ def test_every_cluster_shape_with_world_size_or_rank_still_plans():
 def test_dry_run_on_the_runai_v2_spec_finds_the_token_file(monkeypatch, tmp_path, capfd):
     # issue 23: the v2 spec mounts the Secret and sets HF_TOKEN_PATH; the dry run said the download
     # would go "without HF_TOKEN"
-# --- issue 22: context parallel on CPU is refused before any worker starts -----------------------
-
-CP2 = ["--parallelism.context_parallel_degree", "2"]
-
-
-@pytest.fixture
-def cp_pod(monkeypatch, tmp_path):
-    """launch.main in this process, as a 2-process pod whose GPUs ``gpus(n)`` fakes; torchrun's agent
-    replaced by a recorder (``started``: the commands it was given)."""
     from conftest import REPO
 
     from torchtitan_runai.launcher import launch, preflight
@@ -507,6 +498,21 @@ def test_the_script_reads_a_relative_config_file_from_where_it_was_called(tmp_pa
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--job.config_file " + str(tmp_path / "configs" / "my.toml") in proc.stdout.splitlines()[-1]
+
+
+# --- issue 22: context parallel on CPU is refused before any worker starts -----------------------
+
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+
+
+@pytest.fixture
+def cp_pod(monkeypatch, tmp_path):
+    """launch.main in this process, as a 2-process pod whose GPUs ``gpus(n)`` fakes; torchrun's agent
+    replaced by a recorder (``started``: the commands it was given)."""
+    from conftest import REPO
+
+    from torchtitan_runai.launcher import launch, preflight
+
     monkeypatch.setattr(os, "environ", pod_env(NGPU="2"))
     monkeypatch.chdir(REPO)
     started: list[list[str]] = []
