@@ -607,11 +607,27 @@ def check_optimizer(config) -> None:
             )
 
 
-def check_schedule(config) -> None:
-    """The learning-rate schedule against the run's length. torchtitan 0.2.2 shortens a warmup longer
-    than the schedule (only a warning on every rank, after the workers started) and lets decay_ratio
-    and min_lr_factor leave [0, 1] (a negative or growing learning rate)."""
+def warmup_note(config) -> str | None:
+    """One line when the warmup is longer than the schedule: torchtitan 0.2.2 then cuts the warmup to
+    the schedule's length and says so only in every rank's log, after the workers started (hidden by
+    LOG_RANK); the launcher prints this before any worker starts."""
     s, steps = config.lr_scheduler, config.training.steps
+    total = s.total_steps if s.total_steps is not None else steps
+    if steps <= 0 or s.warmup_steps <= total:
+        return None
+    spans = "lr_scheduler.total_steps" if s.total_steps is not None else "training.steps"
+    return (
+        f"lr_scheduler.warmup_steps = {s.warmup_steps} is longer than the schedule ({spans} = {total}): torchtitan "
+        f"cuts the warmup to {total} steps. Fix: set lr_scheduler.warmup_steps to at most {total} (recipes warm up "
+        f"for about a fifth of the steps, here {max(total // 5, 1)}), or raise {spans}"
+    )
+
+
+def check_schedule(config) -> None:
+    """The learning-rate schedule's values. torchtitan 0.2.2 lets decay_ratio and min_lr_factor leave
+    [0, 1] (a negative or growing learning rate). A warmup longer than the schedule is not refused
+    (a short smoke run of a recipe is a fair thing to ask for): ``warmup_note`` says it once."""
+    s = config.lr_scheduler
     if s.warmup_steps < 0:
         raise UserError("lr_scheduler.warmup_steps", s.warmup_steps, "must not be negative", "use 0 or more")
     if s.total_steps is not None and s.total_steps <= 0:
@@ -620,16 +636,6 @@ def check_schedule(config) -> None:
             s.total_steps,
             "must be positive",
             "remove it (the schedule then spans training.steps) or set the steps the schedule spans",
-        )
-    total = s.total_steps if s.total_steps is not None else steps
-    if steps > 0 and s.warmup_steps > total:
-        spans = "lr_scheduler.total_steps" if s.total_steps is not None else "training.steps"
-        raise UserError(
-            "lr_scheduler.warmup_steps",
-            s.warmup_steps,
-            f"is longer than the schedule ({spans} = {total}): torchtitan would cut the warmup to {total} steps",
-            f"set lr_scheduler.warmup_steps to at most {total} (recipes warm up for about a fifth of the "
-            f"steps, here {max(total // 5, 1)}), or raise {spans}",
         )
     if s.decay_ratio is not None and (not _finite(s.decay_ratio) or not 0 <= s.decay_ratio <= 1):
         raise UserError(

@@ -112,7 +112,6 @@ CASES = [
     ("lr-negative", None, ["--optimizer.lr", "-1e-4"], {}, "optimizer.lr"),
     ("weight-decay-negative", None, ["--optimizer.weight_decay", "-0.1"], {}, "optimizer.weight_decay"),
     ("eps-zero", replace("eps = 1e-8", "eps = 0.0"), [], {}, "optimizer.eps"),
-    ("warmup-past-steps", None, ["--training.steps", "3"], {}, "lr_scheduler.warmup_steps"),
     ("decay-ratio-above-1", None, ["--lr_scheduler.decay_ratio", "1.5"], {}, "lr_scheduler.decay_ratio"),
     ("hang-timeout-negative", None, ["--resilience.hang_timeout_seconds", "-3"], {}, "resilience.hang_timeout_seconds"),
     ("async-mode", None, ["--checkpoint.async_mode", "sometimes"], {}, "checkpoint.async_mode"),

@@ -124,8 +124,6 @@ def test_schema_errors(tmp_path, monkeypatch, extra, setting, words):
         (["--optimizer.eps", "0"], "optimizer.eps"),
         (["--optimizer.eps", "-1e-8"], "optimizer.eps"),
         (["--optimizer.beta2", "1.0"], "optimizer.beta2"),
-        (["--training.steps", "4"], "lr_scheduler.warmup_steps"),  # the debug recipe warms up for 5
-        (["--lr_scheduler.total_steps", "3"], "lr_scheduler.warmup_steps"),
         (["--lr_scheduler.total_steps", "0"], "lr_scheduler.total_steps"),
         (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps"),
         (["--lr_scheduler.decay_ratio", "1.5"], "lr_scheduler.decay_ratio"),
@@ -140,12 +138,16 @@ def test_value_errors(monkeypatch, args, setting):
     assert e.value.setting == setting
 
 
-def test_warmup_longer_than_the_run_names_both_numbers_and_the_fix(monkeypatch):
+def test_warmup_longer_than_the_run_is_one_note_naming_both_numbers_and_the_fix(monkeypatch):
+    from torchtitan_runai.config import warmup_note
+
     monkeypatch.chdir(REPO)
-    with pytest.raises(UserError) as e:
-        parse_job_config(["--job.config_file", "train_configs/debug_model.toml", "--training.steps", "3"])
-    line = e.value.line()
+    base = ["--job.config_file", "train_configs/debug_model.toml"]  # the debug recipe warms up for 5
+    line = warmup_note(parse_job_config([*base, "--training.steps", "3"]))
     assert "lr_scheduler.warmup_steps = 5" in line and "training.steps = 3" in line and "at most 3" in line
+    line = warmup_note(parse_job_config([*base, "--lr_scheduler.total_steps", "4"]))
+    assert "lr_scheduler.total_steps = 4" in line
+    assert warmup_note(parse_job_config([*base, "--training.steps", "5"])) is None
 
 
 def test_schedule_edges_that_are_fine(monkeypatch):

@@ -113,7 +113,7 @@ from torchtitan_runai import goodput, hub, storage
 from torchtitan_runai.checkpoint.folder import newest_resumable, scan
 from torchtitan_runai.checkpoint.ownership import claim_folder, hold_folder
 from torchtitan_runai.checkpoint.resume import prestart
-from torchtitan_runai.config import Hub, config_file_from_args, data_parallel_degree
+from torchtitan_runai.config import Hub, config_file_from_args, data_parallel_degree, warmup_note
 from torchtitan_runai.errors import EXIT_HUNG, EXIT_USER_ERROR, UserError, cli, flush_and_exit, reported
 from torchtitan_runai.inputs import tokenizer_files
 from torchtitan_runai.inputs.data_files import validate_data_config
@@ -727,6 +727,9 @@ def main(argv: list[str]) -> int:
     config = parse_job_config(train_args, world_size=plan.world_size, resume=True)
     check_trainable_spec(config)
     check_device_support(config, gpus, dry_run)
+    note = warmup_note(config)
+    if note:  # not a refusal: a short smoke run of a recipe is fair; said once, before any worker
+        print(f"[launch] warning: {note}", file=sys.stderr, flush=True)
     config, train_args = apply_storage(config, train_args, env, plan.world_size)
     done = preflight_inputs(config, env, plan, dry_run)
     if done:

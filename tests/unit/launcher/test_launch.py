@@ -566,3 +566,18 @@ def test_context_parallel_on_this_cpu_machine_is_one_line_from_the_real_launcher
         "--parallelism.context_parallel_degree 1 for a CPU run"
     ]
     assert not (tmp_path / "out").exists()  # no worker started: not even the dump folder
+
+
+def test_a_warmup_longer_than_the_run_is_one_launcher_warning_not_a_refusal(capsys, monkeypatch, tmp_path):
+    # torchtitan cuts the warmup and says so only in every rank's log once the workers run; a short
+    # smoke run of a recipe (--training.steps 3 on a 5-step warmup) is still allowed
+    from conftest import REPO
+
+    from torchtitan_runai.launcher import launch
+
+    monkeypatch.setattr(os, "environ", pod_env(NGPU="2"))
+    monkeypatch.chdir(REPO)
+    assert launch.main(["--dry-run", "--job.dump_folder", str(tmp_path / "out"), "--training.steps", "3"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warmup_steps" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("[launch] warning: lr_scheduler.warmup_steps = 5")
+    assert "Fix: set lr_scheduler.warmup_steps to at most 3" in warnings[0]
