@@ -118,9 +118,8 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def verify_tokenizer(folder: Path, tokenizer_format: str = "auto") -> Path:
-    """Read the tokenizer file ``load_tokenizer`` would use; a damaged or truncated file is a
-    UserError naming it (the launcher calls this before any worker starts)."""
+def require_tokenizer_file(folder: Path, tokenizer_format: str = "auto") -> Path:
+    """``find_tokenizer_files``, or a UserError naming the folder that holds none."""
     found = find_tokenizer_files(Path(folder), tokenizer_format)
     if found is None:
         raise UserError(
@@ -129,6 +128,13 @@ def verify_tokenizer(folder: Path, tokenizer_format: str = "auto") -> Path:
             "no tokenizer.json or original/tokenizer.model in the folder",
             "see docs/data.md",
         )
+    return found
+
+
+def verify_tokenizer(folder: Path, tokenizer_format: str = "auto") -> Path:
+    """Read the tokenizer file ``load_tokenizer`` would use; a damaged or truncated file is a
+    UserError naming it (the launcher calls this before any worker starts)."""
+    found = require_tokenizer_file(folder, tokenizer_format)
     if found.name != TOKENIZER_JSON:
         read_tiktoken_ranks(found)
         return found

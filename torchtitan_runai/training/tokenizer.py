@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_runai.config import Hub
-from torchtitan_runai.errors import UserError
 from torchtitan_runai.inputs.tokenizer_files import (
     TOKENIZER_JSON,
     ensure_tokenizer,
-    find_tokenizer_files,
     read_tiktoken_ranks,
+    require_tokenizer_file,
 )
 from torchtitan_runai.upstream import BaseTokenizer, HuggingFaceTokenizer
 
@@ -121,14 +120,7 @@ def _chunks(text: str):
 
 def load_tokenizer(folder: Path, tokenizer_format: str = "auto"):
     """torchtitan's HuggingFaceTokenizer for tokenizer.json, else our TiktokenTokenizer."""
-    found = find_tokenizer_files(Path(folder), tokenizer_format)
-    if found is None:
-        raise UserError(
-            "model.hf_assets_path",
-            str(folder),
-            "no tokenizer.json or original/tokenizer.model in the folder",
-            "see docs/data.md",
-        )
+    found = require_tokenizer_file(folder, tokenizer_format)
     if found.name == TOKENIZER_JSON:
         return HuggingFaceTokenizer(str(folder))
     return TiktokenTokenizer(found)
