@@ -103,18 +103,30 @@ def flush_and_exit(code: int) -> NoReturn:
         os._exit(code)
 
 
-def report_to_launcher(error: UserError) -> None:
-    """Leave ``error`` for the launcher (see the module docstring); nothing without a launcher."""
-    path = os.environ.get(WORKER_ERROR_ENV)
+def leave_for_launcher(variable: str, text: str) -> bool:
+    """Write ``text`` whole (write, then rename) to the file the launcher named in ``variable`` (a worker's
+    hang verdict, a launch-ending error); False without a launcher or when the file cannot be written:
+    the worker's own line is still printed."""
+    path = os.environ.get(variable)
     if not path:
-        return
+        return False
     try:
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"setting": error.setting, "value": error.value, "why": error.why, "fix": error.fix}, f)
+            f.write(text)
         os.replace(tmp, path)
-    except (OSError, TypeError):  # the worker's own line is still printed
-        pass
+        return True
+    except OSError:
+        return False
+
+
+def report_to_launcher(error: UserError) -> None:
+    """Leave ``error`` for the launcher (see the module docstring); nothing without a launcher."""
+    try:
+        record = json.dumps({"setting": error.setting, "value": error.value, "why": error.why, "fix": error.fix})
+    except TypeError:  # a value JSON cannot hold: the worker's own line is still printed
+        return
+    leave_for_launcher(WORKER_ERROR_ENV, record)
 
 
 def forget_report() -> None:

@@ -21,7 +21,7 @@ import threading
 import time
 from datetime import timedelta
 
-from torchtitan_runai.errors import EXIT_HUNG, HANG_VERDICT_ENV, flush_and_exit
+from torchtitan_runai.errors import EXIT_HUNG, HANG_VERDICT_ENV, flush_and_exit, leave_for_launcher
 
 
 def _error_file(message: str) -> None:
@@ -166,13 +166,5 @@ class Watchdog:
 
 
 def write_hang_verdict(line: str) -> None:
-    path = os.environ.get(HANG_VERDICT_ENV)
-    if not path:
-        return
-    try:
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(line)
-        os.replace(tmp, path)
-    except OSError:  # the launcher then reports the failures torchrun saw
-        pass
+    # without it, the launcher reports the failures torchrun saw
+    leave_for_launcher(HANG_VERDICT_ENV, line)
