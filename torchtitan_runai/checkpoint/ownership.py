@@ -9,9 +9,16 @@ start time, and a heartbeat the launcher refreshes every ``LOCK_HEARTBEAT_S``). 
 it with ``hold_folder`` once every check has passed (``acquire_lock``: created with a hard link, so
 of two runs starting together exactly one gets it) and removes it at the end. A second run is
 refused (exit 2, naming the folder and the holder) while the holder lives: on this machine, its pid
-exists with the same start time; elsewhere, its heartbeat is newer than ``LOCK_STALE_S``. A lock
-whose holder is gone (``kill -9``, a crashed node, an earlier container of the same pod) is taken
-over, even by the same job without ``JOB_UUID``/``JOB_NAME``.
+exists with the same start time, or any process of its run does (its workers and their writing
+processes; ``lifetime``); elsewhere, its heartbeat is newer than ``LOCK_STALE_S``. A lock whose
+holder is gone (``kill -9``, a crashed node, an earlier container of the same pod) is taken over,
+even by the same job without ``JOB_UUID``/``JOB_NAME``.
+
+After ``kill -9`` of the launcher its workers and their writing processes stop within seconds (the
+kernel's parent-death signal, ``lifetime``). A rerun on this machine that comes sooner waits for
+them, up to ``SURVIVOR_WAIT_S``, and is refused if any is still there, naming them: it never writes
+beside a survivor. On another machine the launcher's heartbeat covers them: it is stale only
+``LOCK_STALE_S`` after the launcher's death, long after its workers stopped.
 
 ``confirm_shared_folder(folder, rank, world_size, job_key)`` runs on every rank at start: rank 0
 writes a marker with a random nonce into the checkpoint folder, the nonce is broadcast, and every
@@ -34,6 +41,8 @@ from torchtitan_runai import storage
 from torchtitan_runai.checkpoint.folder import check_writable
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.jsonio import read_json, write_json_atomic
+from torchtitan_runai.lifetime import processes_of
+from torchtitan_runai.lifetime import start_ticks as _start_ticks
 
 OWNER = "job.json"
 LOCK = "lock.json"
@@ -100,6 +109,13 @@ LOCK_STALE_S = 60.0
 """A lock whose heartbeat is older than this (and whose holder is not a live process on this
 machine) belongs to a run that is gone: it is taken over."""
 
+_SURVIVORS = "of its processes on this machine still run"
+
+SURVIVOR_WAIT_S = 30.0
+"""How long a new run waits for the processes of a killed launcher's run to stop (they get the
+parent-death signal, ``lifetime``: normally well under a second; a process in an uninterruptible
+write on a network volume stops when the write returns) before it refuses the folder."""
+
 
 def _boot_id() -> str:
     try:
@@ -113,14 +129,6 @@ def _pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
-
-
-def _start_ticks(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot), to tell it from a later one with the same pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def lock_record(job_id: str | None) -> dict:
@@ -138,14 +146,20 @@ def lock_record(job_id: str | None) -> dict:
     }
 
 
-def holder_alive(lock: Mapping, now: float | None = None) -> tuple[bool, str]:
+def holder_alive(lock: Mapping, now: float | None = None, wait_s: float = 0.0) -> tuple[bool, str]:
     """Is the run that wrote ``lock`` still running? (alive, how we know).
 
     - Same kernel and pid namespace (two launches on one machine or in one container): its pid
-      exists with the same start time.
+      exists with the same start time, or, its launcher gone, a process of its run is still alive
+      (``lifetime.processes_of``: its workers and their writing processes, which carry the
+      launcher's mark). They stop within seconds of their launcher (the parent-death signal,
+      ``lifetime``): ``wait_s`` seconds are given to them before the run counts as alive.
     - Same host name, other pid namespace: an earlier container of this same pod (a pod's name
-      is its host name, and a pod runs one container of it at a time): gone.
+      is its host name, and a pod runs one container of it at a time; the processes of a container
+      end with it): gone.
     - Elsewhere (another pod, another ``docker run``): its heartbeat is newer than LOCK_STALE_S.
+      The launcher beats; its workers stop within seconds of it, long before the heartbeat is
+      stale, so the launcher's heartbeat covers every process of the run that can write.
     """
     now = time.time() if now is None else now
     pid = lock.get("pid")
@@ -155,7 +169,19 @@ def holder_alive(lock: Mapping, now: float | None = None) -> tuple[bool, str]:
             return False, "this process"
         start = _start_ticks(pid)
         alive = start is not None and lock.get("pid_start") in (None, start)
-        return alive, f"pid {pid} on this machine is {'running' if alive else 'gone'}"
+        if alive or not lock.get("pid_start"):
+            return alive, f"pid {pid} on this machine is {'running' if alive else 'gone'}"
+        mark = f"{pid} {lock['pid_start']}"
+        deadline = time.monotonic() + wait_s
+        left = processes_of(mark)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = processes_of(mark)
+        if left:
+            return True, (
+                f"its launcher, pid {pid}, is gone, but {len(left)} {_SURVIVORS}: pids {' '.join(map(str, left))}"
+            )
+        return False, f"pid {pid} on this machine is gone"
     if lock.get("host") == socket.gethostname():
         return False, "an earlier container of this pod"
     age = now - float(lock.get("heartbeat") or lock.get("time") or 0)
@@ -163,6 +189,15 @@ def holder_alive(lock: Mapping, now: float | None = None) -> tuple[bool, str]:
 
 
 def _refuse(folder: Path, lock: Mapping, how: str) -> UserError:
+    if _SURVIVORS in how:
+        pids = how.rsplit("pids ", 1)[1]
+        return UserError(
+            "checkpoint.folder",
+            str(folder),
+            f"the processes of a run whose launcher was killed are still running after {SURVIVOR_WAIT_S:.0f}s "
+            f"(host {lock.get('host')}; {how}), and two runs would overwrite each other's checkpoints",
+            f"stop them (kill -9 {pids}), then run again; it resumes from the newest complete checkpoint",
+        )
     return UserError(
         "checkpoint.folder",
         str(folder),
@@ -186,7 +221,7 @@ def acquire_lock(folder: Path, job_id: str | None, take_over: bool = False) -> d
     for _ in range(10):
         current = read_json(path)
         if current is not None:
-            alive, how = holder_alive(current)
+            alive, how = holder_alive(current, wait_s=SURVIVOR_WAIT_S)
             # take_over cannot beat a live process on this machine, only a heartbeat elsewhere
             if alive and not (take_over and how.startswith("its heartbeat")):
                 raise _refuse(folder, current, how)

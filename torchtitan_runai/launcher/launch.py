@@ -14,7 +14,8 @@ Once per pod it:
 3. claims the checkpoint folder (node 0; its owner record and a lock that a second live run is
    refused by, with a heartbeat while the run lasts), runs torchrun's elastic agent in this process
    (rendezvous, restarts, signals to the workers) and turns its outcome into an exit code; a
-   finished run ends with one line: the steps, the time and the newest checkpoint.
+   finished run ends with one line: the steps, the time and the newest checkpoint. Its workers and
+   their checkpoint-writing processes never outlive it, ``kill -9`` included (``lifetime``).
 
 Usage::
 
@@ -109,7 +110,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from torchtitan_runai import goodput, hub, storage
+from torchtitan_runai import goodput, hub, lifetime, storage
 from torchtitan_runai.checkpoint.folder import newest_resumable, scan
 from torchtitan_runai.checkpoint.ownership import claim_folder, hold_folder
 from torchtitan_runai.checkpoint.resume import prestart
@@ -797,6 +798,7 @@ def main(argv: list[str]) -> int:
                     hang_verdict=verdict,
                     worker_error=worker_error,
                     launch_id=None if record is None else record.id,
+                    launcher=lifetime.launcher_mark(),  # every process of the run dies with this one
                 )
             )
             code = run_agent(command, plan, verdict, worker_error)

@@ -24,6 +24,9 @@ variable                            value                                       
                                     ``errors.WORKER_ERROR_ENV``)
 ``TORCHTITAN_RUNAI_LAUNCH_ID``      node 0's goodput launch record, which rank 0's segments belong       the launcher
                                     to (``goodput.ledger.LAUNCH_ID_ENV``)
+``TORCHTITAN_RUNAI_LAUNCHER``       this launcher's pid and start time (``lifetime.LAUNCHER_ENV``): a    the launcher
+                                    worker dies with it (the parent-death signal, checked against this
+                                    pid), and a rerun finds what is left of the run by it
 ==================================  ===================================================================  ============
 
 "The user" wins: a variable already in the environment is left as it is. The workers also inherit
@@ -40,6 +43,7 @@ from typing import Mapping
 from torchtitan_runai import storage
 from torchtitan_runai.errors import HANG_VERDICT_ENV, WORKER_ERROR_ENV
 from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV
+from torchtitan_runai.lifetime import LAUNCHER_ENV
 
 
 def worker_env(output_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -75,6 +79,7 @@ def environment(
     hang_verdict: str | os.PathLike | None = None,
     worker_error: str | os.PathLike | None = None,
     launch_id: str | None = None,
+    launcher: str | None = None,
 ) -> dict[str, str]:
     """Every variable the launcher adds to ``env`` (the environment the agent will start the workers
     with) for its workers: the table in the module docstring.
@@ -82,7 +87,8 @@ def environment(
     ``shutdown_timeout``: only for a torchrun without ``--shutdown_timeout`` (the variable is how an
     older agent is told); ``hang_verdict``: the watchdog's verdict file; ``worker_error``: the file a
     worker's launch-ending error goes to (``errors.report_to_launcher``); ``launch_id``: node 0's
-    goodput launch record. Each is left out when None.
+    goodput launch record; ``launcher``: this launcher's ``lifetime.launcher_mark``. Each is left out
+    when None.
     """
     variables = worker_env(dump_folder, env)
     if nproc_per_node > 1 and "OMP_NUM_THREADS" not in env:
@@ -95,6 +101,8 @@ def environment(
         variables[WORKER_ERROR_ENV] = str(worker_error)
     if launch_id is not None:
         variables[LAUNCH_ID_ENV] = launch_id
+    if launcher is not None:
+        variables[LAUNCHER_ENV] = launcher
     return variables
 
 

@@ -42,6 +42,15 @@ pinned to the exact torchtitan version (``upstream``).
   and stops, and the process exits 143 (130 for SIGINT) without the end-of-run teardown. A signal
   before this process finished its first step leaves at once (``StopFlag.before_first_step``).
 
+A rank dies with its launcher: ``run`` first asks the kernel for SIGKILL when the launcher (torchrun's
+agent runs inside it) dies, however it dies (``lifetime.die_with_parent``; the pid is checked against
+the one the launcher left in ``lifetime.LAUNCHER_ENV``, so a launcher that died while this process
+was importing is caught too). SIGKILL, not SIGTERM: with the launcher gone nobody waits for a
+preemption save or reports it, and a rank stuck in a collective would never act on SIGTERM; the
+writing process goes with the rank (``training.checkpoint.upload``), and the next run resumes from the
+newest complete checkpoint, as after a crashed node. Without this, ``kill -9`` of the launcher left
+the ranks training and saving as orphans beside the next run (docs/resilience.md).
+
 A finished run tears down explicitly (close the checkpointer, barrier, destroy the process group)
 and leaves with ``os._exit`` (``errors.flush_and_exit``): stock torchtitan aborts in interpreter
 teardown in ~1 of 20 runs.
@@ -50,11 +59,12 @@ teardown in ~1 of 20 runs.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
 
-from torchtitan_runai import goodput, plots, seed, storage, upstream
+from torchtitan_runai import goodput, lifetime, plots, seed, storage, upstream
 from torchtitan_runai.checkpoint import ownership
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.errors import flush_and_exit
@@ -273,6 +283,9 @@ def _teardown(trainer) -> None:
 
 
 def run(argv: list[str]) -> int:
+    # First: a rank never outlives the launcher that started it (kill -9 included), nor trains and
+    # saves beside the next run (``lifetime``).
+    lifetime.die_with_parent(lifetime.launcher_pid(os.environ), signal.SIGKILL)
     log_filter.quiet_expected_noise()
     upstream.init_logger()
     device.select_device()

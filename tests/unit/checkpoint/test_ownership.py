@@ -10,11 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from torchtitan_runai import lifetime
 from torchtitan_runai.checkpoint import ownership
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.jsonio import read_json, write_json_atomic
@@ -69,6 +71,42 @@ def test_lock_of_a_live_process_on_this_machine_refuses_a_second_run(tmp_path):
         holder.wait()
     # the same lock once its process is gone (a restart after kill -9): taken over
     assert ownership.acquire_lock(tmp_path, None)["pid"] == os.getpid()
+
+
+def _killed_launcher_and_survivor() -> tuple[dict, subprocess.Popen]:
+    """The lock of a launcher killed with kill -9, and a process of its run that is still alive (it
+    carries the launcher's mark, as every worker and writing process does)."""
+    launcher = _sleeper()
+    record = {**ownership.lock_record(None), "pid": launcher.pid, "pid_start": ownership._start_ticks(launcher.pid)}
+    env = {**os.environ, lifetime.LAUNCHER_ENV: lifetime.launcher_mark(launcher.pid)}
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    launcher.kill()
+    launcher.wait()
+    return record, survivor
+
+
+def test_a_rerun_never_takes_the_folder_beside_a_survivor_of_a_killed_launcher(tmp_path, monkeypatch):
+    # main took the lock over as soon as the launcher's pid was gone, its workers still writing
+    record, survivor = _killed_launcher_and_survivor()
+    try:
+        write_json_atomic(tmp_path / ownership.LOCK, record)
+        monkeypatch.setattr(ownership, "SURVIVOR_WAIT_S", 0.5)
+        began = time.monotonic()
+        with pytest.raises(UserError) as err:
+            ownership.acquire_lock(tmp_path, None)
+        assert time.monotonic() - began >= 0.5  # it waited for the survivor first
+        assert f"pid {record['pid']}, is gone" in err.value.why and f"pids {survivor.pid}" in err.value.why
+        assert f"kill -9 {survivor.pid}" in err.value.fix and str(tmp_path) in err.value.line()
+        assert read_json(tmp_path / ownership.LOCK) == record  # the lock is left as it was
+        # a survivor that stops while the rerun waits (the parent-death signal: within seconds)
+        monkeypatch.setattr(ownership, "SURVIVOR_WAIT_S", 30.0)
+        threading.Timer(1.0, survivor.kill).start()
+        began = time.monotonic()
+        assert ownership.acquire_lock(tmp_path, None)["pid"] == os.getpid()
+        assert 0.9 < time.monotonic() - began < 10
+    finally:
+        survivor.kill()
+        survivor.wait()
 
 
 def test_a_reused_pid_is_not_the_holder(tmp_path):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from torchtitan_runai import goodput, upstream
+from torchtitan_runai import goodput, lifetime, upstream
 from torchtitan_runai.checkpoint import ownership
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.goodput.ledger import Ledger, NullLedger
@@ -108,6 +108,8 @@ def run_with(monkeypatch, exits):
     Returns (the exit code, or the exception run() raised; what the fakes were asked; the config)."""
     events = Events()
     config = SimpleNamespace(training=SimpleNamespace(steps=10))
+    events.asked_for_parent_death = []  # (never on the test's own process: its parent is pytest's runner)
+    monkeypatch.setattr(trainer_mod.lifetime, "die_with_parent", lambda *a: events.asked_for_parent_death.append(a))
     monkeypatch.setattr(log_filter, "quiet_expected_noise", lambda *a, **k: None)
     monkeypatch.setattr(upstream, "init_logger", lambda *a, **k: None)
     monkeypatch.setattr(trainer_mod.device, "select_device", lambda *a, **k: None)
@@ -135,6 +137,16 @@ def run_with(monkeypatch, exits):
         raise AssertionError("run() returned: it must leave through os._exit or raise")
 
     return run
+
+
+def test_a_rank_first_asks_to_die_with_its_launcher(run_with, monkeypatch):
+    # a rank of a launcher killed with kill -9 trained on and saved beside the next run (issue 24)
+    monkeypatch.setenv(lifetime.LAUNCHER_ENV, "4242 1234567")
+    _, events, _ = run_with(lambda trainer: setattr(trainer, "step", 10))
+    assert events.asked_for_parent_death == [(4242, signal.SIGKILL)]
+    monkeypatch.delenv(lifetime.LAUNCHER_ENV)  # train.py outside the launcher: its own parent
+    _, events, _ = run_with(lambda trainer: setattr(trainer, "step", 10))
+    assert events.asked_for_parent_death[1:] == [(None, signal.SIGKILL)]
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

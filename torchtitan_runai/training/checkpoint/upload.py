@@ -27,8 +27,16 @@ the worker's next ``finish_async`` raises, and no preemption checkpoint is writt
   calling thread the first time it starts, so it is started before the mask is set;
 - the child now ends only by our ``shutdown`` (a TERMINATE request, then SIGKILL after 5 s; at the
   end of a run), our ``kill`` (after a preemption checkpoint, when it is idle: the round trip costs
-  seconds of the grace period), EOF on its pipe once the trainer is gone, or SIGKILL (torchrun's
-  kill window, kill -9).
+  seconds of the grace period), SIGKILL (torchrun's kill window, kill -9), or its worker's death:
+- it dies with its worker, however the worker dies: the first thing the child does with what it is
+  sent (``DiesWithWorker``, DCP's init info with the worker's pid, unpickled in the child before
+  DCP's loop starts) is to ask the kernel for SIGKILL when its parent dies
+  (``lifetime.die_with_parent``; SIGKILL since it blocks SIGTERM). DCP's own end, EOF on its pipe,
+  is read only between uploads: a worker killed with an upload in flight (its launcher killed with
+  ``kill -9``: the worker dies with it, ``training.trainer``) left the child writing on into the
+  folder beside the next run. The kernel signals when the *thread* that created the child exits,
+  not the process, so the background thread that spawns it stays alive, idle, until the child is
+  stopped (``shutdown``, ``kill``) or the worker is gone;
   ``multiprocessing``'s exit hook would ``terminate()`` and ``join()`` it (a hang with SIGTERM
   blocked), so every exit path of the trainer calls ``shutdown`` and leaves with ``os._exit``.
 
@@ -59,6 +67,8 @@ import signal
 import threading
 import time
 from typing import Any
+
+from torchtitan_runai import lifetime
 
 # torch's DCP pieces are imported where used: _async_process_executor is private (``supported`` asks
 # whether this torch has it), and importing this module must not fail on a torch without it.
@@ -101,12 +111,16 @@ class UploadProcess:
         self.error: BaseException | None = None
         self.seconds: float | None = None
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()  # the child is installed in DCP, or its start failed
+        self._release = threading.Event()  # the child is stopped: the thread that created it may end
 
     def start(self, process_group) -> "UploadProcess":
         """Every rank, main thread, same point (the info is a collective on ``process_group``)."""
         from torch.distributed.checkpoint import _async_process_executor as ape
 
         info = ape._ProcessGroupInitInfo(process_group)
+        info.__class__ = _classes()["DiesWithWorker"]  # the same fields, and the child dies with us
+        info.worker_pid = os.getpid()
         # multiprocessing's own exit hook would terminate() and join() the child, which ignores
         # SIGTERM: on any normal interpreter exit stop it first (atexit runs hooks last-in first).
         atexit.register(self.shutdown)
@@ -131,6 +145,9 @@ class UploadProcess:
             )
         else:
             logger.warning(f"checkpoint upload process could not start ({self.error!r})")
+        self._ready.set()
+        # The child's parent-death signal watches this thread: it lives until the child is stopped.
+        self._release.wait()
 
     @property
     def pid(self) -> int | None:
@@ -140,13 +157,13 @@ class UploadProcess:
     def wait_ready(self) -> None:
         """Before an async save: the process is installed in DCP (or its start failed: raise)."""
         if self._thread is not None:
-            self._thread.join()
+            self._ready.wait()
         if self.error is not None:
             raise RuntimeError(f"the checkpoint upload process could not start: {self.error!r}") from self.error
 
     @property
     def ready(self) -> bool:
-        return self.process is not None and self._thread is not None and not self._thread.is_alive()
+        return self.process is not None and self._ready.is_set()
 
     def alive(self) -> bool:
         proc = getattr(self.process, "_save_process", None)
@@ -158,6 +175,7 @@ class UploadProcess:
 
         proc = getattr(self.process, "_save_process", None)
         if proc is None:
+            self._release.set()
             return
         if proc.is_alive():
             try:
@@ -170,6 +188,7 @@ class UploadProcess:
                 proc.join(1.0)
         if getattr(ape, "_CHECKPOINT_PROCESS", None) is self.process:
             ape._CHECKPOINT_PROCESS = None
+        self._release.set()
 
     def kill(self) -> None:
         """SIGKILL, no request: for an idle process when the trainer is about to exit."""
@@ -179,6 +198,7 @@ class UploadProcess:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+        self._release.set()
 
 
 def writer(checkpoint_id: str, threads: int) -> Any:
@@ -195,7 +215,18 @@ def _classes() -> dict[str, type]:
     from contextlib import contextmanager
 
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._async_process_executor import _ProcessGroupInitInfo
     from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class DiesWithWorker(_ProcessGroupInitInfo):
+        """DCP's init info for its writing process, plus ``worker_pid``: unpickled in the child (the
+        first thing it does with what it is sent), it makes the child die with that worker."""
+
+        def __setstate__(self, state):
+            state = dict(state)
+            worker = state.pop("worker_pid", None)
+            self.__dict__.update(state)
+            lifetime.die_with_parent(worker, signal.SIGKILL)
 
     class DeferringFileSystem(FileSystem):
         """While ``deferring``, an error inside a file's ``create_stream`` block is recorded, not
@@ -233,7 +264,7 @@ def _classes() -> dict[str, type]:
                 raise self.fs.errors[0]
             return result
 
-    for cls in (DeferringFileSystem, DeferringWriter):
+    for cls in (DiesWithWorker, DeferringFileSystem, DeferringWriter):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
         _CLASSES[cls.__name__] = cls
     return _CLASSES
@@ -243,6 +274,6 @@ _CLASSES: dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("DeferringWriter", "DeferringFileSystem"):
+    if name in ("DeferringWriter", "DeferringFileSystem", "DiesWithWorker"):
         return _classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
