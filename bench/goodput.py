@@ -81,6 +81,7 @@ class GoodputBench(Bench):
         for n in range(1, 5):
             run = self.launch(build(dump, a.steps), None, self.schedule(n, dump), timeout=a.run_timeout)
             run.pop("losses", None)
+            run["on_disk"] = on_disk(dump)
             launches.append(run)
             self.report["sides"][name] = {"partial": True, "launches": launches}
             self.write()  # a call cut short still returns what ran
@@ -97,6 +98,7 @@ class GoodputBench(Bench):
                                 "resumed_from",
                                 "last_step",
                                 "signal_to_exit_s",
+                                "on_disk",
                             )
                         },
                     }
@@ -122,6 +124,20 @@ class GoodputBench(Bench):
         stem = f"goodput-{self.report['date']}-{self.report.get('machine', 'cpu')}{self.a.tag}"
         (out / f"{stem}.json").write_text(json.dumps(self.report, indent=1, default=str))
         (out / f"{stem}.md").write_text(render(self.report))
+
+
+def on_disk(dump: Path) -> dict:
+    """The checkpoint folder after a launch, counted from outside the product: the step folders that
+    hold DCP's ``.metadata`` (complete saves; ours also marks them), every step folder, and the bytes
+    of all of it (what the volume must hold; checkpoint.keep_latest_k should bound it)."""
+    folder = dump / "checkpoint"
+    steps = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    return {
+        "complete": [int(p.name.split("-")[1]) for p in steps if (p / ".metadata").is_file()],
+        "step_folders": len(steps),
+        "gib": round(size / 1024**3, 2),
+    }
 
 
 def components(launches: list[dict], steps: int) -> dict:
