@@ -139,6 +139,10 @@ def check_kept(folder: Path, rc: int, log: str, expected_rc: int) -> dict[int, b
     found = steps_on_disk(folder)
     assert sum(found.values()) <= KEEP, f"{sorted(found)} complete on disk, keep_latest_k = {KEEP}"
     assert all(found.values()), f"incomplete step folders left behind: {found}"
+    # counted from outside, as an operator would: a half-removed folder (a retention pass cut off by
+    # the worker's os._exit) still holds .metadata and was spared as "recently written"
+    dcp_saves = sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("step-*/.metadata"))
+    assert len(dcp_saves) <= KEEP, f"step folders holding .metadata: {dcp_saves}, keep_latest_k = {KEEP}"
     return found
 
 

@@ -41,6 +41,10 @@ size the next save needs, before every save:
   caller names (``protect``: the save being written), and an incomplete folder that something wrote
   into during the last ``LIVE_WRITE_S`` seconds (a writer may still be using it).
 
+A folder is removed whole or not at all (``remove``): renamed to ``.removing-step-N.<id>`` first,
+then deleted; a removal cut off (the trainer leaves with ``os._exit``, a SIGKILL) is finished by the
+next ``retain``, never left as a ``step-N`` folder with ``.metadata`` and part of its shards.
+
 So the folder peaks at k complete checkpoints plus the one being written (the manager waits for the
 upload in flight, marks it and retires before it stages the next save): ``peak_room``. k = 0 keeps
 every checkpoint, and nothing is ever removed.
@@ -405,6 +409,28 @@ class Retired:
         )
 
 
+REMOVING = ".removing-"
+"""A step folder being removed is renamed to ``.removing-step-N.<id>`` first (``remove``)."""
+
+
+def remove(path: Path) -> None:
+    """Remove a step folder so that no one ever sees part of it: rename it out of the ``step-N``
+    namespace (atomic), then delete it. A removal cut off (the process leaves with ``os._exit``, a
+    SIGKILL) leaves a ``.removing-*`` folder, swept by the next ``retain``, never a ``step-N`` folder
+    with ``.metadata`` and some of its shards (incomplete and just written into, so spared
+    ``LIVE_WRITE_S`` and counted by anyone who counts ``step-*/.metadata``)."""
+    path = Path(path)
+    doomed = path.parent / f"{REMOVING}{path.name}.{uuid.uuid4().hex[:6]}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _sweep_removals(folder: Path) -> None:
+    """Finish removals an earlier pass began and was cut off in (``remove``)."""
+    for entry in folder.glob(f"{REMOVING}*"):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
 def retain(
     folder: Path,
     keep_latest_k: int,
@@ -420,6 +446,7 @@ def retain(
     now = time.time()
     result = Retired(folder, keep_latest_k, [], [], [], need_bytes=need_bytes)
     if keep_latest_k > 0:
+        _sweep_removals(folder)
         sizes = {f.step: folder_bytes(f.path) for f in found}
         result.by_count = [(f, sizes[f.step]) for f in over_count(found, keep_latest_k, protect, now)]
         rest = [f for f in found if f not in result.removed]
@@ -432,7 +459,7 @@ def retain(
         failed = []
         for f in result.removed:
             try:
-                shutil.rmtree(f.path)
+                remove(f.path)
             except FileNotFoundError:
                 pass
             except OSError as e:

@@ -7,6 +7,7 @@ is counted on disk (``scan``) after each call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -85,6 +86,28 @@ def test_protected_and_recently_written_folders_are_kept(tmp_path):
     age(incomplete(tmp_path, 3))  # the caller's own save under way (protect), however old its files
     ckfolder.retain(tmp_path, 2, protect=(3,))
     assert on_disk(tmp_path) == {15: True, 10: True, 7: False, 3: False}
+
+
+def test_a_removal_cut_off_midway_leaves_no_step_folder_and_the_next_pass_finishes_it(tmp_path, monkeypatch):
+    """The process may leave (os._exit, SIGKILL) while retention removes a folder. A half-removed
+    ``step-N`` with ``.metadata`` was incomplete and just written into: spared 120 s
+    (``LIVE_WRITE_S``), counted as a checkpoint by anyone counting ``step-*/.metadata``."""
+    for step in (4, 8, 12):
+        write_ckpt(tmp_path, step)
+    real_rmtree = shutil.rmtree
+
+    def cut_off(path, *a, **k):  # one shard goes, then the process is gone
+        next(p for p in Path(path).iterdir() if p.name.endswith(".distcp")).unlink()
+        raise SystemExit("killed mid-removal")
+
+    monkeypatch.setattr(shutil, "rmtree", cut_off)
+    with pytest.raises(SystemExit):
+        ckfolder.retain(tmp_path, 2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert sorted(int(p.parent.name.split("-")[1]) for p in tmp_path.glob("step-*/.metadata")) == [8, 12]
+    ckfolder.retain(tmp_path, 2)
+    assert on_disk(tmp_path) == {12: True, 8: True}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".removing")] == []
 
 
 def test_keep_latest_k_0_keeps_everything_even_when_room_is_short(tmp_path, monkeypatch):
@@ -178,6 +201,28 @@ def test_every_mark_retires_so_the_folder_keeps_at_most_k(tmp_path, monkeypatch)
     assert on_disk(tmp_path) == {20: True, 15: True}
     m._purge_stale_checkpoints()  # torchtitan's purge is off: ours owns the rule
     assert on_disk(tmp_path) == {20: True, 15: True}
+
+
+def test_a_preemption_at_an_already_marked_step_finishes_retention_before_it_returns(tmp_path, monkeypatch):
+    """The signal lands while step 12's interval upload is in flight: ``save_now`` waits for it and
+    marks it (the mark starts a retention pass on a thread), step 12 is then already complete, and
+    the process leaves with os._exit: the pass must be done by then, or step 4 outlives it."""
+    m = bare_manager(tmp_path, 2, monkeypatch)
+    m.enable, m.load_only, m.save_future, m.busy = True, False, None, contextlib.nullcontext
+    for step in (4, 8):
+        write_ckpt(tmp_path, step)
+    write_ckpt(tmp_path, 12, mark=False)  # uploaded, not yet marked
+    m.pending_marker = (12, "full")
+    real_retain = manager.retain
+
+    def slow_retain(*a, **k):  # deleting tens of GB on a network volume takes a while
+        time.sleep(0.5)
+        return real_retain(*a, **k)
+
+    monkeypatch.setattr(manager, "retain", slow_retain)
+    line = m.save_now(12, time.monotonic())
+    assert "already complete" in line and "step 12" in line
+    assert on_disk(tmp_path) == {12: True, 8: True}  # no join after save_now: os._exit follows it
 
 
 def test_make_room_before_a_save_frees_old_checkpoints(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ Retention is ours (``checkpoint.folder.retain``; torchtitan's ``_purge_stale_che
 it ran only after interval saves, never after the final or preemption save, and counted every
 ``step-N`` folder, before an async save's folder even existed, so the folder kept growing past
 ``keep_latest_k``). Rank 0 applies the rule after every save is marked complete (interval, final,
-preemption; on a thread, joined before the next save and at exit) and before every save, with the
+preemption; on a thread, joined before the next save, at exit, and by ``save_now`` on every path:
+the preempted process leaves with ``os._exit``, which would cut a pass off mid-removal) and before every save, with the
 size of the newest complete checkpoint, so that old checkpoints make room for it (``_make_room``).
 A full disk during a save (``is_disk_full``: ENOSPC from DCP or the marker) becomes one
 ``UserError`` naming the folder and the step (exit 2, no traceback); the partial folder of that
@@ -372,6 +373,9 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         self.finish_async(block=True)
         uploaded = time.monotonic()
         if step <= 0 or self.last_complete_step == step or not self.enable or self.load_only:
+            # marking the upload started a retention pass: the process leaves with os._exit, which
+            # would cut it off mid-removal
+            self._retire_wait()
             what = "nothing new to save" if step <= 0 or not self.enable or self.load_only else "already complete"
             return f"preemption: signal -> exit path in {uploaded - signal_at:.2f}s; step {step}: {what}" + (
                 f" (waited {uploaded - began:.2f}s for step {waited_for}'s upload, marked)" if waited_for else ""
