@@ -497,9 +497,29 @@ def peak_room(folder: Path, estimate_bytes: int, keep_latest_k: int) -> Peak:
     return Peak(size, count, on_disk, (count - on_disk) * size, sum(folder_bytes(f.path) for f in doomed))
 
 
-def is_disk_full(error: BaseException) -> bool:
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+FULL_VOLUME_BYTES = 64 << 20
+"""A save that failed on a volume with less than this free failed for lack of room, whatever it
+says: torch's zip writer reports a short write as ``RuntimeError: [enforce fail at
+inline_container.cc] ... unexpected pos``, with no errno."""
+
+
+def is_disk_full(error: BaseException, folder: Path | None = None) -> bool:
     """Is ENOSPC anywhere in ``error``: its causes, or the per-rank errors of DCP's
-    ``CheckpointException`` (an upload's error comes back from DCP's saving process pickled)?"""
+    ``CheckpointException`` (an upload's error comes back from DCP's saving process pickled)? With
+    ``folder``, also any failed write while the volume holding it has less than ``FULL_VOLUME_BYTES``
+    free."""
+    if folder is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+        try:
+            if shutil.disk_usage(_existing(Path(folder))).free < FULL_VOLUME_BYTES:
+                return True
+        except OSError:
+            pass
     seen: set[int] = set()
     todo: list[Any] = [error]
     while todo:

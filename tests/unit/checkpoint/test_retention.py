@@ -295,3 +295,15 @@ def test_a_full_disk_in_any_writer_thread_fails_the_save_once_without_thread_tra
     )
     assert "disk full: True" in proc.stdout, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_failed_write_on_a_full_volume_is_a_full_disk_whatever_it_says(tmp_path, monkeypatch):
+    # torch's zip writer reports a short write without errno: the preemption save's traceback
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert not ckfolder.is_disk_full(error)
+    usage = SimpleNamespace(total=1 << 40, used=(1 << 40) - (8 << 20), free=8 << 20)
+    monkeypatch.setattr(ckfolder.shutil, "disk_usage", lambda path: usage)
+    assert ckfolder.is_disk_full(error, tmp_path / "checkpoint")  # the folder need not exist yet
+    assert not ckfolder.is_disk_full(KeyboardInterrupt(), tmp_path)
+    usage.free = 10 << 30
+    assert not ckfolder.is_disk_full(error, tmp_path)

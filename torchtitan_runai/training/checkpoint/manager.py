@@ -28,7 +28,8 @@ it ran only after interval saves, never after the final or preemption save, and 
 preemption; on a thread, joined before the next save, at exit, and by ``save_now`` on every path:
 the preempted process leaves with ``os._exit``, which would cut a pass off mid-removal) and before every save, with the
 size of the newest complete checkpoint, so that old checkpoints make room for it (``_make_room``).
-A full disk during a save (``is_disk_full``: ENOSPC from DCP or the marker) becomes one
+A full disk during a save (``is_disk_full``: ENOSPC from DCP or the marker, or any failed write on a
+volume with almost nothing free) becomes one
 ``UserError`` naming the folder and the step (exit 2, no traceback); the partial folder of that
 save is removed and the newest complete checkpoint is untouched.
 
@@ -241,7 +242,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         try:
             yield
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            if not is_disk_full(e):
+            if not is_disk_full(e, Path(self.folder)):
                 raise
             path = Path(self._create_checkpoint_id(step))
             # every rank says the same; rank 0 removes it (a finished DCP save whose marker failed stays:
