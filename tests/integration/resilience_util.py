@@ -65,14 +65,18 @@ def start(tmp: Path, args: list[str], log_name: str = "log.txt", **env) -> subpr
     )
 
 
-def run(tmp: Path, args: list[str], timeout: float = 240, log_name: str = "log.txt", **env) -> tuple[int, str]:
-    p = start(tmp, args, log_name, **env)
+def finish(p: subprocess.Popen, tmp: Path, log_name: str, timeout: float = 240) -> tuple[int, str]:
+    """Wait for a launch started by ``start`` (its whole group is killed past ``timeout``); (exit code, log)."""
     try:
         rc = p.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         raise
     return rc, (tmp / log_name).read_text()
+
+
+def run(tmp: Path, args: list[str], timeout: float = 240, log_name: str = "log.txt", **env) -> tuple[int, str]:
+    return finish(start(tmp, args, log_name, **env), tmp, log_name, timeout)
 
 
 def trace_steps(tmp: Path) -> list[dict]:

@@ -14,7 +14,6 @@ like a PVC mounted at ``OUTPUT_DIR``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from resilience_util import REPO, launch_env, losses, wait_for_step
+from resilience_util import REPO, finish, launch_env, losses, wait_for_step
 
 from torchtitan_runai.checkpoint.folder import MARKER, scan
 from torchtitan_runai.storage import BYTES_PER_PARAM_FULL_CHECKPOINT
@@ -110,15 +109,6 @@ def start(tmp: Path, args: list[str], log_name: str, volume: Volume | None = Non
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def finish(p: subprocess.Popen, tmp: Path, log_name: str, timeout: float = 240) -> tuple[int, str]:
-    try:
-        rc = p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise
-    return rc, (tmp / log_name).read_text()
 
 
 def preempted_launch(tmp: Path, args: list[str], at: int, log_name: str, volume: Volume | None = None, **env):

@@ -497,7 +497,9 @@ def peak_room(folder: Path, estimate_bytes: int, keep_latest_k: int) -> Peak:
     return Peak(size, count, on_disk, (count - on_disk) * size, sum(folder_bytes(f.path) for f in doomed))
 
 
-def _existing(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (where a folder not created yet will be)."""
+    path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -516,7 +518,7 @@ def is_disk_full(error: BaseException, folder: Path | None = None) -> bool:
     free."""
     if folder is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
         try:
-            if shutil.disk_usage(_existing(Path(folder))).free < FULL_VOLUME_BYTES:
+            if shutil.disk_usage(existing_ancestor(folder)).free < FULL_VOLUME_BYTES:
                 return True
         except OSError:
             pass

@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torchtitan_runai import hub, model_lookup, storage
-from torchtitan_runai.checkpoint.folder import peak_room, probe_writable
+from torchtitan_runai.checkpoint.folder import existing_ancestor, peak_room, probe_writable
 from torchtitan_runai.checkpoint.resume import adapt_to_checkpoint
 from torchtitan_runai.config import Hub, check_world_size, wants_pinned_staging
 from torchtitan_runai.errors import UserError, cli
@@ -171,19 +171,12 @@ def check_fit(estimate: MemoryEstimate, gpu_memory_gib: float, settings: TrainSe
 # Environment checks
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_checkpoint_folder(path: str | os.PathLike, checkpoint_bytes: int, keep_latest_k: int = 0) -> Finding:
     """The folder (or the nearest existing parent, where it will be created) takes a real file and has
     room for its peak (``peak_room``: ``keep_latest_k`` + 1 checkpoints of ``checkpoint_bytes``, less
     what is on disk and kept). Nothing is left behind."""
     folder = Path(path)
-    where = _existing_ancestor(folder)
+    where = existing_ancestor(folder)
     setting = "checkpoint folder (OUTPUT_DIR / checkpoint.folder)"
     if not where.is_dir():
         return Finding(
@@ -366,7 +359,7 @@ def torchrun_kill_window(shutdown_timeout: int) -> tuple[int, str]:
 def probe_write_speed(folder: str | os.PathLike, threads: int, bytes_per_thread: int = PROBE_BYTES_PER_THREAD) -> float:
     """Bytes/s of ``threads`` files written in parallel into ``folder`` and fsynced (then removed),
     the way DCP's writer threads write a checkpoint."""
-    folder = _existing_ancestor(Path(folder))  # nothing is created
+    folder = existing_ancestor(Path(folder))  # nothing is created
     block = os.urandom(1 << 20)
     paths = [folder / f".write-speed-probe-{os.getpid()}-{i}" for i in range(threads)]
 
