@@ -3,6 +3,14 @@
 # Do not put secrets here: HF_TOKEN comes from Secret 'hf-token'.
 # Run:ai v2 CLI (runai training ... submit); runai.sh is the v1 form.
 set -euo pipefail
+# HF_TOKEN from the Secret: --env-secret where this CLI has it (newer v2 CLIs), else the Secret
+# mounted as a file that HF_TOKEN_PATH names (every v2 CLI; the job reads either).
+help=$(runai training pytorch submit --help 2>/dev/null || true)
+if [[ $help == *--env-secret* ]]; then
+    token=(--env-secret HF_TOKEN=hf-token,key=HF_TOKEN)
+else
+    token=(--secret-volume path=/var/run/secrets/hf-token,name=hf-token -e HF_TOKEN_PATH=/var/run/secrets/hf-token/HF_TOKEN)
+fi
 runai training pytorch submit llama3-8b \
     --workers 1 \
     --master-gpu-devices-request 8 \
@@ -10,10 +18,10 @@ runai training pytorch submit llama3-8b \
     -i nvcr.io/your-org/torchtitan-runai:0.1 \
     --large-shm \
     --existing-pvc claimname=llama3-outputs,path=/outputs \
-    --secret-volume path=/var/run/secrets/hf-token,name=hf-token \
     -e CONFIG_FILE=./train_configs/llama3_8b.toml \
     -e NGPU=8 \
     -e OUTPUT_DIR=/outputs \
-    -e HF_TOKEN_PATH=/var/run/secrets/hf-token/HF_TOKEN \
+    -e TERMINATION_GRACE_PERIOD_SECONDS=180 \
+    "${token[@]}" \
     --termination-grace-period 180s \
     --backoff-limit 5

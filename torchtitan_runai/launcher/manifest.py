@@ -6,6 +6,7 @@ Usage (from the repository root, where the image's ``./train_configs`` paths res
         --nodes 2 --gpus-per-node 8 --image nvcr.io/<org>/torchtitan-runai:<tag> \\
         --pvc <claim>[:/outputs] --secret hf-token --name llama3-8b \\
         [--pvc-size 10Ti] [--format runai|runai-v2|pytorchjob|trainjob|all] [--output-dir deploy/llama3-8b]
+        [--trainer-version 2.3|2.1|2.0] [--gpu-memory-gib 79.6]
 
 ``<claim>`` is the PVC's name as ``kubectl get pvc`` shows it (a lowercase DNS name). With
 ``--output-dir`` it writes ``runai.sh`` (Run:ai CLI v1), ``runai-v2.sh`` (Run:ai CLI v2:
@@ -19,12 +20,15 @@ What every spec gets, and why:
   Hugging Face cache all move with it, see ``torchtitan_runai.storage``).
 - ``HF_TOKEN`` from the Kubernetes Secret ``--secret`` (key ``HF_TOKEN``), never inline: create it
   with ``kubectl create secret generic hf-token --from-file=HF_TOKEN=/dev/stdin`` (token on stdin).
-  The v2 CLI mounts the Secret (``--secret-volume``) and sets ``HF_TOKEN_PATH`` to the file.
+  ``runai-v2.sh`` asks the installed v2 CLI: ``--env-secret HF_TOKEN=<secret>,key=HF_TOKEN`` where
+  its ``--help`` lists the flag, else the Secret mounted (``--secret-volume``) with ``HF_TOKEN_PATH``
+  naming the file (the job reads either: ``torchtitan_runai.hub.hf_token``).
 - ``/dev/shm`` as a memory-backed emptyDir (Run:ai: ``--large-shm``); containerd's default is
   64 MiB, too small for dataloader workers and NCCL.
 - The PVC mounted at ``OUTPUT_DIR``.
 - ``terminationGracePeriodSeconds`` long enough for the SIGTERM checkpoint (derived from the
-  recipe's checkpoint size, ``--grace-period`` overrides).
+  recipe's checkpoint size, ``--grace-period`` overrides), and the same number as
+  ``TERMINATION_GRACE_PERIOD_SECONDS`` for the launcher's grace budget (``storage.grace_period``).
 - PyTorchJob ``restartPolicy: ExitCode``: the launcher exits 143 when preempted and 128+ on signals
   (retryable: the pod is restarted and resumes from the newest checkpoint) and 1-127 on errors
   (user error 2, crash 1: permanent, the job fails instead of looping); ``runPolicy.backoffLimit``
@@ -33,10 +37,18 @@ What every spec gets, and why:
   set no command; the TrainJob must set one (its runtime's template has its own) and names the
   same chain.
 
-Versions: PyTorchJob ``kubeflow.org/v1`` for training-operator v1.8+ (``spec.nprocPerNode``);
-TrainJob ``trainer.kubeflow.org/v1alpha1`` for Trainer v2.0/v2.1 (``podTemplateOverrides``, the
-``torch-distributed`` ClusterTrainingRuntime; Trainer 2.2 renamed the overrides to
-``runtimePatches``). A TrainJob cannot set the grace period: it comes from the runtime.
+Before it writes anything it refuses what the launcher and preflight would refuse, with their
+message (``check_layout``): a config the job cannot parse, parallel degrees that do not tile nodes x
+GPUs per node, a memory estimate that does not fit the GPU (``--gpu-memory-gib``, default an H100
+80GB).
+
+Versions (each checked against that release's CRD by ``tests/unit/launcher/test_manifest.py``):
+PyTorchJob ``kubeflow.org/v1`` for training-operator v1.8/v1.9 (``spec.nprocPerNode``, a string);
+TrainJob ``trainer.kubeflow.org/v1alpha1`` on the ``torch-distributed`` ClusterTrainingRuntime for
+Kubeflow Trainer v2.3 by default (``spec.runtimePatches``, which also sets the pods'
+``terminationGracePeriodSeconds``; ``numProcPerNode`` an integer), ``--trainer-version 2.1``
+(``podTemplateOverrides``) or ``2.0`` (``podSpecOverrides``); those two cannot set the grace
+period: it comes from the runtime (the file's header says what to set there).
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ import argparse
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +66,8 @@ import yaml
 
 from torchtitan_runai import errors, storage
 from torchtitan_runai.errors import UserError
+from torchtitan_runai.job import parse_job_config
+from torchtitan_runai.launcher import preflight
 
 try:
     import tomllib
@@ -79,6 +94,14 @@ FORMATS = ("runai", "pytorchjob", "trainjob")
 """What operator_env knows: the pods' environment as each operator creates it."""
 OUTPUTS = ("runai", "runai-v2", "pytorchjob", "trainjob")
 """What the CLI emits (runai-v2: the same Run:ai job through the v2 CLI)."""
+TRAINER_VERSIONS = ("2.3", "2.1", "2.0")
+"""Kubeflow Trainer releases a TrainJob is generated for (``--trainer-version``); the first is the default."""
+
+TRAINER_DEFAULT = TRAINER_VERSIONS[0]
+
+RUNTIME_PATCH_MANAGER = "torchtitan-runai.manifest"
+"""``spec.runtimePatches[].manager`` (Trainer 2.2+): who owns the patch entry (Kueue and the Trainer's
+webhooks add entries of their own, each keyed by its manager)."""
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME = 40
 """Pod names are ``<name>-worker-<i>`` / ``<name>-node-0-<i>`` and must stay within 63 chars."""
@@ -123,6 +146,9 @@ class JobSpec:
 
     project: str | None = None
     """Run:ai project (``-p``); None uses the CLI's default project."""
+
+    trainer_version: str = TRAINER_DEFAULT
+    """The Kubeflow Trainer release the TrainJob is written for (``TRAINER_VERSIONS``)."""
 
     extra_env: tuple[tuple[str, str], ...] = field(default=())
     """More plain environment variables for every pod (never secrets)."""
@@ -169,6 +195,16 @@ def _labels(spec: JobSpec) -> dict[str, str]:
     return {"app.kubernetes.io/name": "torchtitan-runai", "app.kubernetes.io/instance": spec.name}
 
 
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": CONTAINER_UID,
+        "fsGroup": CONTAINER_UID,
+        # chown the PVC once, not on every pod start (a full PVC has millions of files)
+        "fsGroupChangePolicy": "OnRootMismatch",
+    }
+
+
 def build_pod_template(spec: JobSpec, master: bool) -> dict[str, Any]:
     """The PodTemplateSpec of a PyTorchJob replica (a core v1 object: validated as such)."""
     container: dict[str, Any] = {
@@ -189,13 +225,7 @@ def build_pod_template(spec: JobSpec, master: bool) -> dict[str, Any]:
         "metadata": {"labels": _labels(spec)},
         "spec": {
             "terminationGracePeriodSeconds": spec.grace_seconds,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": CONTAINER_UID,
-                "fsGroup": CONTAINER_UID,
-                # chown the PVC once, not on every pod start (a full PVC has millions of files)
-                "fsGroupChangePolicy": "OnRootMismatch",
-            },
+            "securityContext": _pod_security_context(),
             "containers": [container],
             "volumes": _volumes(spec),
         },
@@ -224,36 +254,76 @@ def build_pytorchjob(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def build_trainjob(spec: JobSpec) -> dict[str, Any]:
-    """Kubeflow Trainer v2 (v2.0/v2.1) TrainJob on the ``torch-distributed`` runtime."""
+def build_trainjob(spec: JobSpec, trainer_version: str | None = None) -> dict[str, Any]:
+    """Kubeflow Trainer TrainJob on the ``torch-distributed`` runtime, in the API of ``trainer_version``:
+
+    - 2.3 (default; the API of 2.2 on): the pod settings go in ``spec.runtimePatches`` (one entry, our
+      manager's), which also sets the pods' ``terminationGracePeriodSeconds`` (the grace budget) and
+      their security context; ``TERMINATION_GRACE_PERIOD_SECONDS`` tells the launcher and preflight;
+    - 2.1: ``spec.podTemplateOverrides`` (volumes and mounts; no grace period: the runtime's);
+    - 2.0: ``spec.podSpecOverrides`` (the same, one level flatter).
+
+    ``trainer_version`` defaults to the spec's (``--trainer-version``).
+    """
+    trainer_version = trainer_version or spec.trainer_version
+    if trainer_version not in TRAINER_VERSIONS:
+        raise UserError(
+            "--trainer-version",
+            trainer_version,
+            "is not a Trainer release this generator knows",
+            f"pass one of {', '.join(TRAINER_VERSIONS)}",
+        )
+    env = _k8s_env(spec)
+    if trainer_version == "2.3":
+        env.append({"name": storage.GRACE_PERIOD_ENV, "value": str(spec.grace_seconds)})
+    node_container = {"name": "node", "volumeMounts": _volume_mounts(spec)}
+    job_spec: dict[str, Any] = {
+        "runtimeRef": {"name": "torch-distributed"},
+        "trainer": {
+            "image": spec.image,
+            # the runtime's template has its own command; ours is the image's entrypoint
+            "command": list(ENTRYPOINT),
+            "numNodes": spec.nodes,
+            "numProcPerNode": spec.gpus_per_node,  # int32 from 2.2; int-or-string before
+            "resourcesPerNode": {
+                "limits": {"nvidia.com/gpu": spec.gpus_per_node},
+                "requests": {"nvidia.com/gpu": spec.gpus_per_node},
+            },
+            "env": env,
+        },
+    }
+    if trainer_version == "2.3":
+        pod_spec = {
+            "terminationGracePeriodSeconds": spec.grace_seconds,
+            "securityContext": _pod_security_context(),
+            "volumes": _volumes(spec),
+            "containers": [node_container],
+        }
+        job_spec["runtimePatches"] = [
+            {
+                "manager": RUNTIME_PATCH_MANAGER,
+                "trainingRuntimeSpec": {
+                    "template": {
+                        "spec": {
+                            "replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": pod_spec}}}}]
+                        }
+                    }
+                },
+            }
+        ]
+    elif trainer_version == "2.1":
+        job_spec["podTemplateOverrides"] = [
+            {"targetJobs": [{"name": "node"}], "spec": {"volumes": _volumes(spec), "containers": [node_container]}}
+        ]
+    else:
+        job_spec["podSpecOverrides"] = [
+            {"targetJobs": [{"name": "node"}], "volumes": _volumes(spec), "containers": [node_container]}
+        ]
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
         "metadata": {"name": spec.name, "labels": _labels(spec)},
-        "spec": {
-            "runtimeRef": {"name": "torch-distributed"},
-            "trainer": {
-                "image": spec.image,
-                # the runtime's template has its own command; ours is the image's entrypoint
-                "command": list(ENTRYPOINT),
-                "numNodes": spec.nodes,
-                "numProcPerNode": spec.gpus_per_node,
-                "resourcesPerNode": {
-                    "limits": {"nvidia.com/gpu": spec.gpus_per_node},
-                    "requests": {"nvidia.com/gpu": spec.gpus_per_node},
-                },
-                "env": _k8s_env(spec),
-            },
-            "podTemplateOverrides": [
-                {
-                    "targetJobs": [{"name": "node"}],
-                    "spec": {
-                        "volumes": _volumes(spec),
-                        "containers": [{"name": "node", "volumeMounts": _volume_mounts(spec)}],
-                    },
-                }
-            ],
-        },
+        "spec": job_spec,
     }
 
 
@@ -279,13 +349,41 @@ SECRET_MOUNT = "/var/run/secrets/hf-token"
 """Where the v2 command mounts the token's Secret; the job reads HF_TOKEN_PATH=<this>/HF_TOKEN."""
 
 
-def build_runai_v2_command(spec: JobSpec) -> list[str]:
+TOKEN_MODES = ("env-secret", "secret-volume")
+"""How the v2 command hands the job its token: ``--env-secret HF_TOKEN=<secret>,key=HF_TOKEN`` (the
+variable filled from the Secret, where the CLI has the flag) or ``--secret-volume`` plus
+``HF_TOKEN_PATH`` (the Secret mounted as a file, what every v2 CLI has)."""
+
+TOKEN_ARRAY = '"${token[@]}"'
+"""In ``runai-v2.sh``: the token flags the script chose after asking the installed CLI."""
+
+
+def runai_v2_token_flags(spec: JobSpec, mode: str) -> list[str]:
+    """The token's flags of the v2 command in ``mode`` (``TOKEN_MODES``)."""
+    if mode == "env-secret":
+        return ["--env-secret", f"{HF_TOKEN_KEY}={spec.secret},key={HF_TOKEN_KEY}"]
+    return [
+        "--secret-volume",
+        f"path={SECRET_MOUNT},name={spec.secret}",
+        "-e",
+        f"HF_TOKEN_PATH={SECRET_MOUNT}/{HF_TOKEN_KEY}",
+    ]
+
+
+def build_runai_v2_command(spec: JobSpec, token: str = "env-secret") -> list[str]:
     """argv of the Run:ai v2 CLI: ``runai training pytorch submit NAME`` (a master pod plus
     ``--workers`` = nodes-1, each with the GPUs) for several nodes, ``runai training standard submit``
     for one. Flags as documented for that CLI (docs/cluster.md cites the reference): the grace period
-    (``--termination-grace-period``) and retries (``--backoff-limit``) are set here. The v2 CLI
-    documents no way to fill one environment variable from a Secret, so the Secret is mounted
-    (``--secret-volume``) and ``HF_TOKEN_PATH`` names the file (read by the job, whitespace stripped)."""
+    (``--termination-grace-period``, also passed as ``TERMINATION_GRACE_PERIOD_SECONDS`` for the
+    launcher's grace budget) and retries (``--backoff-limit``) are set here. The token: ``token``
+    (``TOKEN_MODES``): newer v2 CLIs fill ``HF_TOKEN`` from the Secret with ``--env-secret
+    ENV=SECRET,key=KEY``; older ones have only ``--secret-volume``, so the Secret is mounted and
+    ``HF_TOKEN_PATH`` names the file (read by the job, whitespace stripped). ``runai-v2.sh`` asks the
+    installed CLI's ``--help`` which one it has (``render_runai_v2``)."""
+    return _runai_v2_argv(spec, runai_v2_token_flags(spec, token))
+
+
+def _runai_v2_argv(spec: JobSpec, token_flags: list[str]) -> list[str]:
     argv = ["runai", "training"]
     if spec.nodes > 1:
         argv += [
@@ -303,10 +401,10 @@ def build_runai_v2_command(spec: JobSpec) -> list[str]:
         argv += ["-p", spec.project]
     argv += ["-g", str(spec.gpus_per_node), "-i", spec.image, "--large-shm"]
     argv += ["--existing-pvc", f"claimname={spec.pvc_claim},path={spec.mount_path}"]
-    argv += ["--secret-volume", f"path={SECRET_MOUNT},name={spec.secret}"]
     for key, value in spec.env():
         argv += ["-e", f"{key}={value}"]
-    argv += ["-e", f"HF_TOKEN_PATH={SECRET_MOUNT}/{HF_TOKEN_KEY}"]
+    argv += ["-e", f"{storage.GRACE_PERIOD_ENV}={spec.grace_seconds}"]
+    argv += token_flags
     argv += ["--termination-grace-period", f"{spec.grace_seconds}s", "--backoff-limit", str(spec.backoff_limit)]
     return argv
 
@@ -315,14 +413,33 @@ def render_runai(spec: JobSpec, argv: list[str] | None = None) -> str:
     """The Run:ai command as a copy-pastable multi-line shell command."""
     lines: list[list[str]] = [[]]
     for token in argv or build_runai_command(spec):
-        if token.startswith("-"):
+        if token.startswith("-") or token == TOKEN_ARRAY:
             lines.append([])  # one option (and its value) per line
         lines[-1].append(token)
-    return " \\\n    ".join(shlex.join(line) for line in lines) + "\n"
+    quote = lambda token: token if token == TOKEN_ARRAY else shlex.quote(token)  # noqa: E731
+    return " \\\n    ".join(" ".join(map(quote, line)) for line in lines) + "\n"
+
+
+def render_runai_v2(spec: JobSpec) -> str:
+    """The v2 command as a script that picks the token's flags from the installed CLI's ``--help``
+    (``--env-secret`` where it is listed, else the mounted Secret) and then submits."""
+    argv = _runai_v2_argv(spec, [TOKEN_ARRAY])
+    subcommand = shlex.join(argv[:4])
+    choose = (
+        "# HF_TOKEN from the Secret: --env-secret where this CLI has it (newer v2 CLIs), else the Secret\n"
+        "# mounted as a file that HF_TOKEN_PATH names (every v2 CLI; the job reads either).\n"
+        f"help=$({subcommand} --help 2>/dev/null || true)\n"
+        "if [[ $help == *--env-secret* ]]; then\n"
+        f"    token=({shlex.join(runai_v2_token_flags(spec, 'env-secret'))})\n"
+        "else\n"
+        f"    token=({shlex.join(runai_v2_token_flags(spec, 'secret-volume'))})\n"
+        "fi\n"
+    )
+    return choose + render_runai(spec, argv)
 
 
 # ---------------------------------------------------------------------------------------------
-# Config → JobSpec (reads the TOML only; no torchtitan import)
+# Config → JobSpec (the TOML for the paths and sizes; the layout checks parse it as the job will)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -410,7 +527,7 @@ def load_job_spec(args: argparse.Namespace, repo_root: Path | None = None) -> Jo
         grace = storage.recommended_grace_seconds(one_ckpt, args.nodes) if one_ckpt else 300
     if grace < 30:
         raise UserError("--grace-period", grace, "leaves no time for the SIGTERM checkpoint", "use 120 or more")
-    return JobSpec(
+    job_spec = JobSpec(
         name=check_name(args.name),
         config_file=config_in_image(config_path, repo_root),
         nodes=args.nodes,
@@ -423,7 +540,21 @@ def load_job_spec(args: argparse.Namespace, repo_root: Path | None = None) -> Jo
         backoff_limit=args.backoff_limit,
         shm_size=args.shm_size,
         project=args.project,
+        trainer_version=args.trainer_version,
     )
+    # last: the settings above are cheap to check; this one parses the config as the job will
+    check_layout(config_path, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
+    return job_spec
+
+
+def check_layout(config_path: Path, nodes: int, gpus_per_node: int, gpu_memory_gib: float | None) -> None:
+    """Refuse what the launcher and preflight refuse, with their message: the config as the job parses
+    it (``job.parse_job_config``), its parallel degrees against nodes x GPUs per node and its memory
+    estimate against the GPU (``preflight.check_layout``; ``gpu_memory_gib`` None: an H100 80GB).
+    A memory estimate within the estimator's tolerance is a warning on stderr, as in the launcher."""
+    config = parse_job_config(["--job.config_file", str(config_path)])
+    findings, _ = preflight.check_layout(config, nodes * gpus_per_node, gpu_memory_gib)
+    preflight.enforce(findings, warn=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def check_name_secret(name: str) -> str:
@@ -451,15 +582,25 @@ def render(spec: JobSpec, fmt: str, command_line: str) -> str:
             + header
             + "# Run:ai v2 CLI (runai training ... submit); runai.sh is the v1 form.\n"
             + "set -euo pipefail\n"
-            + render_runai(spec, build_runai_v2_command(spec))
+            + render_runai_v2(spec)
         )
     if fmt == "pytorchjob":
         return _yaml(build_pytorchjob(spec), header)
-    notes = (
-        "# Trainer v2.0/v2.1 API (podTemplateOverrides). The pod's terminationGracePeriodSeconds comes\n"
+    return _yaml(build_trainjob(spec), header + trainjob_notes(spec))
+
+
+def trainjob_notes(spec: JobSpec) -> str:
+    """The TrainJob's header: which Trainer API it is written in, and where its grace period comes from."""
+    if spec.trainer_version == "2.3":
+        return (
+            "# Kubeflow Trainer v2.3 API (spec.runtimePatches, integer numProcPerNode; v2.2 has the same fields).\n"
+            "# Older Trainers: --trainer-version 2.1 (podTemplateOverrides) or 2.0 (podSpecOverrides).\n"
+        )
+    key = "podTemplateOverrides" if spec.trainer_version == "2.1" else "podSpecOverrides"
+    return (
+        f"# Kubeflow Trainer v{spec.trainer_version} API ({key}). The pod's terminationGracePeriodSeconds comes\n"
         f"# from the runtime, not the TrainJob: set it to {spec.grace_seconds} in the runtime's pod template.\n"
     )
-    return _yaml(build_trainjob(spec), header + notes)
 
 
 FILENAMES = {
@@ -499,6 +640,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff-limit", type=int, default=5, help="PyTorchJob retries on retryable exits (default 5)")
     p.add_argument("--shm-size", default="64Gi", help="memory-backed /dev/shm size limit (default 64Gi)")
     p.add_argument("--project", help="Run:ai project (-p)")
+    p.add_argument(
+        "--trainer-version",
+        choices=TRAINER_VERSIONS,
+        default=TRAINER_DEFAULT,
+        help=f"Kubeflow Trainer release of the TrainJob (default {TRAINER_DEFAULT}: runtimePatches; "
+        "2.1: podTemplateOverrides; 2.0: podSpecOverrides)",
+    )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="the nodes' GPU memory for the fit check (default 79.6: an H100 80GB), as preflight takes it",
+    )
     return p
 
 

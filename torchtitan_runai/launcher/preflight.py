@@ -463,6 +463,29 @@ def grace_budget(
     )
 
 
+def check_layout(
+    config: Any, world_size: int, gpu_memory_gib: float | None
+) -> tuple[list[Finding], MemoryEstimate | None]:
+    """The job's shape against its config, the checks every command makes the same way (the launcher
+    and this command through ``run_preflight``, ``torchtitan_runai.manifest`` before it writes a spec):
+    the parallel degrees tile ``world_size`` GPUs (``config.check_world_size``), and the memory estimate
+    fits ``gpu_memory_gib`` (None: an H100 80GB is assumed, and the message says so). Returns the
+    findings (``parallelism``, then ``memory``) and the estimate (None when the degrees do not tile)."""
+    try:
+        check_world_size(config, world_size)
+    except UserError as error:
+        return [Finding("error", "parallelism", error.line())], None
+    findings = [Finding("ok", "parallelism", f"degrees tile {world_size} GPU(s)")]
+    settings = TrainSettings.from_config(config, world_size)
+    estimate = estimate_memory(model_lookup.model_args(config), settings)
+    fit = check_fit(estimate, gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB, settings)
+    if not gpu_memory_gib and fit.level != "ok":
+        fit = dataclasses.replace(
+            fit, message=fit.message + " (no GPU visible: assumed an H100 80GB; pass --gpu-memory-gib)"
+        )
+    return [*findings, fit], estimate
+
+
 NOT_HERE = "this machine, not a node of the job (the launcher checks each pod itself): "
 
 
@@ -495,25 +518,12 @@ def run_preflight(
     """
     here = not dry_run if here is None else here
     env = os.environ if env is None else env
-    findings: list[Finding] = []
-    try:
-        check_world_size(config, world_size)
-        findings.append(Finding("ok", "parallelism", f"degrees tile {world_size} GPU(s)"))
-    except UserError as error:
-        findings.append(Finding("error", "parallelism", error.line()))
+    findings, estimate = check_layout(config, world_size, gpu_memory_gib)
+    if estimate is None:
         return findings  # the estimate needs valid degrees
-    args = model_lookup.model_args(config)
     settings = TrainSettings.from_config(config, world_size)
-    estimate = estimate_memory(args, settings)
-    memory = gpu_memory_gib if gpu_memory_gib else DEFAULT_GPU_MEMORY_GIB
-    fit = check_fit(estimate, memory, settings)
-    if not gpu_memory_gib and fit.level != "ok":
-        fit = dataclasses.replace(
-            fit, message=fit.message + " (no GPU visible: assumed an H100 80GB; pass --gpu-memory-gib)"
-        )
-    if dry_run and fit.level == "error":  # the GPU of a dry run is often assumed, not the job's
-        fit = dataclasses.replace(fit, level="warning")
-    findings.append(fit)
+    if dry_run and findings[-1].level == "error":  # the GPU of a dry run is often assumed, not the job's
+        findings[-1] = dataclasses.replace(findings[-1], level="warning")
     machine: list[Finding] = []
     # the config's own: OUTPUT_DIR is applied to it before the checks (storage.apply_output_dir)
     folder = storage.checkpoint_folder_path(config.job.dump_folder, config.checkpoint.folder)

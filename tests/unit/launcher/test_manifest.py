@@ -3,6 +3,8 @@ and the torchrun command run_llama_train.sh derives from that env."""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 import shlex
 import subprocess
@@ -10,13 +12,15 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import crd_check
 import kubernetes_validate
 import pytest
 import yaml
 
 from torchtitan_runai import storage
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.launcher import manifest
+from torchtitan_runai.job import parse_job_config
+from torchtitan_runai.launcher import manifest, preflight
 from torchtitan_runai.launcher.manifest import JobSpec
 
 REPO = Path(__file__).resolve().parents[3]
@@ -122,25 +126,49 @@ def test_schema_validation_catches_a_broken_template():
         validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": tmpl})
 
 
-def test_trainjob_pod_after_overrides_validates_as_core_pod():
+def trainjob_pod(job):
+    """(trainer, the pod settings the TrainJob patches in, the node container's patch) of any version."""
+    spec = job["spec"]
+    if "runtimePatches" in spec:
+        (patch,) = spec["runtimePatches"]
+        (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        assert replicated["name"] == "node"
+        pod = replicated["template"]["spec"]["template"]["spec"]
+    elif "podTemplateOverrides" in spec:
+        (override,) = spec["podTemplateOverrides"]
+        assert override["targetJobs"] == [{"name": "node"}]
+        pod = override["spec"]
+    else:
+        (override,) = spec["podSpecOverrides"]
+        assert override["targetJobs"] == [{"name": "node"}]
+        pod = {k: v for k, v in override.items() if k != "targetJobs"}
+    (container,) = pod["containers"]
+    return spec["trainer"], pod, container
+
+
+@pytest.mark.parametrize("version", manifest.TRAINER_VERSIONS)
+def test_trainjob_pod_after_overrides_validates_as_core_pod(version):
     # what the Trainer would build: the runtime's 'node' container with our trainer fields and
-    # podTemplateOverrides applied
-    job = manifest.build_trainjob(spec())
-    trainer, override = job["spec"]["trainer"], job["spec"]["podTemplateOverrides"][0]["spec"]
+    # the patch (runtimePatches / podTemplateOverrides / podSpecOverrides) applied
+    trainer, pod, patch = trainjob_pod(manifest.build_trainjob(spec(), version))
     container = {
         "name": "node",
         "image": trainer["image"],
         "command": trainer["command"],
         "env": trainer["env"],
         "resources": trainer["resourcesPerNode"],
-        "volumeMounts": override["containers"][0]["volumeMounts"],
+        "volumeMounts": patch["volumeMounts"],
     }
     validate(
         {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": "llama3-8b-node-0-0"},
-            "spec": {"containers": [container], "volumes": override["volumes"], "restartPolicy": "Never"},
+            "spec": {
+                **{k: v for k, v in pod.items() if k != "containers"},
+                "containers": [container],
+                "restartPolicy": "Never",
+            },
         }
     )
 
@@ -150,19 +178,6 @@ def test_trainjob_pod_after_overrides_validates_as_core_pod():
 
 PYTORCHJOB_SPEC_KEYS = {"nprocPerNode", "runPolicy", "pytorchReplicaSpecs", "elasticPolicy"}
 REPLICA_KEYS = {"replicas", "restartPolicy", "template"}
-TRAINJOB_SPEC_KEYS = {"runtimeRef", "initializer", "trainer", "podTemplateOverrides", "suspend", "managedBy"}
-TRAINER_KEYS = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}
-OVERRIDE_SPEC_KEYS = {
-    "serviceAccountName",
-    "nodeSelector",
-    "affinity",
-    "tolerations",
-    "volumes",
-    "initContainers",
-    "containers",
-    "schedulingGates",
-    "imagePullSecrets",
-}
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 16])
@@ -192,20 +207,29 @@ def test_pytorchjob_structure(nodes):
     assert master_port == {"name": "pytorchjob-port", "containerPort": manifest.PYTORCHJOB_PORT}
 
 
-def test_trainjob_structure():
-    job = manifest.build_trainjob(spec(4))
+@pytest.mark.parametrize("version", manifest.TRAINER_VERSIONS)
+def test_trainjob_structure(version):
+    job = manifest.build_trainjob(spec(4, grace_seconds=420), version)
     assert (job["apiVersion"], job["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
-    assert set(job["spec"]) <= TRAINJOB_SPEC_KEYS
     assert job["spec"]["runtimeRef"] == {"name": "torch-distributed"}
-    trainer = job["spec"]["trainer"]
-    assert set(trainer) <= TRAINER_KEYS
-    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    trainer, pod, container = trainjob_pod(job)
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8  # an integer: int32 from 2.2
     assert trainer["command"] == manifest.ENTRYPOINT
-    (override,) = job["spec"]["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    assert set(override["spec"]) <= OVERRIDE_SPEC_KEYS
-    assert [c["name"] for c in override["spec"]["containers"]] == ["node"]
-    assert set(override["spec"]["containers"][0]) == {"name", "volumeMounts"}
+    assert set(container) == {"name", "volumeMounts"} and container["name"] == "node"
+    grace_env = {"name": "TERMINATION_GRACE_PERIOD_SECONDS", "value": "420"}
+    if version == "2.3":  # the pods' grace period is the TrainJob's own: the launcher is told it too
+        assert pod["terminationGracePeriodSeconds"] == 420 and grace_env in trainer["env"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert job["spec"]["runtimePatches"][0]["manager"] == manifest.RUNTIME_PATCH_MANAGER
+    else:  # the runtime's: nothing here may claim a value
+        assert "terminationGracePeriodSeconds" not in pod and grace_env not in trainer["env"]
+
+
+def test_trainjob_default_is_trainer_2_3_and_unknown_versions_are_refused():
+    assert manifest.TRAINER_DEFAULT == "2.3"
+    assert "runtimePatches" in manifest.build_trainjob(spec())["spec"]
+    with pytest.raises(UserError, match="--trainer-version"):
+        manifest.build_trainjob(spec(), "2.2")
 
 
 def test_entrypoint_matches_the_dockerfile():
@@ -224,9 +248,9 @@ def pods(nodes=2, **kw):
     for replica in manifest.build_pytorchjob(s)["spec"]["pytorchReplicaSpecs"].values():
         pod = replica["template"]["spec"]
         yield pod["containers"][0]["env"], pod["volumes"], pod["containers"][0]["volumeMounts"]
-    tj = manifest.build_trainjob(s)["spec"]
-    o = tj["podTemplateOverrides"][0]["spec"]
-    yield tj["trainer"]["env"], o["volumes"], o["containers"][0]["volumeMounts"]
+    for version in manifest.TRAINER_VERSIONS:
+        trainer, pod, container = trainjob_pod(manifest.build_trainjob(s, version))
+        yield trainer["env"], pod["volumes"], container["volumeMounts"]
 
 
 def test_pvc_at_output_dir_shm_in_memory_token_from_secret():
@@ -506,7 +530,7 @@ def test_deploy_examples_are_current(tmp_path):
 # --- issue 16: the v2 CLI, and a usable fix for a bad claim name -------------------------------
 
 
-def test_runai_v2_command_sets_grace_period_backoff_and_mounts_the_secret():
+def test_runai_v2_command_sets_grace_period_backoff_and_the_token_from_the_secret():
     argv = manifest.build_runai_v2_command(spec(3, project="team-a", grace_seconds=420, backoff_limit=4))
     assert argv[:5] == ["runai", "training", "pytorch", "submit", "llama3-8b"]
     pairs = list(zip(argv, argv[1:]))
@@ -514,15 +538,55 @@ def test_runai_v2_command_sets_grace_period_backoff_and_mounts_the_secret():
     assert ("-p", "team-a") in pairs and "--large-shm" in argv
     assert ("--existing-pvc", "claimname=my-pvc,path=/outputs") in pairs
     assert ("--termination-grace-period", "420s") in pairs and ("--backoff-limit", "4") in pairs
+    assert ("-e", "TERMINATION_GRACE_PERIOD_SECONDS=420") in pairs  # the launcher's grace budget
+    assert ("--env-secret", "HF_TOKEN=hf-token,key=HF_TOKEN") in pairs  # the default: the newer CLI's flag
+    mounted = manifest.build_runai_v2_command(spec(3), "secret-volume")
+    pairs = list(zip(mounted, mounted[1:]))
     assert ("--secret-volume", f"path={manifest.SECRET_MOUNT},name=hf-token") in pairs
-    assert ("-e", f"HF_TOKEN_PATH={manifest.SECRET_MOUNT}/HF_TOKEN") in pairs
-    assert not any(a.startswith("HF_TOKEN=") for a in argv)  # never the value, never a v1 SECRET: form
+    assert ("-e", f"HF_TOKEN_PATH={manifest.SECRET_MOUNT}/HF_TOKEN") in pairs and "--env-secret" not in mounted
+    for either in (argv, mounted):  # never the value in -e, never a v1 SECRET: form
+        assert not any(a.startswith("HF_TOKEN=") for flag, a in zip(either, either[1:]) if flag == "-e")
+        assert not any("SECRET:" in a for a in either)
     single = manifest.build_runai_v2_command(spec(1))
     assert single[:5] == ["runai", "training", "standard", "submit", "llama3-8b"] and "--workers" not in single
-    script = manifest.render(spec(3), "runai-v2", "python -m torchtitan_runai.manifest ...")
-    assert shlex.split(
-        script.split("set -euo pipefail\n", 1)[1].replace("\\\n", " ")
-    ) == manifest.build_runai_v2_command(spec(3))
+
+
+FAKE_RUNAI = """#!/usr/bin/env bash
+# A stand-in for the Run:ai CLI: --help lists --env-secret when FAKE_RUNAI_ENV_SECRET=1; a submit
+# writes its argv (one per line) to $FAKE_RUNAI_ARGV.
+for a in "$@"; do
+    if [[ $a == --help ]]; then
+        echo "  -e, --environment stringArray   Set environment variables in the container"
+        [[ ${FAKE_RUNAI_ENV_SECRET:-0} == 1 ]] && echo "      --env-secret stringArray    ENV=SECRET,key=KEY"
+        echo "      --secret-volume stringArray Secret volumes to use in the workload"
+        exit 0
+    fi
+done
+printf '%s\n' "$@" > "$FAKE_RUNAI_ARGV"
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+@pytest.mark.parametrize("has_env_secret", [True, False])
+def test_runai_v2_script_uses_env_secret_where_the_cli_has_it(tmp_path, nodes, has_env_secret):
+    # the script asks the installed CLI (its --help) and submits with --env-secret or the mounted Secret
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "runai").write_text(FAKE_RUNAI)
+    (bin_dir / "runai").chmod(0o755)
+    script = tmp_path / "runai-v2.sh"
+    s = spec(nodes, project="team-a")
+    script.write_text(manifest.render(s, "runai-v2", "python -m torchtitan_runai.manifest ..."))
+    argv_file = tmp_path / "argv"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_RUNAI_ENV_SECRET": "1" if has_env_secret else "0",
+        "FAKE_RUNAI_ARGV": str(argv_file),
+    }
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    mode = "env-secret" if has_env_secret else "secret-volume"
+    assert ["runai", *argv_file.read_text().splitlines()] == manifest.build_runai_v2_command(s, mode)
 
 
 @pytest.mark.parametrize("claim", ["CLAIM", "My_Claim", "-x", "claim-"])
@@ -538,3 +602,182 @@ def test_bad_claim_name_says_what_a_claim_name_is_and_suggests_a_valid_one(claim
 
 def test_claim_names_may_start_with_a_digit_and_hold_dots():
     assert manifest.parse_pvc("0-outputs.fast") == ("0-outputs.fast", "/outputs")
+
+
+# --- issue 23: every spec against the operators' real CRDs ----------------------------------------
+
+RECIPES = ("llama3_8b", "llama3_70b", "llama3_405b")
+PYTORCHJOB_CRDS = ("pytorchjobs-v1.8.1.yaml", "pytorchjobs-v1.9.0.yaml")
+TRAINJOB_CRDS = {"2.3": "trainjobs-v2.3.0.yaml", "2.1": "trainjobs-v2.1.0.yaml", "2.0": "trainjobs-v2.0.1.yaml"}
+
+
+@pytest.fixture(scope="module")
+def crds():
+    """The CRD checker, or a skip with the one line that says why (a user's clone has no ../shared)."""
+    if not crd_check.CRD_DIR.is_dir():
+        pytest.skip(f"no Kubeflow CRDs at {crd_check.CRD_DIR} (../shared/reference/kubeflow-crds; TTR_KUBEFLOW_CRDS)")
+    return crd_check
+
+
+def recipe_spec(recipe: str, nodes: int, **kw) -> JobSpec:
+    """The spec the generator builds for a recipe (its grace period from the recipe's checkpoint size)."""
+    flavor = {"llama3_8b": "8B", "llama3_70b": "70B", "llama3_405b": "405B"}[recipe]
+    grace = storage.recommended_grace_seconds(storage.checkpoint_bytes(flavor), nodes)
+    return spec(
+        nodes, name=recipe.replace("_", "-"), config_file=f"./train_configs/{recipe}.toml", grace_seconds=grace, **kw
+    )
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_pytorchjob_is_accepted_by_training_operator_1_8_and_1_9(crds, recipe, nodes):
+    job = manifest.build_pytorchjob(recipe_spec(recipe, nodes))
+    for crd in PYTORCHJOB_CRDS:
+        assert crds.check(job, crd) == [], crd
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("version", manifest.TRAINER_VERSIONS)
+def test_every_trainjob_is_accepted_by_the_trainer_it_targets_only(crds, version, recipe, nodes):
+    job = manifest.build_trainjob(recipe_spec(recipe, nodes), version)
+    for target, crd in TRAINJOB_CRDS.items():
+        problems = crds.check(job, crd)
+        if target == version:
+            assert problems == [], crd
+        else:  # the per-job pod field has another name in every release: the wrong flag is refused
+            assert any(p.startswith('unknown field "spec.') for p in problems), (crd, problems)
+
+
+def test_the_default_trainjob_is_trainer_2_3s(crds):
+    assert crds.check(manifest.build_trainjob(spec()), "trainjobs-v2.3.0.yaml") == []
+
+
+def mutated(obj, path, value=None, delete=False):
+    obj = copy.deepcopy(obj)
+    node = obj
+    for key in path[:-1]:
+        node = node[key]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return obj
+
+
+PATCH = ["spec", "runtimePatches", 0]
+POD = [*PATCH, "trainingRuntimeSpec", "template", "spec", "replicatedJobs", 0, "template", "spec", "template", "spec"]
+
+
+@pytest.mark.parametrize(
+    "path,value,delete,expected",
+    [
+        (["spec", "podTemplateOverrides"], [], False, 'unknown field "spec.podTemplateOverrides"'),
+        ([*POD, "terminationGracePeriod"], 300, False, "unknown field"),  # a typo'd field
+        ([*POD, "containers", 0, "resources"], {}, False, "unknown field"),  # not patchable in 2.3
+        (["spec", "trainer", "numProcPerNode"], "8", False, "is not of type 'integer'"),  # int-or-string before 2.2
+        ([*POD, "terminationGracePeriodSeconds"], -1, False, "less than the minimum"),
+        ([*PATCH, "manager"], None, True, "'manager' is a required property"),
+        (["spec", "trainer", "resourcesPerNode", "limits", "nvidia.com/gpu"], "8 GPUs", False, "does not match"),
+        (["metadata", "name"], "Llama3_8B", False, "metadata.name must match RFC 1035"),  # CEL
+        (["metadata", "name"], "x" * 64, False, "no more than 63 characters"),  # CEL
+        (["spec", "managedBy"], "someone-else", False, "ManagedBy must be"),  # CEL
+    ],
+)
+def test_the_crd_check_refuses_what_the_api_server_refuses(crds, path, value, delete, expected):
+    # proves the check has teeth: each mutation of an accepted TrainJob is one refusal
+    job = manifest.build_trainjob(spec())
+    assert crds.check(job, "trainjobs-v2.3.0.yaml") == []
+    problems = crds.check(mutated(job, path, value, delete), "trainjobs-v2.3.0.yaml")
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_crd_check_refuses_a_broken_pytorchjob(crds):
+    job = manifest.build_pytorchjob(spec())
+    master = ["spec", "pytorchReplicaSpecs", "Master"]
+    for path, value in [
+        ([*master, "replica"], 1),  # unknown field
+        ([*master, "replicas"], "one"),  # type
+        (["spec", "nprocPerNode"], 8),  # a string in the v1 API
+        ([*master, "template", "spec", "containers", 0, "ports", 0, "containerPort"], 2**31),  # int32
+    ]:
+        for crd in PYTORCHJOB_CRDS:
+            assert crds.check(mutated(job, path, value), crd) != [], (path, crd)
+
+
+def test_cel_rules_on_create_skip_transition_rules_and_defaults_apply(crds):
+    # 'self == oldSelf' (immutability) is an update rule; managedBy's default meets its own CEL rule
+    schema = crds.version_schema(crds.load_crd("trainjobs-v2.3.0.yaml"), "trainer.kubeflow.org/v1alpha1", "TrainJob")
+    obj = copy.deepcopy(manifest.build_trainjob(spec()))
+    crds.apply_defaults(obj, schema)
+    assert obj["spec"]["managedBy"] == "trainer.kubeflow.org/trainjob-controller"
+    assert crds.cel_errors(obj, schema) == []
+
+
+def test_checked_in_specs_are_accepted_by_their_crds(crds):
+    # every PyTorchJob / TrainJob YAML in the repository, against the CRD of the release it names
+    found = 0
+    for path in sorted(REPO.glob("**/*.yaml")):
+        if ".venv" in path.parts or ".git" in path.parts:
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") not in ("PyTorchJob", "TrainJob"):
+                continue
+            found += 1
+            if doc["kind"] == "PyTorchJob":
+                targets = PYTORCHJOB_CRDS
+            else:
+                header = path.read_text().split("apiVersion:", 1)[0]
+                version = next(v for v in manifest.TRAINER_VERSIONS if f"Trainer v{v} API" in header)
+                targets = (TRAINJOB_CRDS[version],)
+            for crd in targets:
+                assert crds.check(doc, crd) == [], f"{path.relative_to(REPO)} against {crd}"
+    assert found >= 2
+
+
+# --- issue 23: the generator refuses what preflight and the launcher refuse ------------------------
+
+
+def launcher_refusal(config_file: str, world_size: int) -> str:
+    """The line the launcher prints for this layout: run_preflight's findings through enforce."""
+    config = parse_job_config(["--job.config_file", config_file])
+    with pytest.raises(UserError) as err:
+        preflight.enforce(preflight.run_preflight(config, world_size, None, here=False), warn=lambda line: None)
+    return err.value.line()
+
+
+def manifest_args(config: str, nodes: int, gpus: int) -> argparse.Namespace:
+    argv = ["--config", config, "--nodes", str(nodes), "--gpus-per-node", str(gpus), "--image", "r/i:1"]
+    return manifest.build_parser().parse_args([*argv, "--pvc", "my-pvc:/outputs", "--name", "x"])
+
+
+@pytest.mark.parametrize(
+    "nodes,gpus,check",
+    [(1, 4, "parallelism"), (1, 8, "memory")],  # TP 8 on 4 GPUs; 70B on one node of 80 GB GPUs
+)
+def test_manifest_refuses_the_70b_layouts_the_launcher_refuses_with_its_message(nodes, gpus, check):
+    config = str(REPO / "train_configs" / "llama3_70b.toml")
+    with pytest.raises(UserError) as err:
+        manifest.load_job_spec(manifest_args(config, nodes, gpus), repo_root=REPO)
+    assert err.value.line() == launcher_refusal(config, nodes * gpus)
+    assert err.value.line().startswith(f"preflight {check}:")
+
+
+def test_manifest_accepts_a_layout_that_fits_and_the_cli_refuses_in_one_line(tmp_path):
+    s = manifest.load_job_spec(manifest_args(str(REPO / "train_configs" / "llama3_70b.toml"), 4, 8), repo_root=REPO)
+    assert s.nodes == 4
+    res = run_cli(
+        ["--config", "train_configs/llama3_70b.toml", "--nodes", "1", "--gpus-per-node", "4", "--image", "r/i:1"]
+        + ["--pvc", "my-pvc:/outputs", "--name", "x", "--output-dir", str(tmp_path / "out")],
+        REPO,
+    )
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "does not divide the world size 4" in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_trainer_version_picks_the_api(repo):
+    for version, key in [("2.3", "runtimePatches"), ("2.1", "podTemplateOverrides"), ("2.0", "podSpecOverrides")]:
+        res = run_cli([*CLI, "--format", "trainjob", "--trainer-version", version], repo)
+        assert res.returncode == 0, res.stderr
+        assert f"Kubeflow Trainer v{version} API" in res.stdout
+        assert key in yaml.safe_load(res.stdout)["spec"]
