@@ -257,7 +257,7 @@ def build_pytorchjob(spec: JobSpec) -> dict[str, Any]:
 def build_trainjob(spec: JobSpec, trainer_version: str | None = None) -> dict[str, Any]:
     """Kubeflow Trainer TrainJob on the ``torch-distributed`` runtime, in the API of ``trainer_version``:
 
-    - 2.3 (default; the API of 2.2 on): the pod settings go in ``spec.runtimePatches`` (one entry, our
+    - 2.3 (default): the pod settings go in ``spec.runtimePatches`` (one entry, our
       manager's), which also sets the pods' ``terminationGracePeriodSeconds`` (the grace budget) and
       their security context; ``TERMINATION_GRACE_PERIOD_SECONDS`` tells the launcher and preflight;
     - 2.1: ``spec.podTemplateOverrides`` (volumes and mounts; no grace period: the runtime's);
@@ -593,7 +593,7 @@ def trainjob_notes(spec: JobSpec) -> str:
     """The TrainJob's header: which Trainer API it is written in, and where its grace period comes from."""
     if spec.trainer_version == "2.3":
         return (
-            "# Kubeflow Trainer v2.3 API (spec.runtimePatches, integer numProcPerNode; v2.2 has the same fields).\n"
+            "# Kubeflow Trainer v2.3 API (spec.runtimePatches with the pods' terminationGracePeriodSeconds).\n"
             "# Older Trainers: --trainer-version 2.1 (podTemplateOverrides) or 2.0 (podSpecOverrides).\n"
         )
     key = "podTemplateOverrides" if spec.trainer_version == "2.1" else "podSpecOverrides"
