@@ -5,8 +5,17 @@ rank 0's RNG state, which overflows ``manual_seed`` on some systems (the origina
 and is only logged at DEBUG level, so an unseeded run could not be reproduced from its log.
 
 - ``debug.seed`` set: it must lie in the range (checked before any worker starts).
-- ``debug.seed`` unset: rank 0 draws one 32-bit seed, broadcasts it, and every rank logs
+- ``debug.seed`` unset, a fresh job: rank 0 draws one 32-bit seed, broadcasts it, and every rank logs
   ``seed: N``; rerun with ``--debug.seed N`` to reproduce.
+
+A job's seed is fixed once it has a checkpoint: "fixed by default" here means *drawn once per job,
+then stored*, not a constant default (a constant would make every unseeded job in a team the same
+run; a drawn one is still reproducible from its log). Every checkpoint's marker keeps the seed the
+job trains with (``checkpoint.resume.settings_of``, "settings"), and every resume reuses it
+(``checkpoint.resume.reuse_seed``, before validation, so ``agree_on_seed`` gets it as configured):
+an unset ``debug.seed`` takes the stored one, another value is replaced by it, and the launcher says
+so in one line. A resumed rank also continues its own RNG state from the checkpoint, so the seed
+of a resumed job only matters for what it seeds before loading.
 
 Pipeline parallelism adds the PP rank to the seed (torchtitan's ``set_determinism``), so drawn
 seeds leave headroom below 2**32 for that offset.

@@ -15,7 +15,27 @@ The policy, in one place:
   (``weights_route``: a new folder that starts from the checkpoint's weights, at any layout);
   ``adapt_to_checkpoint`` applies the plan to the config before it is validated); changed schedule
   settings resume with loud, concrete warnings (``schedule_changes``); a checkpoint at or past
-  ``training.steps`` means there is nothing to train (``already_done``: the launcher exits 0).
+  ``training.steps`` means there is nothing to train (``already_done``: the launcher exits 0);
+- what happens to every other changed setting: each checkpoint's marker keeps the job's settings
+  (``settings_of``, the marker's "settings"). On resume every one that differs is named with its fate:
+
+  - refused (``refuse_changes``, ``REFUSED_KEYS``): the model (``model.name``, ``model.flavor``: the
+    weights' shape), ``training.seq_len`` and ``training.dataset`` (the data position counts windows
+    of that length in that dataset): one UserError naming the checkpoint's value and the way on (the
+    same value, or a new folder that starts from the weights: ``weights_route``);
+  - applied from the step after the checkpoint's (``SCHEDULE_KEYS``, ``APPLIED_KEYS``): the schedule,
+    the optimizer's learning rate, betas, eps and weight decay (set on the restored optimizer by the
+    trainer's manager: torch would restore the checkpoint's), ``max_norm``, the checkpoint interval
+    and retention;
+  - kept from the checkpoint (``KEPT_KEYS``): the global batch (a new local batch applies as local
+    batch × accumulation when it divides the per-rank share, else the nearest one below it is used,
+    said in a line), and the seed (``reuse_seed``: an unset ``debug.seed`` takes the checkpoint's,
+    another one is replaced, said in a line);
+  - a marker from before settings were kept: "settings not recorded", once, and only the schedule,
+    the batch and ``seq_len`` (its "data" entry) are compared.
+
+  ``adapt_to_checkpoint`` decides (every process, before validation, from the user's values); the
+  launcher's ``prestart`` prints the lines once per pod (``resume_report``).
 
 ``prestart`` is the launcher's check, once per pod before any worker starts; the trainer's
 ``RunaiCheckpointManager.choose`` applies the same ``choose`` on rank 0 when it loads.
@@ -24,9 +44,10 @@ The policy, in one place:
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from torchtitan_runai import storage
 from torchtitan_runai.checkpoint.folder import StepFolder, check_writable, examine, scan, step_folders
@@ -137,7 +158,7 @@ def schedule_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], step
     if not changed:
         return []
     what = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-    lines = [f"resume from step {step} with changed schedule settings: {what}"]
+    lines = [f"resume from step {step} with changed schedule settings, applied from step {step + 1}: {what}"]
     old_total, new_total = _total(old), _total(new)
     if old_total != new_total:
         lines.append(
@@ -154,6 +175,152 @@ def schedule_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], step
     if old.get("training.steps") != new.get("training.steps"):
         lines.append(f"training now stops at step {new.get('training.steps')} (was {old.get('training.steps')})")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The job's settings, kept with each checkpoint (the marker's "settings"), and what a resume does
+# with each one that differs: refused, applied from the resumed step, or kept from the checkpoint.
+
+REFUSED_KEYS = ("model.name", "model.flavor", "training.seq_len", "training.dataset")
+"""What a checkpoint fixes: the model's shape (its weights and optimizer state), and what its data
+position counts in (windows of ``seq_len`` tokens of one dataset). A change is one UserError."""
+APPLIED_KEYS = (
+    "optimizer.lr",
+    "optimizer.beta1",
+    "optimizer.beta2",
+    "optimizer.eps",
+    "optimizer.weight_decay",
+    "training.max_norm",
+    "checkpoint.interval",
+    "checkpoint.keep_latest_k",
+)
+"""Besides ``SCHEDULE_KEYS``: this run's value applies from the step after the checkpoint's (the
+optimizer's values are set on its restored state: ``RunaiCheckpointManager.load``)."""
+KEPT_KEYS = ("training.local_batch_size", "training.global_batch_size", "debug.seed")
+"""The checkpoint's value wins, with a line: its global batch (the local batch is recomputed,
+``plan_resume``) and its seed (``reuse_seed``)."""
+SETTINGS_KEYS = REFUSED_KEYS + SCHEDULE_KEYS + APPLIED_KEYS + KEPT_KEYS
+_REPORT = "_runai_resume_report"  # where adapt_to_checkpoint leaves its lines for the launcher
+
+_MISSING = object()
+
+
+def settings_of(config: Any) -> dict[str, Any]:
+    """The marker's "settings": every key of ``SETTINGS_KEYS`` the config has, as it trains."""
+    out = {}
+    for key in SETTINGS_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section, None), name, _MISSING)
+        if value is not _MISSING:
+            out[key] = value
+    return out
+
+
+def _refusal(found: StepFolder, key: str, old: Any, new: Any) -> UserError:
+    keep = f"resume it with --{key} {old}"
+    fresh = (
+        f"continue from its weights with {key} = {new} in a new folder: {weights_route(found)} "
+        "(optimizer state and data position start afresh)"
+    )
+    if key.startswith("model."):
+        why = f"{found.path} holds a model built with {key} = {old!r}: its weights and optimizer state have that shape"
+        fresh = "or start the new model in a fresh OUTPUT_DIR (or --checkpoint.folder <new>)"
+    elif key == "training.seq_len":
+        why = (
+            f"{found.path} was written with {key} = {old}: its data position counts windows of {old} tokens, "
+            "which another length cannot continue"
+        )
+        fresh = f"or {fresh}"
+    else:
+        why = f"{found.path} was written with {key} = {old!r}: its data position is a place in that dataset"
+        fresh = f"or {fresh}"
+    return UserError(key, new, why, f"{keep}; {fresh}")
+
+
+def refuse_changes(found: StepFolder, asked: Mapping[str, Any]) -> None:
+    """UserError for the first of ``REFUSED_KEYS`` that differs from the checkpoint's value (a marker
+    without settings still has its ``seq_len`` in "data")."""
+    rec = found.record or {}
+    old = dict(rec.get("settings") or {})
+    data = rec.get("data") or {}
+    if "training.seq_len" not in old and "seq_len" in data:
+        old["training.seq_len"] = data["seq_len"]
+    for key in REFUSED_KEYS:
+        if key in old and key in asked and old[key] != asked[key]:
+            raise _refusal(found, key, old[key], asked[key])
+
+
+def setting_changes(found: StepFolder, asked: Mapping[str, Any], plan: BatchPlan | None) -> list[str]:
+    """One line (or a few) for every setting that differs from the checkpoint's and is not refused:
+    what the resume does with it. ``asked`` is ``settings_of`` the config before the resume adapted it."""
+    rec = found.record or {}
+    old = rec.get("settings")
+    lines = []
+    if old is None:
+        lines.append(
+            f"settings not recorded in {found.path} (written before checkpoints kept the job's settings): only "
+            "the schedule and the batch are compared; this run's settings are recorded with its next checkpoint"
+        )
+        old_schedule = rec.get("schedule")
+    else:
+        old_schedule = {k: old[k] for k in SCHEDULE_KEYS if k in old}
+    lines += schedule_changes(old_schedule, {k: asked.get(k) for k in SCHEDULE_KEYS}, found.step)
+    for key in APPLIED_KEYS:
+        if old and key in old and key in asked and old[key] != asked[key]:
+            lines.append(f"{key} {old[key]!r} -> {asked[key]!r}: applied from step {found.step + 1}")
+    lines += _batch_lines(found, asked, plan)
+    return lines
+
+
+def _batch_lines(found: StepFolder, asked: Mapping[str, Any], plan: BatchPlan | None) -> list[str]:
+    rec = found.record or {}
+    data = rec.get("data") or {}
+    old_local = (rec.get("settings") or {}).get("training.local_batch_size", data.get("local_batch"))
+    local = asked.get("training.local_batch_size")
+    if plan is None:
+        if old_local is not None and local is not None and local != old_local:
+            return [
+                f"training.local_batch_size {old_local} -> {local}: applied from step {found.step + 1} (this "
+                "checkpoint's data positions are per-rank, so the global batch follows the local batch)"
+            ]
+        return []
+    lines = [plan.line()] if plan.changed else []
+    route = f"a different global batch needs a new folder that starts from its weights: {weights_route(found)}"
+    if local is not None and local != plan.local_batch:
+        per_rank = plan.global_batch // plan.dp
+        lines.append(
+            f"training.local_batch_size {local}: not applied, the run trains with local batch {plan.local_batch} "
+            f"× accumulation {plan.accumulation}: the checkpoint's global batch of {plan.global_batch} sequences is "
+            f"kept (its data position counts in it), {per_rank} per data-parallel rank at {plan.dp}, and "
+            f"{plan.local_batch} is the largest local batch up to {local} that divides it; {route}"
+        )
+    elif old_local is not None and local is not None and local != old_local:
+        lines.append(
+            f"training.local_batch_size {old_local} -> {local}: applied from step {found.step + 1}, as local batch "
+            f"{plan.local_batch} × accumulation {plan.accumulation}; the global batch of {plan.global_batch} "
+            f"sequences is kept from the checkpoint (its data position counts in it); {route}"
+        )
+    return lines
+
+
+def reuse_seed(found: StepFolder, config: Any) -> str | None:
+    """Set ``debug.seed`` to the seed ``found`` was trained with (``seed.py``: a job's seed is drawn
+    once and kept); the line that says so, or None when there is nothing to say."""
+    stored = (found.record or {}).get("settings", {}).get("debug.seed")
+    debug = getattr(config, "debug", None)
+    if stored is None or debug is None:
+        return None
+    asked = debug.seed
+    debug.seed = stored
+    if asked is None:
+        return f"debug.seed: the checkpoint's seed {stored} is reused (a job keeps the seed it started with)"
+    if asked != stored:
+        return (
+            f"debug.seed {asked}: kept from the checkpoint, the run keeps seed {stored} (each rank's RNG state "
+            f"continues from the checkpoint); to train with seed {asked}, continue from its weights in a new "
+            f"folder: {weights_route(found)}"
+        )
+    return None
 
 
 def per_rank_error(found: StepFolder, world_size: int, dp_degree: int) -> UserError:
@@ -303,7 +470,10 @@ def apply_plan(plan: BatchPlan, config: Any) -> None:
 
 
 def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
-    """Set the global and local batch a resume from this folder runs with (before validation)."""
+    """Take what a resume from this folder keeps (before validation): refuse what cannot change
+    (``refuse_changes``), set the global and local batch (``plan_resume``) and the checkpoint's seed
+    (``reuse_seed``), and leave the report of every changed setting on the config for the launcher
+    to print once (``resume_report``)."""
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
@@ -314,10 +484,23 @@ def adapt_to_checkpoint(config: Any, world_size: int) -> BatchPlan | None:
     chosen = choose(lazily, config.checkpoint.load_step, folder, initial_load=True)
     if chosen is None:
         return None
-    plan = plan_resume(chosen, config, world_size, data_parallel_degree(config, world_size))
+    dp_degree = data_parallel_degree(config, world_size)
+    asked = settings_of(config)  # what the user set, before anything below replaces a value
+    refuse_changes(chosen, asked)
+    plan = plan_resume(chosen, config, world_size, dp_degree)
     if plan is not None:
         apply_plan(plan, config)
+    seed_line = reuse_seed(chosen, config)
+    lines = setting_changes(chosen, asked, plan)
+    if seed_line:
+        lines.append(seed_line)
+    setattr(config, _REPORT, lines)
     return plan
+
+
+def resume_report(config: Any) -> list[str]:
+    """The lines ``adapt_to_checkpoint`` left on ``config``: one per changed setting and its fate."""
+    return list(getattr(config, _REPORT, None) or [])
 
 
 def already_done(found: StepFolder | None, steps: int) -> str | None:
@@ -333,13 +516,17 @@ def already_done(found: StepFolder | None, steps: int) -> str | None:
 # The launcher's checks, once per pod before any worker starts
 
 
-def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: int) -> str | None:
+def prestart(
+    config: Any, env: Mapping[str, str], world_size: int, dp_degree: int, say: Callable[[str], None] | None = None
+) -> str | None:
     """Check the checkpoint folder before workers start, writing nothing (the launcher claims it with
     ``ownership.hold_folder`` once every check has passed). Returns a message when there is nothing to
     do (the run is complete); raises UserError for a foreign owner, an unwritable or full folder, or
-    a resume that cannot continue at this size (``plan_resume``). What the trainer will do with the
-    folder (skip an incomplete checkpoint, resume, warn about a changed schedule, the kept global batch
-    at a changed data-parallel size) rank 0 logs once, as it does it."""
+    a resume that cannot continue at this size (``plan_resume``) or with these settings
+    (``refuse_changes``). Every changed setting's fate (``resume_report``: applied, kept from the
+    checkpoint, the reused seed) is said here, once per pod, with ``say`` (default: stderr, after
+    ``[launch]``); the ranks do not repeat it. What the trainer does with the folder (skip an
+    incomplete checkpoint, resume) rank 0 logs once, as it does it."""
     if not config.checkpoint.enable:
         return None
     folder = storage.checkpoint_dir(config)
@@ -349,5 +536,12 @@ def prestart(config: Any, env: Mapping[str, str], world_size: int, dp_degree: in
     found = scan(folder)
     chosen = choose(found, config.checkpoint.load_step, folder, bool(config.checkpoint.initial_load_path))
     if chosen is not None:
+        refuse_changes(chosen, settings_of(config))
         plan_resume(chosen, config, world_size, dp_degree)  # raises when this size cannot continue it
+        for line in resume_report(config):
+            (say or _say)(line)
     return already_done(chosen, config.training.steps)
+
+
+def _say(line: str) -> None:
+    print(f"[launch] {line}", file=sys.stderr, flush=True)

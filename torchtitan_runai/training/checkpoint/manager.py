@@ -4,7 +4,11 @@ It plugs ``checkpoint.folder`` (completion markers, what is complete) and ``chec
 (which checkpoint resumes, node-count and schedule checks) into torchtitan's manager: resume choice
 and logging (``resuming from step N (path)``), the completion marker after every save, always-full
 final and preemption checkpoints (stock's ``last_save_model_only`` final checkpoint cannot be
-resumed), and every rank's RNG state in the checkpoint.
+resumed), and every rank's RNG state in the checkpoint. The marker keeps the job's settings
+(``checkpoint.resume.settings_of``: the seed as drawn, the schedule, the optimizer's values, the
+batch); on resume the launcher has already named every changed one (``checkpoint.resume.prestart``),
+and ``load`` applies this run's optimizer values to the restored optimizer (``apply_optimizer_settings``:
+torch would keep the checkpoint's learning rate).
 
 What a save costs the training loop: a synchronous save blocks for the whole write plus a barrier;
 an async one (``checkpoint.async_mode``) blocks only for the copy to host memory, and its marker is
@@ -75,9 +79,8 @@ from torchtitan_runai.checkpoint.resume import (
     choose,
     data_record,
     model_only_note,
-    plan_resume,
-    schedule_changes,
     schedule_of,
+    settings_of,
 )
 from torchtitan_runai.config import PINNED_MODE
 from torchtitan_runai.errors import UserError, forget_report, report_to_launcher
@@ -185,6 +188,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             )
             loader = self.states.get("dataloader")
             record["data"] = data_record(self.job_config, self.dp_degree, getattr(loader, "format", "per-rank"))
+            record["settings"] = settings_of(self.job_config)  # the seed as drawn: a resume keeps it
             mark_complete(path, record)
             self._retire_soon()
         self.last_complete_step = step
@@ -456,7 +460,6 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
                 return loaded
             logger.info(f"no complete checkpoint in {self.folder}: starting fresh")
             return False
-        plan = plan_resume(chosen, self.job_config, self.world_size, self.dp_degree)
         keys = saved_keys(chosen.path)
         loader = self.states.get("dataloader")
         if (
@@ -465,10 +468,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             and any(k.startswith("dataloader.dp_rank_") for k in keys)
         ):
             loader.use_per_rank()  # written before global data positions, or with data.order = "per-rank"
-        if plan is not None and plan.changed:
-            logger.info(plan.line())
-        for line in schedule_changes((chosen.record or {}).get("schedule"), schedule_of(self.job_config), chosen.step):
-            logger.warning(line)
+        # the batch plan and every changed setting were said once by the launcher (checkpoint.resume.prestart)
         logger.info(f"resuming from step {chosen.step} ({chosen.path})")
         done = already_done(chosen, self.job_config.training.steps)
         if done:
@@ -489,8 +489,39 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             loaded = super().load(chosen.step)
         finally:
             self.exclude_from_loading = excluded
+        if "optimizer" not in excluded and "optimizer" in self.states:
+            apply_optimizer_settings(self.states["optimizer"], self.states.get("lr_scheduler"), self.job_config)
         self.last_complete_step = chosen.step
         return loaded
+
+
+def apply_optimizer_settings(optimizers: Any, schedulers: Any, job_config: Any) -> None:
+    """This run's optimizer values on a restored optimizer, from the resumed step on.
+
+    torch's ``load_state_dict`` restores the checkpoint's param groups (lr, betas, eps, weight decay)
+    with the moments, and ``LambdaLR`` its ``base_lrs``: a new ``optimizer.lr`` would be ignored
+    silently. The schedule's shape is this run's already (torchtitan's lambda is rebuilt from the
+    config); the moments stay the checkpoint's. ``checkpoint.resume.setting_changes`` names the change."""
+    import torch
+
+    opt = job_config.optimizer
+    values = {"betas": (opt.beta1, opt.beta2), "eps": opt.eps, "weight_decay": opt.weight_decay}
+    for optimizer in getattr(optimizers, "optimizers", None) or [optimizers]:
+        for group in optimizer.param_groups:
+            for key, value in values.items():
+                if key in group:
+                    group[key] = value
+            if "initial_lr" in group:
+                group["initial_lr"] = opt.lr
+    for scheduler in getattr(schedulers, "schedulers", None) or []:
+        scheduler.base_lrs = [opt.lr for _ in scheduler.base_lrs]
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        scheduler._last_lr = lrs
 
 
 def _device_sync() -> None:
