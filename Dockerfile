@@ -1,11 +1,11 @@
 # torchtitan-runai training image: NGC PyTorch + torchtitan 0.2.2 + this package.
 #
 # Base image (a build argument). The default, NGC PyTorch 26.07, ships torch 2.13.0a0 (CUDA
-# 13.3.1, Python 3.12, Ubuntu 24.04): the torch line this project is tested on, and the first
-# release whose pinned packages fit huggingface_hub 2.x (click >= 8.4.2, idna >= 3.18). Another
-# can be passed with --build-arg BASE_IMAGE=...; the build stops if the base's torch is older than
-# 2.10 or its pins conflict with pyproject.toml's ranges. docs/cluster.md ("The image") lists the
-# supported releases and how to move to another one.
+# 13.3.1, Python 3.12, Ubuntu 24.04): the newest supported release, on the torch line this project
+# is tested on. Supported: 25.12 (torch 2.10, the first that runs torchtitan 0.2.2) to 26.07; CI
+# builds on stand-ins of both ends. Another can be passed with --build-arg BASE_IMAGE=...; the
+# build stops if the base's torch is older than 2.10 or its pins conflict with pyproject.toml's
+# ranges. docs/cluster.md ("The image") lists the supported releases and how to move to another one.
 #
 # torch is never reinstalled: every package the base image ships is pinned to its installed
 # version (as NGC's own /etc/pip/constraint.txt does), pyproject.toml's compatible ranges are

@@ -19,6 +19,11 @@ The cache is ``hub.cache_dir``, else ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, e
 cache download while the others wait, then read the cache (``cached_snapshot``, no network).
 ``offline()`` is ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``. What is downloaded (the tokenizer
 files) is the caller's business: ``torchtitan_runai.training.tokenizer`` and ``stage``.
+
+Both majors of ``huggingface_hub`` work (1.x on httpx, 2.x on httpx2): this module uses only what
+both have (``hf_hub_download``, ``get_hf_file_metadata``, ``hf_hub_url``, ``try_to_load_from_cache``,
+``huggingface_hub.errors``) and recognises either client's transport errors (``transport_errors``).
+`make test` runs the hub tests on the locked 2.x and again on 1.x (`make test-hub1`).
 """
 
 from __future__ import annotations
@@ -128,6 +133,25 @@ def describe(error: BaseException) -> str:
 
 
 HTTP_TRACE_LOGGERS = ("httpcore2", "httpcore", "httpx2", "httpx")
+
+HTTP_CLIENTS = ("httpx2", "httpx")
+"""huggingface_hub's HTTP client: httpx2 from 2.0, httpx in 1.x. We never import one ourselves
+except to recognise its errors, so either major works (pyproject depends on neither)."""
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's connection-level errors (refused, dropped, timed out, a header it refuses to
+    send), with the standard library's: ``TransportError`` of whichever of httpx2 / httpx is
+    installed (an NGC base may ship httpx beside huggingface_hub 2.x's httpx2: both count)."""
+    import importlib
+
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in HTTP_CLIENTS:
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def quiet_http_trace() -> None:
@@ -297,14 +321,13 @@ def download_file(
 
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: rate limit, Hub/server error, dropped or refused connection, timeout."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(error, HfHubHTTPError):
         response = getattr(error, "response", None)
         status = getattr(response, "status_code", None)
         return status in (408, 429) or (status is not None and status >= 500)
-    return isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError))
+    return isinstance(error, transport_errors())
 
 
 def with_backoff(
@@ -332,7 +355,6 @@ def with_backoff(
 
 def hub_error(error: BaseException, hub: Hub, token: str | None) -> UserError:
     """A Hub failure as one actionable line (token redacted)."""
-    import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -396,7 +418,7 @@ def hub_error(error: BaseException, hub: Hub, token: str | None) -> UserError:
             f"the Hub answered {status} after {hub.retries + 1} attempts",
             "retry later, or use a staged cache with HF_HUB_OFFLINE=1",
         )
-    elif isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)):
+    elif isinstance(error, transport_errors()):
         result = UserError(
             "HF_ENDPOINT",
             endpoint,

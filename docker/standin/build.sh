@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build (or reuse) CI's stand-in for the NGC PyTorch base, tagged with the Dockerfile's FROM name.
 #
-#   docker/standin/build.sh            # prints the tag it built or found
+#   docker/standin/build.sh [ENV_FILE]   # prints the tag it built or found
 #
 # nvcr.io cannot be reached from CI, so the base is assembled here from Debian packages
-# (debootstrap) and PyPI, with the versions of the NGC release in docker/standin/release.env.
+# (debootstrap) and PyPI, with the versions of the NGC release in ENV_FILE: docker/standin/release.env
+# (the default base, the newest supported era) or release-oldest.env (the oldest supported era).
+# The stand-ins share the Debian rootfs, the python/pip layers and the torch/triton wheels.
 # Everything downloaded is cached under $TTR_CI_CACHE (default /var/cache/torchtitan-runai-ci,
 # outside the clone, because CI clones fresh): the Debian rootfs, the torch and triton wheels,
 # and the image itself (in container storage, labelled with a digest of its inputs). A second
@@ -15,13 +17,15 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+env_file="${1:-${here}/release.env}"
 # shellcheck source=docker/standin/release.env
-source "${here}/release.env"
+source "${env_file}"
+BASE_PIP_VERSION="${BASE_PIP_VERSION:-${PIP_VERSION}}"
 cache="${TTR_CI_CACHE:-/var/cache/torchtitan-runai-ci}"
 tag="nvcr.io/nvidia/pytorch:${NGC_RELEASE}-py3"
 ca_bundle="${TTR_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 
-inputs_digest="$(cat "${here}/Containerfile" "${here}/packages.txt" "${here}/release.env" \
+inputs_digest="$(cat "${here}/Containerfile" "${here}/packages.txt" "${env_file}" \
     "${here}/nvidia_entrypoint.sh" | sha256sum | cut -c1-16)"
 existing="$(buildah inspect --type image --format '{{index .ImageAnnotations "org.torchtitan-runai.standin"}}{{index .Docker.Config.Labels "org.torchtitan-runai.standin"}}' "${tag}" 2>/dev/null || true)"
 if [[ "${existing}" == "${inputs_digest}" ]]; then
@@ -42,7 +46,8 @@ if [[ ! -s "${rootfs}" ]]; then
     mv "${rootfs}.part" "${rootfs}"
 fi
 
-wheels="${cache}/wheels/${NGC_RELEASE}"
+# keyed by what is in it, so stand-ins with the same torch and triton share one download
+wheels="${cache}/wheels/$(printf '%s_%s_cp%s' "${TORCH_SPEC}" "${TRITON_SPEC}" "${PYTHON_TAG/./}" | tr -c 'A-Za-z0-9._+\n-' '_')"
 if ! compgen -G "${wheels}/torch-*.whl" >/dev/null || ! compgen -G "${wheels}/triton-*.whl" >/dev/null; then
     echo "fetching ${TORCH_SPEC} ${TRITON_SPEC} (cp${PYTHON_TAG/./}) -> ${wheels}" >&2
     mkdir -p "${wheels}"
@@ -66,6 +71,7 @@ buildah bud --isolation oci --runtime runc --format docker --layers --force-rm \
     --volume "${ca_bundle}:/etc/ssl/certs/ca-certificates.crt:ro" \
     --build-arg "NGC_RELEASE=${NGC_RELEASE}" \
     --build-arg "PIP_VERSION=${PIP_VERSION}" \
+    --build-arg "BASE_PIP_VERSION=${BASE_PIP_VERSION}" \
     --build-arg "PACKAGES_UPLOADED_BEFORE=${PACKAGES_UPLOADED_BEFORE}" \
     --label "org.torchtitan-runai.standin=${inputs_digest}" \
     --label "org.opencontainers.image.description=CI stand-in for NGC PyTorch ${NGC_RELEASE} (CPU only; see docs/cluster.md)" \

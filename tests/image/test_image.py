@@ -12,6 +12,12 @@ Checks: every shipped file git tracks is in the image, `pip check` clean, torch 
 rehearsal as the image's user and as an arbitrary UID in group 0 (OpenShift), `podman stop`
 (SIGTERM) → exit 143 with a complete checkpoint and a resume from it, tini as PID 1, image size.
 
+Two eras of base: the default (docker/standin/release.env, the newest supported NGC release) gets
+every check; a stand-in of the oldest supported release (release-oldest.env: packages as PyPI had
+them before 25.12 froze, click 8.3.1, so huggingface_hub 1.x) gets the build, `pip check` with the
+base's pins unchanged, torch untouched and the rehearsal (the ``era_images`` tests). The two share
+the Debian rootfs, the python/pip layers and the torch/triton wheels.
+
 Needs root, buildah, podman, runc and debootstrap. Without them the module is skipped, saying so;
 with TTR_REQUIRE_IMAGE_TESTS=1 (set by .ci/run, which installs them) a skip is a failure instead.
 The measured build times and sizes are written to outputs/image-checks.txt (.ci/run prints it).
@@ -92,19 +98,49 @@ def image_size(ref: str) -> int:
     return int(sh(["podman", "image", "inspect", "--format", "{{.Size}}", ref]).stdout.strip())
 
 
+ERAS = {"newest": "release.env", "oldest": "release-oldest.env"}
+"""The supported NGC eras CI builds on: the stand-in's release file in docker/standin/."""
+_built: dict[str, dict[str, str]] = {}
+
+
+def build(era: str) -> dict[str, str]:
+    """{"base": stand-in tag, "image": project image tag} of ``era``, built (or reused) once per session."""
+    if era in _built:
+        return _built[era]
+    require_tools()
+    if not _built:
+        REPORT.unlink(missing_ok=True)
+    tag = TAG if era == "newest" else f"{TAG}-{era}"
+    t0 = time.monotonic()
+    env_file = str(REPO / "docker" / "standin" / ERAS[era])
+    base = sh([str(REPO / "docker" / "standin" / "build.sh"), env_file], timeout=3600).stdout.strip().splitlines()[-1]
+    t1 = time.monotonic()
+    proc = subprocess.run(
+        [str(REPO / "docker" / "build.sh"), tag],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "BASE_IMAGE": base},
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"image build on {base} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    t2 = time.monotonic()
+    report(f"{era} era: stand-in base {base}: {t1 - t0:.0f} s (build or cache check)")
+    report(f"{era} era: image {tag} on it: {t2 - t1:.0f} s")
+    _built[era] = {"base": base, "image": tag}
+    return _built[era]
+
+
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
-    """{"base": stand-in tag, "image": project image tag}, built (or reused from cache) once."""
-    require_tools()
-    REPORT.unlink(missing_ok=True)
-    t0 = time.monotonic()
-    base = sh([str(REPO / "docker" / "standin" / "build.sh")], timeout=3600).stdout.strip().splitlines()[-1]
-    t1 = time.monotonic()
-    sh([str(REPO / "docker" / "build.sh"), TAG], timeout=3600)
-    t2 = time.monotonic()
-    report(f"stand-in base {base}: {t1 - t0:.0f} s (build or cache check)")
-    report(f"image {TAG} on it: {t2 - t1:.0f} s")
-    return {"base": base, "image": TAG}
+    """The newest era's images (the Dockerfile's default base): every check runs on them."""
+    return build("newest")
+
+
+@pytest.fixture(scope="module", params=list(ERAS))
+def era_images(request) -> dict[str, str]:
+    """Each supported era's images in turn: the checks that must hold on every base."""
+    return build(request.param)
 
 
 def output_dir(tmp_path: Path) -> Path:
@@ -122,7 +158,8 @@ def steps(log: str) -> list[int]:
     return [int(m) for m in STEP.findall(ANSI.sub("", log))]
 
 
-def test_pip_check_is_clean_and_the_base_constraints_hold(images):
+def test_pip_check_is_clean_and_the_base_constraints_hold(era_images):
+    images = era_images
     proc = in_image(images["image"], "-m", "pip", "check")
     assert "No broken requirements found" in proc.stdout, proc.stdout + proc.stderr
     # every pin of the base's own constraint file still holds in the final image
@@ -158,7 +195,8 @@ for name in ("torch", "triton"):
 """
 
 
-def test_torch_and_triton_are_the_bases_byte_for_byte(images):
+def test_torch_and_triton_are_the_bases_byte_for_byte(era_images):
+    images = era_images
     base = in_image(images["base"], "-c", TORCH_FINGERPRINT).stdout.split("\n")
     image = in_image(images["image"], "-c", TORCH_FINGERPRINT).stdout.split("\n")
     assert [line for line in image if line] == [line for line in base if line], (base, image)
@@ -216,6 +254,24 @@ def test_rehearsal_trains_as_the_image_user_and_an_arbitrary_uid(images, tmp_pat
     assert checkpoints and all((c / ".complete.json").exists() for c in checkpoints), checkpoints
     uid = 12345 if user else 1000
     assert {p.stat().st_uid for p in out.rglob("*")} == {uid}  # written as that user, nothing as root
+
+
+def test_the_oldest_supported_base_trains_on_huggingface_hub_1(tmp_path):
+    """NGC 25.12's era pins click 8.3.1, which no huggingface_hub 2.x accepts: the build resolves a 1.x
+    (issue 23) and the rehearsal trains on it, as the image's user."""
+    images = build("oldest")
+    version = in_image(images["image"], "-c", "import huggingface_hub; print(huggingface_hub.__version__)")
+    assert version.stdout.strip().startswith("1."), version.stdout
+    click = in_image(images["base"], "-c", "from importlib import metadata; print(metadata.version('click'))")
+    report(f"oldest era: click {click.stdout.strip()} in the base, huggingface_hub {version.stdout.strip()} resolved")
+    out = output_dir(tmp_path)
+    proc = sh(
+        [*PODMAN_RUN, "--rm", *REHEARSAL_ENV, "-v", f"{out}:/outputs", images["image"], "--training.steps", "12"],
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert steps(log) and max(steps(log)) == 12, log[-3000:]
+    assert all((c / ".complete.json").exists() for c in sorted(out.rglob("step-*"))), log[-3000:]
 
 
 def test_sigterm_checkpoints_exits_143_and_the_next_run_resumes(images, tmp_path):

@@ -66,9 +66,21 @@ def test_hadolint_is_not_a_rubber_stamp(tmp_path):
     assert subprocess.run([hadolint(), str(bad)], capture_output=True).returncode != 0
 
 
-def release_env() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in RELEASE_ENV.read_text().splitlines() if line and not line.startswith("#"))
+def release_env(path: Path = RELEASE_ENV) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
     return {k: v for k, v in pairs}
+
+
+def test_the_oldest_eras_stand_in_shares_the_layers_and_wheels_of_the_default_one():
+    """CI builds the image on two stand-ins (tests/image): the default base (the newest supported era)
+    and the oldest supported release. Everything but the release's packages is shared, so the second
+    stand-in costs CI its package layer only."""
+    newest, oldest = release_env(), release_env(RELEASE_ENV.with_name("release-oldest.env"))
+    # 25.12: the first NGC release on torch 2.10 (2.10.0a0+b4e4ee81d3), which torchtitan 0.2.2 needs
+    assert oldest["NGC_RELEASE"] == "25.12" and pin.MIN_TORCH == (2, 10)
+    assert oldest["PACKAGES_UPLOADED_BEFORE"] < newest["PACKAGES_UPLOADED_BEFORE"]
+    for key in ("PIP_VERSION", "DEBIAN_SUITE", "PYTHON_TAG", "TORCH_SPEC", "TRITON_SPEC"):
+        assert oldest[key] == newest[key], key
 
 
 def test_base_image_is_ngc_pytorch_with_torch_2_10_or_later_and_the_one_ci_stands_in_for():

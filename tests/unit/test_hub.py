@@ -168,3 +168,35 @@ def test_describe_redacts_chained_causes(env):
         text = hub.describe(outer)
     assert "RuntimeError: request failed" in text and "ValueError" in text
     assert_no_canary(text)
+
+
+# ---- both majors of huggingface_hub (1.x on httpx, 2.x on httpx2; `make test-hub1` runs this file on 1.x)
+
+
+def test_these_tests_run_on_the_huggingface_hub_asked_for():
+    """`make test-hub1` sets TTR_EXPECT_HUB: the overlay on PYTHONPATH must be the one imported."""
+    import huggingface_hub
+
+    want = __import__("os").environ.get("TTR_EXPECT_HUB")
+    assert huggingface_hub.__version__.split(".")[0] in ("1", "2")
+    if want:
+        assert huggingface_hub.__version__ == want, huggingface_hub.__file__
+
+
+def test_a_refused_connection_is_transient_and_one_line_on_either_http_client(tmp_path):
+    """huggingface_hub 2.x raises httpx2's transport errors, 1.x httpx's: both are retried and both
+    become the 'cannot reach the Hub' line (an NGC base may also ship httpx beside 2.x's httpx2)."""
+    import importlib
+
+    clients = []
+    for name in hub.HTTP_CLIENTS:
+        try:
+            clients.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    assert clients  # the installed huggingface_hub brings one
+    for client in clients:
+        error = client.ConnectError("[Errno 111] Connection refused")
+        assert hub.is_transient(error), client.__name__
+        line = hub.hub_error(error, Hub(repo_id=REPO, retries=1), None).line()
+        assert "HF_ENDPOINT" in line and "cannot reach the Hub" in line, line
