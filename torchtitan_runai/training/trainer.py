@@ -100,7 +100,6 @@ class RunaiTrainer(upstream.Trainer):
         self.stop_flag.install()
         self.log_filter = log_filter.install_person_filter(
             cpu=not device.has_accelerator(),
-            step=lambda: getattr(self, "step", None),
             stopping=lambda: bool(self.stop_flag.signum),
         )
         res = getattr(job_config, "resilience", None) or Resilience()
