@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from torchtitan_runai import storage
 from torchtitan_runai.goodput.ledger import LAUNCH_ID_ENV, LaunchRecord, Ledger, NullLedger, read_records
-from torchtitan_runai.goodput.report import goodput_line, json_summary, summarize
+from torchtitan_runai.goodput.report import WHOLE_JOB, goodput_line, json_summary, so_far, summarize
 from torchtitan_runai.jsonio import write_json_atomic
 
 
@@ -48,13 +48,16 @@ def write_summary(config: Any, summary: dict[str, Any]) -> None:
 
 
 def report_at_exit(config: Any) -> str:
-    """The launcher's last word on goodput: the whole job so far, its own teardown included; also
-    goodput.json in the dump folder. (No PNG here: matplotlib would cost the pod seconds at every
-    exit; ``python -m torchtitan_runai.goodput`` draws it.)"""
+    """The launcher's last word on goodput, the one figure of a finished run (``report.WHOLE_JOB``):
+    the whole job's ledger, every launch from its launcher's start (start-up, restarts, the time
+    between pods) to this launcher's exit (teardown included); also goodput.json in the dump folder.
+    Rank 0's lines during the run are progress figures of the same ledger (``report.so_far``) and it
+    prints none at the end. (No PNG here: matplotlib would cost the pod seconds at every exit;
+    ``python -m torchtitan_runai.goodput`` draws it.)"""
     try:
         summary = summarize(read_records(storage.goodput_dir(config)))
         write_summary(config, summary)
-        return goodput_line(summary)
+        return goodput_line(summary, WHOLE_JOB)
     except Exception as e:  # a report: never the reason a finished job fails
         return f"goodput: not reported ({type(e).__name__}: {e})"
 
@@ -67,6 +70,7 @@ __all__ = [
     "build_ledger",
     "goodput_line",
     "report_at_exit",
+    "so_far",
     "summarize",
     "write_summary",
 ]

@@ -230,10 +230,20 @@ def short(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 60 else clock(seconds)
 
 
-def goodput_line(summary: dict[str, Any]) -> str:
-    """One line in the step-line style: the share, then every non-zero category."""
+WHOLE_JOB = "goodput of the whole job (every launch, start-up to exit)"
+"""The launcher's label at its exit: the one figure a finished run prints (``report_at_exit``)."""
+
+
+def so_far(step: int) -> str:
+    """Rank 0's label every ``goodput.log_freq`` steps: the same ledger, up to this step (no teardown
+    yet, the launcher's exit not known): a progress figure, not the job's."""
+    return f"goodput so far (step {step})"
+
+
+def goodput_line(summary: dict[str, Any], label: str = "goodput") -> str:
+    """One line in the step-line style: ``label``, the share, then every non-zero category."""
     if summary.get("goodput") is None:
-        return "goodput: nothing measured yet"
+        return f"{label}: nothing measured yet"
     sec = summary["seconds"]
     parts = [
         f"{LABELS[c]} {short(sec[c])}"
@@ -247,7 +257,7 @@ def goodput_line(summary: dict[str, Any]) -> str:
         tail.append(f"away {short(sec['away'])} between pods")
     restarts = max(0, len(summary["segments"]) - 1)
     return (
-        f"goodput: {100 * summary['goodput']:.1f}% of {clock(summary['held_s'])} "
+        f"{label}: {100 * summary['goodput']:.1f}% of {clock(summary['held_s'])} "
         f"(productive {short(sec['productive'])}; {', '.join(parts) or 'no losses'})"
         + (f"; {'; '.join(tail)}" if tail else "")
         + f"; {restarts} restart(s), {summary.get('saves', 0)} save(s)"

@@ -162,14 +162,34 @@ def check_dataset(name: str, path: str | None, data: Data, section: str = "train
             check_column(sniff_columns(fmt, files[0]), data, path or "")
         return
     effective = path or _named_dataset_paths()[key]
-    looks_local = effective.startswith(("/", "./", "../", "~")) or key == "c4_test"
-    if looks_local and not Path(effective).expanduser().exists():
+    if is_on_disk(name, path) and not Path(effective).expanduser().exists():
         raise UserError(
             setting,
             effective,
             f"the {key} data folder does not exist",
             f'set {setting}, or use training.dataset = "{LOCAL}" with your files',
         )
+
+
+def is_on_disk(name: str, path: str | None) -> bool:
+    """Whether a dataset setting names files on this machine (``local``, or a named dataset whose
+    path is a folder, e.g. torchtitan's ``c4_test``) rather than a Hub dataset the ranks stream."""
+    key = (name or "").lower()
+    if key == LOCAL:
+        return True
+    effective = path or _named_dataset_paths().get(key) or ""
+    return effective.startswith(("/", "./", "../", "~")) or key == "c4_test"
+
+
+def on_disk(job_config: Any) -> bool:
+    """Whether every dataset the ranks read (training, and validation when enabled) is on disk: the
+    launcher then tells the workers to stay offline (``launcher.workers.environment``)."""
+    if not is_on_disk(job_config.training.dataset, job_config.training.dataset_path):
+        return False
+    validation = getattr(job_config, "validation", None)
+    if validation is not None and getattr(validation, "enable", False):
+        return is_on_disk(validation.dataset, validation.dataset_path)
+    return True
 
 
 def validate_data_config(job_config: Any) -> None:

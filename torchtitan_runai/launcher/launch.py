@@ -14,7 +14,8 @@ Once per pod it:
 3. claims the checkpoint folder (node 0; its owner record and a lock that a second live run is
    refused by, with a heartbeat while the run lasts), runs torchrun's elastic agent in this process
    (rendezvous, restarts, signals to the workers) and turns its outcome into an exit code; a
-   finished run ends with one line: the steps, the time and the newest checkpoint. Its workers and
+   finished run ends with two lines: the steps, the time and the newest checkpoint; then what to do
+   next (the export command, the loss curves, the goodput breakdown: ``next_line``). Its workers and
    their checkpoint-writing processes never outlive it, ``kill -9`` included (``lifetime``).
 
 Usage::
@@ -116,7 +117,7 @@ from torchtitan_runai.checkpoint.ownership import claim_folder, hold_folder
 from torchtitan_runai.checkpoint.resume import prestart
 from torchtitan_runai.config import Hub, config_file_from_args, data_parallel_degree, warmup_note
 from torchtitan_runai.errors import EXIT_HUNG, EXIT_USER_ERROR, UserError, cli, flush_and_exit, reported
-from torchtitan_runai.inputs import tokenizer_files
+from torchtitan_runai.inputs import data_files, tokenizer_files
 from torchtitan_runai.inputs.data_files import validate_data_config
 from torchtitan_runai.job import parse_job_config
 from torchtitan_runai.launcher import preflight, workers
@@ -799,6 +800,7 @@ def main(argv: list[str]) -> int:
                     worker_error=worker_error,
                     launch_id=None if record is None else record.id,
                     launcher=lifetime.launcher_mark(),  # every process of the run dies with this one
+                    inputs_on_disk=data_files.on_disk(config),  # the tokenizer is on disk by now
                 )
             )
             code = run_agent(command, plan, verdict, worker_error)
@@ -815,6 +817,7 @@ def main(argv: list[str]) -> int:
         raise error
     if code == 0:
         print(f"[launch] {finished_line(config, time.monotonic() - started)}", flush=True)
+        print(f"[launch] {next_line(config, env)}", flush=True)
     return code
 
 
@@ -828,6 +831,40 @@ def finished_line(config, seconds: float) -> str:
     where = f"newest checkpoint {newest.path}" if newest else "no complete checkpoint"
     reached = newest.step if newest else steps
     return f"training finished: step {reached} of {steps} in {took}; {where}"
+
+
+def next_line(config, env: Mapping[str, str] = os.environ) -> str:
+    """The run's very last line: what to do with what it made. The export command for the newest
+    checkpoint (or where ``[export] at_end`` put the Hugging Face folder), the loss curves, the
+    goodput breakdown. Paths as the caller can use them: relative to the repository, where
+    ``run_llama_train.sh`` runs this launcher, unless it was called from elsewhere (then absolute)."""
+    caller = env.get(CALLER_DIR_ENV, "").strip()
+
+    def shown(path: str | os.PathLike) -> str:
+        moved = caller and Path(caller).resolve() != Path.cwd().resolve()
+        return str(Path(path).resolve()) if moved and not os.path.isabs(path) else str(path)
+
+    parts = []
+    export = getattr(config, "export", None)
+    hf_folder = storage.export_dir(config) if export is not None else None
+    newest = newest_resumable(scan(storage.checkpoint_dir(config))) if config.checkpoint.enable else None
+    if export is not None and export.at_end and (hf_folder / "config.json").is_file():
+        parts.append(f"the Hugging Face model is in {shown(hf_folder)}")
+    elif newest is not None:
+        dest = hf_folder if hf_folder is not None else Path(config.job.dump_folder) / "hf"
+        command = ["python", "-m", "torchtitan_runai.export", shown(newest.path), shown(dest)]
+        if config.job.config_file:
+            command += ["--config", shown(config.job.config_file)]
+        parts.append(f"export the weights for Hugging Face: {shlex.join(command)}")
+    if config.metrics.enable_tensorboard:
+        plot = storage.plot_file(storage.tensorboard_dir(config))
+        if plot.is_file():
+            parts.append(f"loss curves {shown(plot)}")
+    if goodput.enabled(config):
+        parts.append(
+            f"goodput breakdown: python -m torchtitan_runai.goodput {shlex.quote(shown(config.job.dump_folder))}"
+        )
+    return "next: " + ("; ".join(parts) if parts else "nothing was saved (checkpoint.enable = false)")
 
 
 def leave(code: int | str | None) -> None:

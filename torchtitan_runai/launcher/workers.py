@@ -15,6 +15,14 @@ variable                            value                                       
                                     ``PYTORCH_CUDA_ALLOC_CONF``
 ``OMP_NUM_THREADS``                 ``1`` with more than one process per node (what torchrun would set;  the user
                                     set here, torchrun does not print its banner about it)
+``HF_UPDATE_DOWNLOAD_COUNTS``       ``0``: ``datasets`` otherwise sends a HEAD request to                the user
+                                    s3.amazonaws.com (a download counter) at every ``load_dataset`` of
+                                    local json/parquet/text files, on every rank
+``HF_HUB_DISABLE_TELEMETRY``        ``1``: no usage reports from the Hub client                          the user
+``HF_HUB_OFFLINE``                  ``1`` when every dataset the ranks read is on disk                   the user
+                                    (``inputs.data_files.on_disk``): the ranks then need no network at
+                                    all (the tokenizer is on disk too: the launcher fetched it before
+                                    any worker), and a library that still tries fails at once
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``  ``SHUTDOWN_TIMEOUT``, only for a torchrun without                    the launcher
                                     ``--shutdown_timeout``: read by the agent itself when it starts
 ``TORCHTITAN_RUNAI_HANG_VERDICT``   the file a rank's hang watchdog leaves its verdict in                the launcher
@@ -80,6 +88,7 @@ def environment(
     worker_error: str | os.PathLike | None = None,
     launch_id: str | None = None,
     launcher: str | None = None,
+    inputs_on_disk: bool = False,
 ) -> dict[str, str]:
     """Every variable the launcher adds to ``env`` (the environment the agent will start the workers
     with) for its workers: the table in the module docstring.
@@ -88,11 +97,16 @@ def environment(
     older agent is told); ``hang_verdict``: the watchdog's verdict file; ``worker_error``: the file a
     worker's launch-ending error goes to (``errors.report_to_launcher``); ``launch_id``: node 0's
     goodput launch record; ``launcher``: this launcher's ``lifetime.launcher_mark``. Each is left out
-    when None.
+    when None. ``inputs_on_disk``: the data and the tokenizer are files (``inputs.data_files.on_disk``),
+    so the workers are told to stay offline.
     """
     variables = worker_env(dump_folder, env)
     if nproc_per_node > 1 and "OMP_NUM_THREADS" not in env:
         variables["OMP_NUM_THREADS"] = "1"
+    quiet = {"HF_UPDATE_DOWNLOAD_COUNTS": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if inputs_on_disk:
+        quiet["HF_HUB_OFFLINE"] = "1"
+    variables.update({k: v for k, v in quiet.items() if k not in env})
     if shutdown_timeout is not None:
         variables["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout)
     if hang_verdict is not None:

@@ -2,10 +2,15 @@
 
 ``PersonFilter`` (on torchtitan's console handler, ``install_person_filter``) moves the set-up
 lines a reader does not need (``QUIET``: device mesh, model-args JSON, GC timings, "Trainer is
-initialized ...", the per-save chatter) to DEBUG, shows a repeated lookup warning once, and writes
-one line per checkpoint (``checkpoint at step N saved in S s``); ``quiet_expected_noise`` silences
+initialized ...", the per-save chatter, torchtitan's "Finished saving" line, which the final save
+never prints and an async save prints before anything is on disk: the checkpoint manager's
+``checkpoint at step N saved in S s: FOLDER`` replaces it, once a checkpoint is complete) to DEBUG,
+shows a repeated lookup warning once; ``quiet_expected_noise`` silences
 the Python warnings this path always raises (``EXPECTED_WARNINGS``) and the datasets progress
-bars. ``LOG_LEVEL=debug`` keeps all of it.
+bars. ``LOG_LEVEL=debug`` keeps all of it, except the libraries' own chatter: torchtitan's logger is
+the root logger, so at DEBUG every library's debug records would reach it (matplotlib alone prints
+~150 ``findfont`` lines while drawing the plots at the end; filelock, fsspec and the HTTP client a
+few per dataset load). ``THIRD_PARTY`` loggers show WARNING and above at every level.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ QUIET = (
     r"Synchronizing and adjusting timeout",
     r"Loading the checkpoint from",
     r"Saving the checkpoint \(or staging",
+    r"Finished saving the checkpoint",  # the manager's line at the marker says it (step, time, folder)
     r"Saving a full checkpoint at last step",
     r"Sleeping \d+ seconds for",
     r"Training completed",
@@ -60,12 +66,41 @@ QUIET = (
 """torchtitan's (and our) INFO/WARNING lines shown only at LOG_LEVEL=debug."""
 
 QUIET_ON_CPU = (r"Peak flops undefined for: cpu", r"Peak FLOPS used for computing MFU", r"CPU memory usage for model")
-"""Meaningless without a GPU: MFU and device memory print n/a in the step line."""
+"""Meaningless without a GPU: the step line leaves out memory, tflops and MFU there."""
+
+THIRD_PARTY = (
+    "matplotlib",
+    "PIL",
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "httpx2",
+    "httpcore2",
+    "fsspec",
+    "filelock",
+    "asyncio",
+    "huggingface_hub",
+    "datasets",
+    "h5py",
+    "numexpr",
+)
+"""Libraries whose loggers show only WARNING and above, ``LOG_LEVEL=debug`` included (their debug
+lines are about fonts, file locks and sockets, not about the job)."""
+
+
+def third_party(name: str) -> bool:
+    return name.split(".", 1)[0] in THIRD_PARTY
+
+
+def quiet_third_party() -> None:
+    """The ``THIRD_PARTY`` loggers at WARNING: their debug records are not even made (the filter
+    drops any that a library's own ``setLevel`` lets through later)."""
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 ONCE = (r"Peak flops undefined for",)
 """Shown the first time only (torchtitan looks the peak up twice)."""
-
-SAVED = re.compile(r"Finished saving the checkpoint \(or staging if async is enabled\) ?in ([0-9.]+) seconds")
 
 
 def log_level(env: Mapping[str, str] = os.environ) -> int:
@@ -73,20 +108,19 @@ def log_level(env: Mapping[str, str] = os.environ) -> int:
 
 
 class PersonFilter(logging.Filter):
-    """Demotes the QUIET lines to DEBUG (dropped unless LOG_LEVEL=debug), keeps ONCE lines once,
-    and rewrites torchtitan's checkpoint line as ``checkpoint at step N saved in S s``.
+    """Demotes the QUIET lines to DEBUG (dropped unless LOG_LEVEL=debug), keeps ONCE lines once, and
+    drops the ``THIRD_PARTY`` libraries' records below WARNING at every level.
 
-    ``step``: the trainer's current step (a callable: the filter is installed before it exists);
     ``stopping``: whether a stop signal is being handled (the final save is then not "the last step").
     """
 
-    def __init__(self, level: int = logging.INFO, cpu: bool = False, step=lambda: None, stopping=lambda: False):
+    def __init__(self, level: int = logging.INFO, cpu: bool = False, stopping=lambda: False):
         super().__init__()
         self.level = level
         self.quiet = re.compile("|".join(f"(?:{p})" for p in (*QUIET, *(QUIET_ON_CPU if cpu else ()))))
         self.once = re.compile("|".join(f"(?:{p})" for p in ONCE))
         self.seen: set[str] = set()
-        self.step, self.stopping = step, stopping
+        self.stopping = stopping
 
     def _set(self, record: logging.LogRecord, level: int, message: str | None = None) -> None:
         record.levelno, record.levelname = level, logging.getLevelName(level)
@@ -94,14 +128,12 @@ class PersonFilter(logging.Filter):
             record.msg, record.args = message, None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and third_party(record.name):
+            return False
         message = record.getMessage()
         if message.startswith("Building ") and "with {" in message:
             head, _, body = message.partition("with {")
             self._set(record, logging.DEBUG, f"{head.rstrip()} with {{{body}")  # upstream lacks the space
-        elif (saved := SAVED.search(message)) is not None:
-            step = self.step()
-            where = f" at step {step}" if step is not None else ""
-            self._set(record, record.levelno, f"checkpoint{where} saved in {float(saved.group(1)):.2f} s")
         elif self.stopping() and "at last step" in message:
             self._set(record, logging.DEBUG, message.replace("at last step", "at the stop"))
         elif self.quiet.match(message):
@@ -132,15 +164,16 @@ def quiet_expected_noise(env: Mapping[str, str] = os.environ) -> None:
 def install_person_filter(
     *,
     cpu: bool,
-    step=lambda: None,
     stopping=lambda: False,
     env: Mapping[str, str] = os.environ,
     log: logging.Logger | None = None,
 ) -> PersonFilter:
-    """Put a PersonFilter on torchtitan's console handler(s) and the logger's level to LOG_LEVEL."""
+    """Put a PersonFilter on torchtitan's console handler(s) and the logger's level to LOG_LEVEL;
+    the libraries' loggers at WARNING (``quiet_third_party``)."""
     log = upstream.logger if log is None else log
     level = log_level(env)
-    person = PersonFilter(level, cpu=cpu, step=step, stopping=stopping)
+    quiet_third_party()
+    person = PersonFilter(level, cpu=cpu, stopping=stopping)
     log.setLevel(min(level, log.level or level))
     for handler in log.handlers:
         handler.filters = [f for f in handler.filters if not isinstance(f, PersonFilter)]

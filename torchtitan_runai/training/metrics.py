@@ -7,9 +7,14 @@ working, plus the time left to ``training.steps``::
     step: 10  loss:  7.81234  grad_norm:  1.2345  memory: 61.20GiB(77.35%)  tps: 7,312
     tflops: 338.43  mfu: 34.22%  eta: 5:12:09
 
-(one line in the log). Where there is no device memory to read (the CPU rehearsal) memory and
-MFU print ``n/a`` instead of numbers that mean nothing, and are not sent to TensorBoard.
-TensorBoard and W&B receive exactly torchtitan's metrics otherwise.
+(one line in the log). Where there is no device memory to read (the CPU rehearsal) the line
+leaves out memory, tflops and mfu, which mean nothing there (no device memory, no peak FLOPS: they
+would read ``n/a`` or ``0.00``)::
+
+    step: 10  loss:  7.81234  grad_norm:  1.2345  tps: 2,048  eta: 0:00:12
+
+memory and MFU are then not sent to TensorBoard either. TensorBoard and W&B receive exactly
+torchtitan's metrics otherwise.
 
 ``startup_summary(...)`` returns the lines a job prints once at start: world size, nodes,
 parallelism, seed, config file, tokenizer, checkpoint folder and resumed-from step, with resolved
@@ -43,25 +48,27 @@ def step_line(
     grad_norm: float,
     *,
     tps: float,
-    tflops: float,
+    tflops: float | None,
     mfu: float | None,
     memory_gib: float | None,
     memory_pct: float | None,
     eta_s: float | None,
     color: Any = None,
 ) -> str:
-    """torchtitan's step line (same fields, order and number formats) plus ``eta``."""
+    """torchtitan's step line (same fields, order and number formats) plus ``eta``; a field given as
+    None (memory, tflops, mfu on CPU) is left out rather than printed as ``n/a``."""
     c = color or upstream.NoColor()
-    memory = f"{memory_gib:5.2f}GiB({memory_pct:.2f}%)" if memory_gib is not None else "n/a"
-    mfu_text = f"{mfu:.2f}%" if mfu is not None else "n/a"
+    memory = f"{c.turquoise}memory: {memory_gib:5.2f}GiB({memory_pct:.2f}%)  " if memory_gib is not None else ""
+    tflops_text = f"{c.cyan}tflops: {tflops:,.2f}  " if tflops is not None else ""
+    mfu_text = f"{c.magenta}mfu: {mfu:.2f}%  " if mfu is not None else ""
     return (
         f"{c.red}step: {step:2}  "
         f"{c.green}loss: {loss:8.5f}  "
         f"{c.orange}grad_norm: {grad_norm:7.4f}  "
-        f"{c.turquoise}memory: {memory}  "
+        f"{memory}"
         f"{c.blue}tps: {round(tps):,}  "
-        f"{c.cyan}tflops: {tflops:,.2f}  "
-        f"{c.magenta}mfu: {mfu_text}  "
+        f"{tflops_text}"
+        f"{mfu_text}"
         f"{c.white}eta: {format_eta(eta_s)}{c.reset}"
     )
 
@@ -72,7 +79,7 @@ def memory_available(monitor: Any) -> bool:
 
 
 class RunaiMetricsProcessor(upstream.MetricsProcessor):
-    """torchtitan's MetricsProcessor with our step line (ETA, ``n/a`` where unmeasurable).
+    """torchtitan's MetricsProcessor with our step line (ETA; on CPU no memory, tflops or mfu).
 
     Everything else (TensorBoard/W&B loggers, which rank logs, peak-FLOPS lookup, validation
     lines) is torchtitan's.
@@ -147,7 +154,7 @@ class RunaiMetricsProcessor(upstream.MetricsProcessor):
                 global_avg_loss,
                 grad_norm,
                 tps=tps,
-                tflops=tflops,
+                tflops=tflops if self.has_memory else None,  # CPU: no peak FLOPS, no meaning
                 mfu=mfu,
                 memory_gib=memory_gib,
                 memory_pct=memory_pct,

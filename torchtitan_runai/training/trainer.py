@@ -100,7 +100,6 @@ class RunaiTrainer(upstream.Trainer):
         self.stop_flag.install()
         self.log_filter = log_filter.install_person_filter(
             cpu=not device.has_accelerator(),
-            step=lambda: getattr(self, "step", None),
             stopping=lambda: bool(self.stop_flag.signum),
         )
         res = getattr(job_config, "resilience", None) or Resilience()
@@ -232,18 +231,20 @@ class RunaiTrainer(upstream.Trainer):
             raise Preempted(signum)
         more = super().should_continue_training()
         if not first and (not more or self.step % self.job_config.goodput.log_freq == 0):
-            self.report_goodput()
+            self.report_goodput(final=not more)
         if not more:
             self.ledger.switch("teardown")
         return more
 
-    def report_goodput(self) -> None:
-        """The goodput line, TensorBoard's goodput/ scalars and goodput.json (rank 0)."""
+    def report_goodput(self, final: bool = False) -> None:
+        """The goodput line so far, TensorBoard's goodput/ scalars and goodput.json (rank 0). At the
+        last step the line is DEBUG: the launcher's at its exit is the run's one figure (the same
+        ledger with the teardown and the exit: ``goodput.report_at_exit``)."""
         records = self.ledger.records()
         if records is None:
             return
         summary = goodput.summarize(records)
-        logger.info(goodput.goodput_line(summary))
+        (logger.debug if final else logger.info)(goodput.goodput_line(summary, goodput.so_far(self.step)))
         metric_logger = getattr(getattr(self, "metrics_processor", None), "logger", None)
         if metric_logger is not None:
             metric_logger.log(goodput.report.tensorboard_scalars(summary), self.step)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from torchtitan_runai.goodput.report import CATEGORIES, goodput_line, summarize, tensorboard_scalars, work_at
+from torchtitan_runai.goodput.report import (
+    CATEGORIES,
+    WHOLE_JOB,
+    goodput_line,
+    so_far,
+    summarize,
+    tensorboard_scalars,
+    work_at,
+)
 
 
 def launch(lid: str, start: float, end: float | None, code: int | None = 0) -> dict:
@@ -163,6 +171,9 @@ def test_line_and_scalars_name_every_category():
     assert line.startswith("goodput: ") and "unsaved 5.0s" in line
     assert set(tensorboard_scalars(s)) == {f"goodput/{c}(s)" for c in CATEGORIES} | {"goodput/goodput(%)"}
     assert goodput_line(summarize([])) == "goodput: nothing measured yet"
+    # the launcher's figure at exit and rank 0's progress figures say what each covers
+    assert goodput_line(s, WHOLE_JOB).startswith("goodput of the whole job (every launch, start-up to exit): ")
+    assert goodput_line(s, so_far(10)).startswith("goodput so far (step 10): ")
 
 
 def test_a_segment_under_another_nodes_launcher_is_not_counted_twice():

@@ -62,3 +62,20 @@ def test_validate_data_config_checks_training_and_validation(tmp_path, cfg):
         validate_data_config(job)
     job.validation.enable = False
     validate_data_config(job)
+
+
+def test_on_disk_when_every_dataset_the_ranks_read_is_files():
+    def job(train=("local", "./data"), validation=None):
+        return SimpleNamespace(
+            training=SimpleNamespace(dataset=train[0], dataset_path=train[1]),
+            validation=SimpleNamespace(
+                enable=validation is not None, dataset=(validation or ("",))[0], dataset_path=None
+            ),
+        )
+
+    assert data_files.on_disk(job())
+    assert data_files.on_disk(job(("c4_test", None)))  # torchtitan's test folder
+    assert data_files.on_disk(job(("c4", "/pvc/c4")))  # a named dataset pointed at a folder
+    assert not data_files.on_disk(job(("c4", None)))  # streamed from the Hub
+    assert not data_files.on_disk(job(validation=("c4_validation",)))
+    assert data_files.on_disk(job(validation=("local",)))

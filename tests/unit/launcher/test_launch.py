@@ -581,3 +581,31 @@ def test_a_warmup_longer_than_the_run_is_one_launcher_warning_not_a_refusal(caps
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warmup_steps" in line]
     assert len(warnings) == 1 and warnings[0].startswith("[launch] warning: lr_scheduler.warmup_steps = 5")
     assert "Fix: set lr_scheduler.warmup_steps to at most 3" in warnings[0]
+
+
+def test_the_last_line_says_what_to_do_next(tmp_path, monkeypatch):
+    from ckpt_util import write_ckpt
+    from conftest import REPO
+
+    from torchtitan_runai import storage
+    from torchtitan_runai.job import parse_job_config
+    from torchtitan_runai.launcher.launch import CALLER_DIR_ENV, next_line
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    config = parse_job_config(["--job.config_file", DEBUG_CONFIG, "--job.dump_folder", str(out)], world_size=2)
+    step = write_ckpt(storage.checkpoint_dir(config), 30)
+    plot = storage.plot_file(storage.tensorboard_dir(config))
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"\x89PNG")
+    assert next_line(config, {}) == (
+        f"next: export the weights for Hugging Face: python -m torchtitan_runai.export {step} {out}/hf "
+        f"--config {DEBUG_CONFIG}; loss curves {plot}; goodput breakdown: python -m torchtitan_runai.goodput {out}"
+    )
+    # called from another directory: the repository's relative paths as absolute ones
+    elsewhere = next_line(config, {CALLER_DIR_ENV: str(tmp_path)})
+    assert f"--config {REPO / 'train_configs' / 'debug_model.toml'};" in elsewhere
+    config.export.at_end = True  # the export was written at the end: where it is
+    (out / "hf").mkdir()
+    (out / "hf" / "config.json").write_text("{}")
+    assert next_line(config, {}).startswith(f"next: the Hugging Face model is in {out}/hf; loss curves ")

@@ -20,6 +20,8 @@ def test_every_variable_the_workers_get():
         "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
         "PYTORCH_ALLOC_CONF": "expandable_segments:True",
         "OMP_NUM_THREADS": "1",
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
         HANG_VERDICT_ENV: "/tmp/x/hang-verdict",
         LAUNCH_ID_ENV: "launch-1",
@@ -27,7 +29,18 @@ def test_every_variable_the_workers_get():
 
 
 def test_one_process_per_node_and_a_torchrun_with_the_flag_add_nothing_more():
-    assert workers.environment({}, "/out", 1) == workers.worker_env("/out", {})
+    assert workers.environment({}, "/out", 1) == {
+        **workers.worker_env("/out", {}),
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+
+
+def test_workers_stay_offline_when_the_data_is_on_disk():
+    assert workers.environment({}, "/out", 1, inputs_on_disk=True)["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in workers.environment({}, "/out", 1)  # c4 is streamed from the Hub
+    mine = {"HF_HUB_OFFLINE": "0", "HF_UPDATE_DOWNLOAD_COUNTS": "1", "HF_HUB_DISABLE_TELEMETRY": "0"}
+    assert not set(mine) & set(workers.environment(mine, "/out", 1, inputs_on_disk=True))  # the user wins
 
 
 def test_the_user_wins_the_defaults_and_the_launcher_its_own():
@@ -56,6 +69,7 @@ def test_the_launcher_exports_them_once_just_before_the_agent(monkeypatch, tmp_p
         "PYTORCH_CUDA_ALLOC_CONF",
         HANG_VERDICT_ENV,
         LAUNCH_ID_ENV,
+        "HF_HUB_OFFLINE",
     ):
         env.pop(name, None)
     monkeypatch.setattr(os, "environ", env)
@@ -74,6 +88,7 @@ def test_the_launcher_exports_them_once_just_before_the_agent(monkeypatch, tmp_p
     assert seen["HF_HOME"] == str(out / ".cache" / "huggingface")
     assert seen["TORCHINDUCTOR_CACHE_DIR"] == str(out / ".cache" / "inductor")
     assert seen["OMP_NUM_THREADS"] == "3"  # the user's
+    assert seen["HF_HUB_OFFLINE"] == "1"  # the rehearsal's data and tokenizer are files
     assert seen[HANG_VERDICT_ENV] == seen["verdict_dir"] + "/hang-verdict" and seen["verdict_dir_exists"]
     assert seen[WORKER_ERROR_ENV] == seen[WORKER_ERROR_ENV + "_arg"] == seen["verdict_dir"] + "/worker-error"
     assert (out / "checkpoint" / "goodput" / f"{seen[LAUNCH_ID_ENV]}.json").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 from itertools import islice
 from types import SimpleNamespace
@@ -291,7 +292,7 @@ def bare_trainer(events: Events, steps=10, log_freq=5, step=0):
     t.watchdog = Watchdog(timeout_s=60)
     t.stop_flag = signals.StopFlag()
     t.log_startup_summary = events.fake("startup_summary")
-    t.report_goodput = lambda: events.append(("report_goodput", t.step))
+    t.report_goodput = lambda final=False: events.append(("report_goodput", t.step))
     return t
 
 
@@ -411,7 +412,7 @@ def test_a_loaded_checkpoint_is_the_resumed_from_step():
     assert t.resumed_from == 40
 
 
-def test_goodput_report_writes_the_summary_and_the_scalars(tmp_path):
+def test_goodput_report_writes_the_summary_and_the_scalars(tmp_path, caplog):
     clock = iter(range(1000, 2000, 10))
     ledger = Ledger(tmp_path / "ledger", clock=lambda: float(next(clock)), started_at=None)
     ledger.switch("work")
@@ -422,11 +423,18 @@ def test_goodput_report_writes_the_summary_and_the_scalars(tmp_path):
     t.metrics_processor = SimpleNamespace(
         logger=SimpleNamespace(log=lambda values, step: scalars.append((values, step)))
     )
+    caplog.set_level(logging.DEBUG)
     t.report_goodput()
     summary = json.loads((tmp_path / "goodput.json").read_text())
+    # a progress figure, named so: the launcher's line at its exit is the run's one figure
+    assert [(r.levelname, r.getMessage()[:29]) for r in caplog.records] == [("INFO", "goodput so far (step 5): 0.0%")]
+    caplog.clear()
+    t.report_goodput(final=True)  # the last step: the same figure, at DEBUG only
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert len(scalars) == 2 and (tmp_path / "goodput.json").is_file()
     assert summary["goodput"] is not None and summary["seconds"]["startup"] > 0
     assert scalars and scalars[0][1] == 5 and "goodput/goodput(%)" in scalars[0][0]
     (tmp_path / "goodput.json").unlink()
     t.ledger = NullLedger()  # ranks other than 0: no report
     t.report_goodput()
-    assert not (tmp_path / "goodput.json").exists() and len(scalars) == 1
+    assert not (tmp_path / "goodput.json").exists() and len(scalars) == 2

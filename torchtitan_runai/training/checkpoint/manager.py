@@ -2,7 +2,10 @@
 
 It plugs ``checkpoint.folder`` (completion markers, what is complete) and ``checkpoint.resume``
 (which checkpoint resumes, node-count and schedule checks) into torchtitan's manager: resume choice
-and logging (``resuming from step N (path)``), the completion marker after every save, always-full
+and logging (``resuming from step N (path)``), the completion marker after every save and its line
+(rank 0, once the checkpoint is complete: ``checkpoint at step N saved in S s: FOLDER``, the final
+and preemption saves included; torchtitan's own line is printed before an async save is on disk and
+never for the final one, ``log_filter`` demotes it), always-full
 final and preemption checkpoints (stock's ``last_save_model_only`` final checkpoint cannot be
 resumed), and every rank's RNG state in the checkpoint. The marker keeps the job's settings
 (``checkpoint.resume.settings_of``: the seed as drawn, the schedule, the optimizer's values, the
@@ -145,6 +148,7 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
         manager.dp_degree = dp_degree
         manager.job_id = job_id
         manager.pending_marker = None  # (step, kind) of an async save not yet marked complete
+        manager.save_began = {}  # step -> (time.monotonic() at the save's start, written in the background)
         manager.last_complete_step = -1
         manager.busy = contextlib.nullcontext  # the trainer pauses its hang watchdog while saving
         manager.ledger = NullLedger()  # the trainer's goodput ledger: saves charge their time to it
@@ -190,9 +194,21 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             record["data"] = data_record(self.job_config, self.dp_degree, getattr(loader, "format", "per-rank"))
             record["settings"] = settings_of(self.job_config)  # the seed as drawn: a resume keeps it
             mark_complete(path, record)
+            logger.info(self._saved_line(step, path))
             self._retire_soon()
+        getattr(self, "save_began", {}).pop(step, None)
         self.last_complete_step = step
         self.ledger.marked(step)
+
+    def _saved_line(self, step: int, path: Path) -> str:
+        """The checkpoint's one line, at its marker: the step, how long it took, the folder."""
+        began, background = getattr(self, "save_began", {}).get(step, (None, False))
+        if began is None:
+            return f"checkpoint at step {step} saved: {path}"
+        took = time.monotonic() - began
+        if background:  # the marker waits for the next step boundary after the upload finished
+            return f"checkpoint at step {step} saved in the background, complete {took:.2f} s after it began: {path}"
+        return f"checkpoint at step {step} saved in {took:.2f} s: {path}"
 
     # -- retention (checkpoint.folder.retain; rank 0 only: the folder is shared) ----------------
 
@@ -324,10 +340,13 @@ class RunaiCheckpointManager(upstream.CheckpointManager):
             with self.ledger.during("upload_wait"):
                 self.finish_async(block=True)  # the previous async save must be marked before a new one
             with self.ledger.during("checkpoint_stall"), self._disk_full_is_a_user_error(curr_step):
+                began = time.monotonic()  # this save's own time: after the wait for the previous one
                 self._make_room(curr_step)  # rank 0, before any rank writes: DCP's first collective waits for it
                 super().save(curr_step, last_step)
                 kind = "model-only" if last_step and self.last_save_in_hf else "full"
-                if self.save_future is not None and not last_step:
+                background = self.save_future is not None and not last_step
+                self.save_began[curr_step] = (began, background)
+                if background:
                     self.pending_marker = (curr_step, kind)
                 else:
                     if dist.is_initialized():

@@ -5,6 +5,9 @@ Checkpoints here are real DCP checkpoints written by torch.distributed.checkpoin
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from pathlib import Path
 
 import torch
@@ -56,3 +59,31 @@ def test_only_resume_choose_picks_the_checkpoint_torchtitans_newest_first_pick_n
     (tmp_path / "empty").mkdir()
     assert fresh.load() and torch.equal(fresh.states["b"], torch.ones(10))
     assert called == []
+
+
+def test_every_marked_checkpoint_has_one_line_with_its_step_time_and_folder(tmp_path, caplog, monkeypatch):
+    """The final save prints no torchtitan line (its ``save`` returns before it), an async one prints it
+    before anything is on disk: the line is the marker's, on rank 0, for every kind of save."""
+
+    from torchtitan_runai.goodput.ledger import NullLedger
+
+    monkeypatch.setattr(manager, "data_record", lambda *a: {})
+    m = object.__new__(manager.RunaiCheckpointManager)
+    m.folder, m.keep_latest_k, m.retiring, m.last_complete_step = str(tmp_path), 0, None, -1
+    m.job_config = config()
+    m.world_size = m.dp_degree = 2
+    m.job_id, m.states, m.ledger = "job", {}, NullLedger()
+    m.save_began = {10: (time.monotonic() - 1.5, False), 20: (time.monotonic() - 4.0, True)}
+    caplog.set_level(logging.INFO)
+    for step in (10, 20, 30):  # a synchronous save (final, preemption, interval), an async one, one not timed
+        write_ckpt(tmp_path, step, mark=False)
+        m._mark(step, "full")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint at step")]
+    assert len(lines) == 3, lines
+    assert re.fullmatch(rf"checkpoint at step 10 saved in 1\.\d\d s: {tmp_path}/step-10", lines[0]), lines[0]
+    assert re.fullmatch(
+        rf"checkpoint at step 20 saved in the background, complete 4\.\d\d s after it began: {tmp_path}/step-20",
+        lines[1],
+    ), lines[1]
+    assert lines[2] == f"checkpoint at step 30 saved: {tmp_path}/step-30"
+    assert m.save_began == {}
