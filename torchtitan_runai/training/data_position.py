@@ -353,6 +353,7 @@ class LaneLoader:
         self.handed: dict[str, Any] | None = None  # the state after the last batch handed out
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
         self.trace_path = os.environ.get(TRACE_ENV)
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
@@ -392,7 +393,7 @@ class LaneLoader:
             self.order.load_state_dict(self.handed)  # what the thread made beyond it is made again
         self.order.traced = []
         self._stop = stop = threading.Event()
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._queue = out = queue.Queue(maxsize=self.prefetch)
         self._thread = threading.Thread(target=self._produce, args=(out, stop), name="data", daemon=True)
         self._thread.start()
         while True:
@@ -406,6 +407,10 @@ class LaneLoader:
                 with open(self.trace_path, "a") as f:
                     f.write("".join(json.dumps(t) + "\n" for t in traced))
             yield batch
+
+    def queued(self) -> int:
+        """Batches made and not yet handed out."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
         return self.handed if self.handed is not None else self.order.state_dict()
