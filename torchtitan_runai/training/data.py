@@ -11,8 +11,10 @@ Datasets, by ``training.dataset``:
   sample per paragraph by default), or a folder written by ``datasets``' ``save_to_disk``. All
   shards of a folder must share one format. The text is read from ``data.text_column``.
 
-The training order is global (``data.order = "global"``, ``training.data_position``): the same
-sequences every step at any data-parallel size, so a run resumes on another node count. With
+The training order is global (``data.order = "global"``, ``training.data_position`` and
+``training.data_shards``): the same sequences every step at any data-parallel size, so a run resumes
+on another node count, and each rank reads only the pieces of the corpus it trains on
+(``corpus_pieces``: JSON-lines files read directly, a stream's shards, blocks of rows). With
 ``data.order = "per-rank"``, or to continue a checkpoint written before the global order, every
 dataset goes through torchtitan's ``HuggingFaceTextDataset`` (``split_dataset_by_node`` gives each
 data-parallel rank its own share; the sample index / token buffer state is checkpointed and resumed

@@ -1,5 +1,11 @@
 """The global data position: one order of training sequences for the whole job, whatever its size.
 
+Two versions of the order share the lanes, the windows, the checkpoint keys and the loader here: a
+fresh run uses ``shards-1`` (``training.data_shards``: each lane reads its own pieces of the corpus,
+so each rank reads only its share); ``lanes-1``, below, is the order of runs started before it, kept
+so that their checkpoints go on in it (``RunaiDataloader.load_state_dict`` picks the order the
+checkpoint's position names). Batches are made ahead on a thread (``LaneLoader``).
+
 torchtitan gives every data-parallel rank its own share of the documents, packs that share into its
 own token stream and checkpoints each rank's place in it (``dataloader.dp_rank_N``). That order
 depends on the number of ranks, so a job cannot continue on another node count (torchtitan refuses:

@@ -48,7 +48,8 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
-from torchtitan_runai.training.data_position import EndOfData, GlobalOrder, LaneState
+from torchtitan_runai.errors import UserError
+from torchtitan_runai.training.data_position import POSITION_KEY, EndOfData, GlobalOrder, LaneState, _text
 from torchtitan_runai.training.stream import RetryingStream
 from torchtitan_runai.upstream import logger
 
@@ -252,6 +253,19 @@ class ShardOrder(GlobalOrder):
 
     def position(self) -> dict[str, Any]:
         return {**super().position(), "pieces": self.pieces.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = json.loads(_text(state[POSITION_KEY]))
+        if saved.get("format") == self.format and saved.get("pieces") != self.pieces.count:
+            raise UserError(
+                "training.dataset_path",
+                self.dataset_name,
+                f"the checkpoint's data position is over {saved.get('pieces')} pieces of the corpus, this "
+                f"job's corpus makes {self.pieces.count} (its files, data.streaming or data.format changed)",
+                "resume with the files and [data] settings the checkpoint was written with, or start a new "
+                "run in a new folder",
+            )
+        super().load_state_dict(state)
 
     def read_set(self) -> list[int]:
         """The pieces this rank may open (its sources' pieces)."""

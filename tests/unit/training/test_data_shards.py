@@ -163,7 +163,9 @@ def test_a_finite_order_ends_when_a_source_ends(tmp_path):
 
 def test_a_checkpoint_of_another_corpus_is_refused(tmp_path):
     state = checkpoint(ranks(corpus(tmp_path, "gz-shards"), 2))
-    with pytest.raises(ValueError, match="pieces 12 in the checkpoint, 3 here"):
+    from torchtitan_runai.errors import UserError
+
+    with pytest.raises(UserError, match="over 12 pieces of the corpus, this job's corpus makes 3"):
         ranks(corpus(tmp_path, "few-gz"), 2)[0].load_state_dict(state)
 
 
