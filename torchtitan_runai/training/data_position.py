@@ -63,6 +63,8 @@ from torchtitan_runai.checkpoint.resume import PER_RANK
 from torchtitan_runai.training.stream import RetryingStream
 from torchtitan_runai.upstream import BaseDataLoader, logger
 
+SHARDS = "shards-1"
+"""The position's format of ``training.data_shards``' order (a fresh run's); ``FORMAT`` is ``lanes-1``."""
 POSITION_KEY = "position"
 TRACE_ENV = "TORCHTITAN_RUNAI_DATA_TRACE"
 
@@ -464,8 +466,6 @@ class RunaiDataloader(BaseDataLoader):
         self._orders = {FORMAT: build_lanes}
         self.order = FORMAT
         if build_shards is not None:
-            from torchtitan_runai.training.data_shards import FORMAT as SHARDS
-
             self._orders[SHARDS] = build_shards
             self.order = SHARDS  # a fresh run's global order
         self.format = FORMAT

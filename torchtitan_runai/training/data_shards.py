@@ -49,11 +49,11 @@ import os
 from typing import Any, Callable, Iterator
 
 from torchtitan_runai.errors import UserError
-from torchtitan_runai.training.data_position import POSITION_KEY, EndOfData, GlobalOrder, LaneState, _text
+from torchtitan_runai.training.data_position import POSITION_KEY, SHARDS, EndOfData, GlobalOrder, LaneState, _text
 from torchtitan_runai.training.stream import RetryingStream
 from torchtitan_runai.upstream import logger
 
-FORMAT = "shards-1"
+FORMAT = SHARDS
 MIN_RANGE_BYTES = 1 << 16
 """A plain file is cut into ranges of at least this many bytes (a range shorter than a line is empty)."""
 STREAM_SNAPSHOT_EVERY = 1024
