@@ -14,6 +14,10 @@ file's bytes, before gzip: what a disk or the network delivers). Per rank: bytes
 make one step's windows (read + decode + tokenize; the loader does this on its thread, ahead of the
 step). The total over all ranks against DP 1's is the figure of merit (issue 26: <= 1.1x at any DP).
 
+The same order is then read through ``datasets``' streaming client (``StreamShards``, the path c4
+from the Hub takes) for ``--datasets-dp`` sizes, bytes counted by the kernel (``/proc/self/io``).
+Through a fake Hub it was not run: this environment's ``datasets`` lacks ``aiohttp`` for HTTP streams.
+
 The tokenizer is a whitespace split with a hashed id per word (a real BPE costs more per token, the
 same at every DP: it moves time per batch, not bytes).
 """
@@ -140,6 +144,39 @@ def run_dp(files, dp_degree: int, global_batch: int, seq_len: int, steps: int) -
     }
 
 
+def rchar() -> int:
+    """Bytes ``read`` calls returned to this process so far (the kernel's count, ``/proc/self/io``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no /proc/self/io")
+
+
+def run_dp_datasets(files, dp_degree: int, global_batch: int, seq_len: int, steps: int) -> dict:
+    """The same order through ``datasets``' streaming client (``StreamShards``: the path of c4 from the
+    Hub, here over the local shards), bytes counted by the kernel for this process (``rchar``)."""
+    from datasets import load_dataset
+
+    stream = load_dataset("json", data_files=list(files), split="train", streaming=True)
+    pieces = ds.StreamShards(stream, lambda r: r["text"], name="c4-local")
+    per_rank, times = [], []
+    for r in range(dp_degree):
+        before = rchar()
+        order = ds.ShardOrder(pieces, tokenize, seq_len, global_batch, dp.lanes_of(global_batch, dp_degree, r))
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            for lane in order.lanes:
+                order.window(lane)
+            times.append(time.perf_counter() - t0)
+        per_rank.append(rchar() - before)
+    return {
+        "dp": dp_degree,
+        "total_bytes_read": sum(per_rank),
+        "per_rank_bytes_read": {"mean": sum(per_rank) / dp_degree, "max": max(per_rank)},
+        "s_per_batch_per_rank": {"median": statistics.median(times), "max": max(times)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -149,13 +186,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dp", default="1,8,64,512")
+    parser.add_argument("--datasets-dp", default="1,8,64", help="DP sizes through datasets' stream ('' skips)")
+    parser.add_argument("--datasets-global-batch", type=int, default=128)
+    parser.add_argument("--tag", default="data_scale")
     args = parser.parse_args()
     t0 = time.perf_counter()
     files = build_corpus(Path(args.corpus), args.docs_per_shard)
     corpus_bytes = sum(Path(f).stat().st_size for f in files)
     print(f"corpus: {len(files)} shards, {corpus_bytes / 1e6:.1f} MB gzipped ({time.perf_counter() - t0:.0f}s)")
     rows = []
-    for m in [int(x) for x in args.dp.split(",")]:
+    for m in [int(x) for x in args.dp.split(",") if x]:
         t = time.perf_counter()
         row = run_dp(files, m, args.global_batch, args.seq_len, args.steps)
         row["ratio_to_dp1"] = row["total_bytes_read"] / rows[0]["total_bytes_read"] if rows else 1.0
@@ -164,6 +204,17 @@ def main() -> None:
             f"DP {m:4d}: all ranks read {row['total_bytes_read'] / 1e6:8.2f} MB ({row['ratio_to_dp1']:.3f}x DP 1), "
             f"per rank {row['per_rank_bytes_read']['mean'] / 1e6:.3f} MB, "
             f"{row['docs_parsed_per_step_per_rank']:.1f} docs parsed/step/rank, "
+            f"{row['s_per_batch_per_rank']['median'] * 1e3:.1f} ms/batch/rank ({time.perf_counter() - t:.0f}s)"
+        )
+    ds_rows = []
+    for m in [int(x) for x in args.datasets_dp.split(",") if x]:
+        t = time.perf_counter()
+        row = run_dp_datasets(files, m, args.datasets_global_batch, args.seq_len, args.steps)
+        row["ratio_to_dp1"] = row["total_bytes_read"] / ds_rows[0]["total_bytes_read"] if ds_rows else 1.0
+        ds_rows.append(row)
+        print(
+            f"through datasets' stream, DP {m:4d}: read {row['total_bytes_read'] / 1e6:8.2f} MB "
+            f"({row['ratio_to_dp1']:.3f}x DP 1), per rank {row['per_rank_bytes_read']['mean'] / 1e6:.3f} MB, "
             f"{row['s_per_batch_per_rank']['median'] * 1e3:.1f} ms/batch/rank ({time.perf_counter() - t:.0f}s)"
         )
     result = {
@@ -177,10 +228,11 @@ def main() -> None:
         "steps": args.steps,
         "order": ds.FORMAT,
         "rows": rows,
+        "through_datasets_stream": {"global_batch": args.datasets_global_batch, "rows": ds_rows},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{result['date']}-cpu-data_scale.json"
+    path = out / f"{result['date']}-cpu-{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 
