@@ -251,3 +251,60 @@ def test_a_lanes_1_position_resumes_in_its_own_order_at_the_same_and_another_siz
         assert got + batches(new, 6) == expected
     fresh = batches([loader(1, 0)], 10)
     assert fresh != expected  # a fresh run's order is shards-1
+
+
+# ---------------------------------------------------------------------------------------------
+# through the real builder: a local streaming folder of gzipped shards, one large plain file
+
+
+@pytest.mark.parametrize("layout", ["gz-folder", "one-big-file"])
+def test_the_builder_resumes_a_sharded_corpus_at_another_size(tmp_path, layout):
+    from test_data_position import loader_steps
+
+    from torchtitan_runai.config import Data
+    from torchtitan_runai.training import data as data_mod
+    from torchtitan_runai.upstream import HuggingFaceTokenizer, JobConfig
+
+    sys_path_tests()
+    from tokgen import write_tokenizer
+
+    tokenizer = HuggingFaceTokenizer(str(write_tokenizer(tmp_path / "tok")))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    texts = [f"{t} copy {c}" for c in range(4) for t in TEXTS]
+    if layout == "gz-folder":
+        for i in range(6):
+            write_jsonl(folder / f"c4-train.{i:05d}-of-00006.json.gz", texts[i::6], gz=True)
+    else:
+        write_jsonl(folder / "all.jsonl", texts)
+    job = JobConfig()
+    job.training.dataset, job.training.dataset_path = "local", str(folder)
+    job.training.seq_len, job.training.local_batch_size, job.training.global_batch_size = 8, 2, 4
+    job.data = Data(streaming=True, cache_dir=str(tmp_path / "cache"))
+
+    def build(dp_degree):
+        return [data_mod.build_dataloader(dp_degree, r, tokenizer, job) for r in range(dp_degree)]
+
+    expected = loader_steps(build(1), 40, local_batch=2)
+    before = build(2)
+    got = loader_steps(before, 17, local_batch=2)
+    state: dict = {}
+    for loader in before:
+        state.update(loader.state_dict())
+    assert json.loads(state[dp.POSITION_KEY])["format"] == ds.FORMAT
+    assert json.loads(state[dp.POSITION_KEY])["pieces"] == (6 if layout == "gz-folder" else 4)
+    job.training.local_batch_size = 1
+    after = build(4)
+    for loader in after:
+        loader.load_state_dict(state)
+    got += loader_steps(after, 23, local_batch=1)
+    assert got == expected
+
+
+def sys_path_tests():
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parents[2])
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
