@@ -11,8 +11,10 @@ Datasets, by ``training.dataset``:
   sample per paragraph by default), or a folder written by ``datasets``' ``save_to_disk``. All
   shards of a folder must share one format. The text is read from ``data.text_column``.
 
-The training order is global (``data.order = "global"``, ``training.data_position``): the same
-sequences every step at any data-parallel size, so a run resumes on another node count. With
+The training order is global (``data.order = "global"``, ``training.data_position`` and
+``training.data_shards``): the same sequences every step at any data-parallel size, so a run resumes
+on another node count, and each rank reads only the pieces of the corpus it trains on
+(``corpus_pieces``: JSON-lines files read directly, a stream's shards, blocks of rows). With
 ``data.order = "per-rank"``, or to continue a checkpoint written before the global order, every
 dataset goes through torchtitan's ``HuggingFaceTextDataset`` (``split_dataset_by_node`` gives each
 data-parallel rank its own share; the sample index / token buffer state is checkpointed and resumed
@@ -52,6 +54,7 @@ from torchtitan_runai.inputs.data_files import (
     sniff_columns,
 )
 from torchtitan_runai.training import data_position as dp
+from torchtitan_runai.training import data_shards as ds_shards
 from torchtitan_runai.training.stream import RetryingStream
 from torchtitan_runai.upstream import DatasetConfig, HuggingFaceTextDataset, ParallelAwareDataloader, text_datasets
 
@@ -198,6 +201,7 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config: An
     loader = dp.RunaiDataloader(
         partial(_build_lanes, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
         partial(_build_per_rank, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
+        partial(_build_shards, dp_world_size, dp_rank, tokenizer, job_config, data, infinite),
     )
     if data.order == "per-rank":
         loader.use_per_rank()
@@ -230,6 +234,46 @@ def _build_lanes(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, d
         dp.lanes_of(global_batch, dp_world_size, dp_rank),
         dataset_name=name,
         rank=dp_rank,
+    )
+    return dp.LaneLoader(order, training.local_batch_size)
+
+
+def corpus_pieces(job_config: Any, data: Data, global_batch: int):
+    """The pieces of ``training.data_shards`` for this job's dataset: JSON-lines files read directly
+    (``local`` with ``data.streaming``), a stream's shards (``c4`` from the Hub, other streamed files),
+    or blocks of rows (map-style data). Opens no data file."""
+    training = job_config.training
+    name = training.dataset.lower()
+    entry = text_datasets.DATASETS[name]
+    if name == LOCAL and data.streaming:
+        fmt, files = find_data_files(training.dataset_path, data)
+        if fmt in ("jsonl", "json") and sniff_columns(fmt, files[0]) is not None:  # lines, not a JSON array
+            return ds_shards.LineFiles([str(f) for f in files], entry.sample_processor, global_batch)
+    source = entry.loader(training.dataset_path or entry.path)
+    if isinstance(source, Dataset):
+        return ds_shards.MapRows(source, entry.sample_processor, global_batch)
+    return ds_shards.StreamShards(
+        source,
+        entry.sample_processor,
+        name=name,
+        retries=data.retries,
+        backoff_s=data.backoff_s,
+        max_backoff_s=data.max_backoff_s,
+    )
+
+
+def _build_shards(dp_world_size: int, dp_rank: int, tokenizer, job_config: Any, data: Data, infinite: bool):
+    training = job_config.training
+    global_batch = global_batch_of(training, dp_world_size)
+    order = ds_shards.ShardOrder(
+        corpus_pieces(job_config, data, global_batch),
+        lambda text: tokenizer.encode(text, add_bos=True, add_eos=True),
+        training.seq_len,
+        global_batch,
+        dp.lanes_of(global_batch, dp_world_size, dp_rank),
+        dataset_name=training.dataset.lower(),
+        rank=dp_rank,
+        infinite=infinite,
     )
     return dp.LaneLoader(order, training.local_batch_size)
 

@@ -1,5 +1,11 @@
 """The global data position: one order of training sequences for the whole job, whatever its size.
 
+Two versions of the order share the lanes, the windows, the checkpoint keys and the loader here: a
+fresh run uses ``shards-1`` (``training.data_shards``: each lane reads its own pieces of the corpus,
+so each rank reads only its share); ``lanes-1``, below, is the order of runs started before it, kept
+so that their checkpoints go on in it (``RunaiDataloader.load_state_dict`` picks the order the
+checkpoint's position names). Batches are made ahead on a thread (``LaneLoader``).
+
 torchtitan gives every data-parallel rank its own share of the documents, packs that share into its
 own token stream and checkpoints each rank's place in it (``dataloader.dp_rank_N``). That order
 depends on the number of ranks, so a job cannot continue on another node count (torchtitan refuses:
@@ -44,6 +50,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -55,6 +63,8 @@ from torchtitan_runai.checkpoint.resume import PER_RANK
 from torchtitan_runai.training.stream import RetryingStream
 from torchtitan_runai.upstream import BaseDataLoader, logger
 
+SHARDS = "shards-1"
+"""The position's format of ``training.data_shards``' order (a fresh run's); ``FORMAT`` is ``lanes-1``."""
 POSITION_KEY = "position"
 TRACE_ENV = "TORCHTITAN_RUNAI_DATA_TRACE"
 
@@ -183,7 +193,12 @@ class StreamDocuments:
 
 
 class GlobalOrder:
-    """The windows of one rank's lanes, in lane order, one per lane per round (= per step)."""
+    """The windows of one rank's lanes, in lane order, one per lane per round (= per step).
+
+    This is the ``lanes-1`` order (lane ``v``: documents ``v, v+G, ...`` of the corpus); a fresh run
+    uses ``training.data_shards.ShardOrder`` (``shards-1``), which overrides ``_fetch`` / ``_stride``."""
+
+    format = FORMAT
 
     def __init__(
         self,
@@ -200,8 +215,8 @@ class GlobalOrder:
         self.states = {lane: LaneState(doc=lane) for lane in lanes}
         self.tokens: dict[int, tuple[int, list[int]]] = {}  # lane -> (document, its tokens)
         self.started = False
-        trace = os.environ.get(TRACE_ENV)
-        self.trace = open(trace, "a", buffering=1) if trace else None
+        self.trace = bool(os.environ.get(TRACE_ENV))
+        self.traced: list[dict] = []  # windows made, written by the loader when they are handed out
 
     def _start(self) -> None:
         if not self.started:
@@ -211,13 +226,19 @@ class GlobalOrder:
     def _doc_tokens(self, lane: int, doc: int) -> list[int]:
         cached = self.tokens.get(lane)
         if cached is None or cached[0] != doc:
-            text, snap_doc, snap = self.documents.fetch(doc)
+            text, snap_doc, snap = self._fetch(lane, doc)
             cached = (doc, self.tokenize(text))
             self.tokens[lane] = cached
             if snap is not None or snap_doc:
                 st = self.states[lane]
                 st.snap_doc, st.snap = snap_doc, snap
         return cached[1]
+
+    def _fetch(self, lane: int, doc: int) -> tuple[str, int, Any]:
+        return self.documents.fetch(doc)
+
+    def _stride(self, lane: int) -> int:
+        return self.global_batch
 
     def window(self, lane: int) -> list[int]:
         """Lane ``lane``'s next ``seq_len + 1`` tokens; advances its state."""
@@ -233,23 +254,20 @@ class GlobalOrder:
             out.extend(take)
             offset += len(take)
             if offset >= len(tokens):
-                doc, offset = doc + self.global_batch, 0
+                doc, offset = doc + self._stride(lane), 0
         st.doc, st.offset = doc, offset
         st.windows += 1
-        if self.trace is not None:
+        if self.trace:
             digest = hashlib.sha1(json.dumps(out).encode()).hexdigest()[:16]
-            self.trace.write(
-                json.dumps(
-                    {
-                        "rank": self.rank,
-                        "lane": lane,
-                        "window": st.windows - 1,
-                        "doc": first[0],
-                        "offset": first[1],
-                        "sha": digest,
-                    }
-                )
-                + "\n"
+            self.traced.append(
+                {
+                    "rank": self.rank,
+                    "lane": lane,
+                    "window": st.windows - 1,
+                    "doc": first[0],
+                    "offset": first[1],
+                    "sha": digest,
+                }
             )
         return out
 
@@ -266,7 +284,7 @@ class GlobalOrder:
 
     def position(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": self.format,
             "global_batch": self.global_batch,
             "seq_len": self.seq_len,
             "dataset": self.dataset_name,
@@ -281,7 +299,9 @@ class GlobalOrder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = json.loads(_text(state[POSITION_KEY]))
         mine = self.position()
-        for key in ("format", "global_batch", "seq_len"):
+        for key in mine:
+            if key == "dataset":
+                continue
             if saved.get(key) != mine[key]:
                 raise ValueError(f"data position {key} {saved.get(key)!r} in the checkpoint, {mine[key]!r} here")
         states = {lane: LaneState(**json.loads(_text(state[lane_key(lane)]))) for lane in self.lanes}
@@ -327,26 +347,106 @@ def _text(value: Any) -> str:
 
 
 class LaneLoader:
-    """Batches of ``local_batch`` windows (torchtitan's ``({"input": x}, labels)``), lanes in order."""
+    """Batches of ``local_batch`` windows (torchtitan's ``({"input": x}, labels)``), lanes in order.
 
-    def __init__(self, order: GlobalOrder, local_batch: int):
-        self.order, self.local_batch = order, local_batch
+    Made ahead of the training step on a background thread (reading, decoding, tokenizing), at most
+    ``prefetch`` batches ahead; each batch carries the order's state after it (the lanes' small JSON
+    records, once per batch), and ``state_dict`` is the state after the last batch handed out, so a
+    checkpoint never counts a batch made but not trained. A new ``iter`` (or ``load_state_dict``)
+    stops the thread and goes on from the last batch handed out.
+    """
+
+    def __init__(self, order: GlobalOrder, local_batch: int, prefetch: int = 4):
+        self.order, self.local_batch, self.prefetch = order, local_batch, prefetch
+        self.handed: dict[str, Any] | None = None  # the state after the last batch handed out
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self.trace_path = os.environ.get(TRACE_ENV)
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            rounds = self.order.rounds()
+            while not stop.is_set():
+                rows = [window for _, window in zip(range(self.local_batch), rounds)]
+                if len(rows) < self.local_batch:
+                    put(_END)  # a finite order's last, partial batch is dropped, as torchtitan's is
+                    return
+                rows = torch.tensor(rows, dtype=torch.long)
+                batch = ({"input": rows[:, :-1].contiguous()}, rows[:, 1:].contiguous())
+                traced, self.order.traced = self.order.traced, []
+                if not put((batch, self.order.state_dict(), traced)):
+                    return
+        except BaseException as error:  # handed to the training thread, raised there
+            put(_Failed(error))
+
+    def _halt(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
 
     def __iter__(self):
-        rounds = self.order.rounds()
+        self._halt()
+        if self.handed is not None:
+            self.order.load_state_dict(self.handed)  # what the thread made beyond it is made again
+        self.order.traced = []
+        self._stop = stop = threading.Event()
+        self._queue = out = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(out, stop), name="data", daemon=True)
+        self._thread.start()
         while True:
-            rows = [window for _, window in zip(range(self.local_batch), rounds)]
-            if len(rows) < self.local_batch:
-                return  # a finite order's last, partial batch is dropped, as torchtitan's is
-            rows = torch.tensor(rows, dtype=torch.long)
-            yield {"input": rows[:, :-1].contiguous()}, rows[:, 1:].contiguous()
+            item = out.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            batch, self.handed, traced = item
+            if traced and self.trace_path:
+                with open(self.trace_path, "a") as f:
+                    f.write("".join(json.dumps(t) + "\n" for t in traced))
+            yield batch
+
+    def queued(self) -> int:
+        """Batches made and not yet handed out."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
+        return self.handed if self.handed is not None else self.order.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
+            self._halt()
             self.order.load_state_dict(state)
+            self.handed = None
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def saved_order(state: dict[str, Any]) -> str | None:
+    """The order (``lanes-1``, ``shards-1``) a global data position was written with; None: none."""
+    position = state.get(POSITION_KEY) if state else None
+    if position is None:
+        return None
+    try:
+        return json.loads(_text(position)).get("format")
+    except (ValueError, AttributeError):
+        return None
 
 
 class RunaiDataloader(BaseDataLoader):
@@ -356,15 +456,27 @@ class RunaiDataloader(BaseDataLoader):
     (``use_per_rank``) before anything is read.
     """
 
-    def __init__(self, build_lanes: Callable[[], Any], build_per_rank: Callable[[], Any]):
+    def __init__(
+        self,
+        build_lanes: Callable[[], Any],
+        build_per_rank: Callable[[], Any],
+        build_shards: Callable[[], Any] | None = None,
+    ):
         self._build = {FORMAT: build_lanes, PER_RANK: build_per_rank}
+        self._orders = {FORMAT: build_lanes}
+        self.order = FORMAT
+        if build_shards is not None:
+            self._orders[SHARDS] = build_shards
+            self.order = SHARDS  # a fresh run's global order
         self.format = FORMAT
+        """The position's kind in the checkpoint marker (``checkpoint.resume``): the global order
+        (``lanes-1``, for both of its versions ``self.order``), or ``per-rank``."""
         self._impl = None
 
     @property
     def impl(self):
         if self._impl is None:
-            self._impl = self._build[self.format]()
+            self._impl = self._orders[self.order]() if self.format == FORMAT else self._build[self.format]()
         return self._impl
 
     def use_per_rank(self) -> None:
@@ -378,4 +490,9 @@ class RunaiDataloader(BaseDataLoader):
         return self.impl.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = saved_order(state_dict) if self.format == FORMAT else None
+        if saved in self._orders and saved != self.order:
+            # a checkpoint of the other global order (lanes-1: written before shards-1) goes on in its own
+            # order; both store the same keys (the position and one per lane), so it loaded as is
+            self.order, self._impl = saved, None
         self.impl.load_state_dict(state_dict)

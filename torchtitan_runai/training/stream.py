@@ -13,6 +13,11 @@ once on any other error, the error is raised. Each retry logs one warning::
 
 The end of the stream is ``StopIteration`` from ``read``: what follows (the end of an epoch, a new
 one) is the caller's.
+
+``snapshot_every``: the stream's state is taken every this many examples (1: before each, the state
+``read`` returns); after a failure the stream goes back to the last one and drops the examples
+already read since, so a large value spares a ``state_dict`` per example at the price of re-reading
+up to that many after a dropped connection (``read`` then returns None for the state).
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ class RetryingStream:
         backoff_s: float,
         max_backoff_s: float,
         sleep: Callable[[float], None] = time.sleep,
+        snapshot_every: int = 1,
     ):
         self.dataset, self.name = dataset, name
+        self.snapshot_every = max(1, snapshot_every)
+        self.since = 0  # examples read since self.state
+        self.replay = 0  # examples to read again and drop after going back to self.state
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.sleep = sleep
         # counted from the last example read (a restart does not reset them); a give-up resets them
@@ -50,6 +59,7 @@ class RetryingStream:
         """Read on from ``state`` (one of the dataset's ``state_dict``s)."""
         self.dataset.load_state_dict(state)
         self.state = self.dataset.state_dict()
+        self.since = self.replay = 0
         self.iterator = iter(self.dataset)
 
     def read(self) -> tuple[dict, Any]:
@@ -72,12 +82,19 @@ class RetryingStream:
                 )
                 self.sleep(self.wait)
                 self.wait = min(self.max_backoff_s, self.wait * 2)
-                self.dataset.load_state_dict(before)
+                self.dataset.load_state_dict(self.state)
                 self.iterator = iter(self.dataset)
+                self.replay, self.since = self.replay + self.since, 0
                 continue
             self.failures, self.wait = 0, self.backoff_s
-            self.state = self.dataset.state_dict()
-            return sample, before
+            self.since += 1
+            if self.replay:
+                self.replay -= 1
+                continue
+            if self.since >= self.snapshot_every:
+                self.state, self.since = self.dataset.state_dict(), 0
+                return sample, (before if self.snapshot_every == 1 else None)
+            return sample, None
 
     def __iter__(self) -> Iterator[dict]:
         """The examples to the end of the stream."""

@@ -75,3 +75,22 @@ def test_other_errors_are_not_retried():
     with pytest.raises(ValueError):
         reader(Flaky(3, [(0, ValueError("bad row"))]), waits).read()
     assert waits == []
+
+
+class Counted(Flaky):
+    """Flaky, counting its state_dict calls."""
+
+    snapshots = 0
+
+    def state_dict(self):
+        self.snapshots += 1
+        return super().state_dict()
+
+
+def test_sparse_snapshots_go_back_to_the_last_one_and_drop_what_was_read_since():
+    waits = []
+    ds = Counted(40, [(9, ConnectionError("reset")), (11, ConnectionError("reset")), (37, ConnectionError("x"))])
+    r = stream_mod.RetryingStream(ds, "c4", 3, 1.0, 4.0, waits.append, snapshot_every=8)
+    assert [s["i"] for s in r] == list(range(40))  # none lost, none twice
+    assert waits == [1.0, 1.0, 1.0]
+    assert ds.snapshots <= 1 + 40 // 8  # not one per example
