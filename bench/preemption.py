@@ -227,6 +227,10 @@ class Bench:
 
     def env(self, trace: Path | None) -> dict[str, str]:
         extra = {"NGPU": "1", "CONFIG_FILE": RECIPE, "TORCHINDUCTOR_CACHE_DIR": str(self.cache), "LOG_RANK": "0"}
+        # torchtitan's "Finished saving ... (or staging ...)" line, the moment an async save's staging
+        # ends (the upload-in-flight signals key on it), is a debug line in ours' log since the
+        # checkpoint's own line moved to its completion marker
+        extra["LOG_LEVEL"] = "debug"
         if trace is not None:
             extra["TORCHTITAN_RUNAI_STEP_TRACE"] = str(trace)
         return child_env(**extra)
@@ -250,8 +254,8 @@ class Bench:
                 w.losses[step] = float(m.group(2))
                 if w.first_step_s is None:
                     w.first_step_s = round(t, 1)
-            if STAGED_RE.search(line) and w.step_times:
-                w.save_steps.append(max(w.step_times))
+            if STAGED_RE.search(line) and w.step_times and w.save_steps[-1:] != [max(w.step_times)]:
+                w.save_steps.append(max(w.step_times))  # once per save: a sync save prints both lines
             if action is not None and w.signal_sent is None:
                 action(w, line, box["proc"])
 
