@@ -224,18 +224,20 @@ def check(result, setting: str, before: dict, folder: Path):
     assert snapshot(folder) == before
 
 
-def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict, capfd, monkeypatch):
+def no_workers(*_args, **_kwargs):
+    raise AssertionError("the launcher got as far as starting workers")
+
+
+def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict, capfd, monkeypatch, agent=no_workers):
     """``launch`` in this process: the launcher's ``main`` under ``errors.cli``, as its command runs it.
 
     ``entry()`` is not called: it leaves through ``os._exit``. The caller restores ``os.environ``
-    (``pod_environ``); the launcher sets variables there for its workers."""
+    (``pod_environ``); the launcher sets variables there for its workers. ``agent`` stands in for
+    torchrun's (``launch.run_agent``)."""
     from torchtitan_runai.errors import cli
     from torchtitan_runai.launcher import launch as launcher
 
-    def no_workers(*_args, **_kwargs):
-        raise AssertionError("the launcher got as far as starting workers")
-
-    monkeypatch.setattr(launcher, "run_agent", no_workers)
+    monkeypatch.setattr(launcher, "run_agent", agent)
     monkeypatch.setattr(
         sys,
         "argv",
