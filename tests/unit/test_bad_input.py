@@ -59,6 +59,17 @@ def empty_token_file(tmp: Path) -> None:
     (tmp / "HF_TOKEN").write_text("\n")
 
 
+def data_file(name: str, content: bytes):
+    """A local dataset file ``{tmp}/<name>``; the stock config."""
+
+    def make(tmp: Path) -> None:
+        (tmp / name).write_bytes(content)
+
+    return make
+
+
+LOCAL_DATA = ["--training.dataset", "local", "--training.dataset_path"]
+
 # (id, config file builder or None for the stock debug config, extra args, env, setting named);
 # "{tmp}" in an argument or an environment value is the case's folder
 CASES = [
@@ -149,6 +160,29 @@ CASES = [
         [],
         {"HF_TOKEN": "", "HF_TOKEN_PATH": "{tmp}/HF_TOKEN"},
         "HF_TOKEN_PATH",
+    ),
+    # issue 24: a worker's traceback, or the launcher's own, before
+    (
+        "jsonl-first-line-not-json",
+        data_file("d.jsonl", b"text,id\nhello,1\n"),
+        [*LOCAL_DATA, "{tmp}/d.jsonl"],
+        {},
+        "line 1: is not JSON",
+    ),
+    ("binary-named-jsonl", data_file("d.jsonl", bytes(range(256)) * 16), [*LOCAL_DATA, "{tmp}/d.jsonl"], {}, "UTF-8"),
+    (
+        "jsonl-without-the-text-column",
+        data_file("d.jsonl", b'{"text": "a"}\n{"content": "b"}\n'),
+        [*LOCAL_DATA, "{tmp}/d.jsonl"],
+        {},
+        "data.text_column",
+    ),
+    (
+        "jsonl-text-not-a-string",
+        data_file("d.jsonl", b'{"text": ["a", "b"]}\n'),
+        [*LOCAL_DATA, "{tmp}/d.jsonl"],
+        {},
+        "holds a JSON list",
     ),
     (
         "config-with-bom-and-bad-key",
