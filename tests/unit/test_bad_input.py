@@ -129,6 +129,13 @@ CASES = [
     ("load-step-incomplete", None, ["--checkpoint.load_step", "5"], {}, "checkpoint.load_step"),
     ("load-step-missing", None, ["--checkpoint.load_step", "7"], {}, "checkpoint.load_step"),
     ("unknown-flag", None, ["--training.stepz", "3"], {}, "--training.steps"),
+    # issue 24: tyro's box flattened onto one line, without the right spelling
+    ("switch-given-false", None, ["--checkpoint.enable", "false"], {}, "Fix: write --checkpoint.no-enable"),
+    ("switch-given-true", None, ["--checkpoint.enable=true"], {}, "Fix: write --checkpoint.enable"),
+    ("flag-typo", None, ["--training.step", "3"], {}, "did you mean --training.steps"),
+    ("key-without-its-section", None, ["--steps", "3"], {}, "--training.steps"),
+    ("dry-run-not-first", None, ["--training.steps", "3", "--dry-run"], {}, "--dry-run must come first"),
+    ("value-of-the-wrong-type", None, ["--training.steps", "ten"], {}, "Error parsing --training.steps"),
     ("ngpu-not-a-number", None, [], {"NGPU": "two"}, "NGPU"),
     ("max-restarts-negative", None, [], {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
     ("master-port-missing", None, [], {"MASTER_ADDR": "127.0.0.1", "PET_NNODES": "2"}, "MASTER_PORT"),
