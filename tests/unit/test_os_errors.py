@@ -250,3 +250,25 @@ def test_the_launcher_ends_a_full_disk_with_one_line_and_releases_the_lock(tmp_p
 
 def test_errors_module_says_what_cli_covers():
     assert "describe_os_error" in errors.__doc__
+
+
+def test_the_lock_is_released_whatever_fails_after_the_launcher_took_it(tmp_path, capfd, monkeypatch):
+    # a name too long for the goodput record beside the lock: lock.json was left behind
+    from test_bad_input import launch_in_process
+
+    from torchtitan_runai import goodput
+
+    def record_too_long(config):
+        assert (tmp_path / "dump" / "checkpoint" / "lock.json").is_file()  # taken just before
+        raise OSError(errno.ENAMETOOLONG, "File name too long", str(tmp_path / "dump" / "checkpoint" / LONG))
+
+    monkeypatch.setattr(goodput, "build_launch_record", record_too_long)
+    saved = dict(os.environ)
+    try:
+        (tmp_path / "empty").mkdir()
+        result = launch_in_process(tmp_path, None, [], {}, capfd, monkeypatch)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    one_line(result, "ENAMETOOLONG", "too long")
+    assert not (tmp_path / "dump" / "checkpoint" / "lock.json").exists()
