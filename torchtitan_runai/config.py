@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import io
 import math
+import re
 import tempfile
 import types
 import typing
@@ -390,39 +391,88 @@ def check_toml_schema(values: dict[str, Any], cls: type, prefix: str = "") -> No
 # Parsing
 
 
-def _flag_paths(cls: type, prefix: str = "") -> list[str]:
+def _flag_types(cls: type, prefix: str = "") -> dict[str, Any]:
     """Every ``section.key`` (and ``section.sub.key`` for nested sections such as
-    ``quantize.linear.float8``) that the command line accepts."""
+    ``quantize.linear.float8``) that the command line accepts, with its type."""
     hints = typing.get_type_hints(cls)
-    out = []
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         annotation = hints.get(f.name, f.type)
         if dataclasses.is_dataclass(annotation):
-            out += _flag_paths(annotation, f"{prefix}{f.name}.")
+            out.update(_flag_types(annotation, f"{prefix}{f.name}."))
         elif prefix:
-            out.append(f"{prefix}{f.name}")
+            out[f"{prefix}{f.name}"] = annotation
     return out
 
 
+def _flag_paths(cls: type, prefix: str = "") -> list[str]:
+    return list(_flag_types(cls, prefix))
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _switches(flag: str) -> str:
+    head, _, key = flag.rpartition(".")
+    return f"--{flag.replace('_', '-')} (on) or --{head}.no-{key.replace('_', '-')} (off)"
+
+
 def check_cli_flags(args: list[str], cls: type) -> None:
-    """Unknown ``--section.key`` flags, with the nearest valid flag (tyro's own message is a wall)."""
-    valid = set(_flag_paths(cls))
-    for arg in args:
-        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+    """The command line's mistakes, each as one line with the right spelling, before tyro sees them
+    (tyro's own message is a box of help text): an unknown ``--section.key`` (the nearest valid
+    flags), a key without its section (``--steps``: the sections that have it), a value given to a
+    switch (``--checkpoint.enable false``: ``--checkpoint.no-enable``), and the launcher's
+    ``--dry-run`` anywhere but first."""
+    types = _flag_types(cls)
+    valid = set(types)
+    for index, arg in enumerate(args):
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg == "--dry-run":
+            raise UserError(
+                "command line",
+                arg,
+                "--dry-run must come first, before every --section.key flag (only the first argument is read "
+                "as the launcher's own)",
+                "put it first: run_llama_train.sh --dry-run --training.steps 3 ...",
+            )
+        if not arg.startswith("--") or arg in ("--help", "--h"):
             continue
-        flag = arg[2:].split("=")[0].replace("-", "_")
+        name, has_value, value = arg[2:].partition("=")
+        flag = name.replace("-", "_")
+        if "." not in flag:
+            keys = sorted(p for p in valid if p.rpartition(".")[2] in (flag, flag.removeprefix("no_")))
+            if keys:
+                raise UserError(
+                    "command line",
+                    arg,
+                    f"--{name} has no section",
+                    "write it with its section: " + " or ".join(f"--{k}" for k in keys),
+                )
+            continue
         head, _, key = flag.rpartition(".")
-        if key.startswith("no_"):
-            key = key[3:]
-        if f"{head}.{key}" in valid:
-            continue
-        near = difflib.get_close_matches(f"{head}.{key}", sorted(valid), n=1, cutoff=0.6)
-        raise UserError(
-            "command line",
-            arg,
-            f"unknown flag --{flag}",
-            f"did you mean --{near[0]}?" if near else "run with --help for every valid flag",
-        )
+        negated = key.startswith("no_") and f"{head}.{key[3:]}" in valid
+        path = f"{head}.{key[3:]}" if negated else flag
+        if path not in valid:
+            near = difflib.get_close_matches(path, sorted(valid), n=2, cutoff=0.6)
+            raise UserError(
+                "command line",
+                arg,
+                f"unknown flag --{name}",
+                f"did you mean {' or '.join('--' + n for n in near)}?"
+                if near
+                else "run with --help for every valid flag",
+            )
+        if types[path] is bool:
+            said = value if has_value else following
+            if has_value or (said is not None and said.lower() in _BOOL_WORDS):
+                on = _BOOL_WORDS.get((said or "").lower())
+                right = f"--{path}" if on else f"--{head}.no-{key.replace('_', '-')}"
+                raise UserError(
+                    "command line",
+                    f"{arg} {said}" if not has_value else arg,
+                    f"--{name} is a switch and takes no value",
+                    f"write {right}" if on is not None else f"write {_switches(path)}",
+                )
 
 
 def torchtitan_args(args: list[str]) -> list[str]:
@@ -447,6 +497,13 @@ def _without_bom(args: list[str]):
         copy = Path(scratch) / Path(path).name
         copy.write_bytes(Path(path).read_bytes()[len(BOM) :])
         yield [str(copy) if a == path else a.replace(f"={path}", f"={copy}") for a in args]
+
+
+def _tyro_message(text: str) -> str:
+    """tyro's boxed error as one line: the box's frame, its help text and its --help hint left out."""
+    text = re.sub(r"[╭╮╰╯│─━┃┏┓┗┛]+", " ", text)
+    text = re.split(r"Argument helptext:|For full helptext|Perhaps you meant:", text)[0]
+    return re.sub(r"^(.+?) \1", r"\1", " ".join(text.split()))  # the box's title repeats its first line
 
 
 def parse_config(
@@ -479,7 +536,7 @@ def parse_config(
         if toml_path is not None:
             config.job.config_file = toml_path
     except SystemExit as e:
-        message = " ".join(stderr.getvalue().split())
+        message = _tyro_message(stderr.getvalue())
         if e.code in (0, None):  # --help
             print(stderr.getvalue(), end="")
             raise

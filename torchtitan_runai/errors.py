@@ -1,8 +1,15 @@
 """One exception type for every mistake a user can fix, and the one place it is printed.
 
 A ``UserError`` names the setting, its value, why it is wrong and how to fix it. The command-line
-edges (``launch``, ``preflight``, ``manifest``, ``export``, ``stage``) catch it once and print it as a
-single line on stderr with exit code 2: no Python traceback reaches ``kubectl logs``.
+edges (``launch``, ``preflight``, ``manifest``, ``export``, ``stage``, ``goodput``, ``plots``) catch it
+once (``cli``) and print it as a single line on stderr with exit code 2: no Python traceback reaches
+``kubectl logs``.
+
+The operating system's answers about a path the user gave (no space, a name too long, a read-only
+file system, no permission, a file where a folder must be, a missing path) are the user's to fix
+too: ``describe_os_error`` turns such an ``OSError`` into a ``UserError`` naming the path and the
+fix, and ``cli`` prints it the same way. An ``OSError`` without a path, or with another errno (a
+dropped connection, a bug), keeps its traceback.
 
 Every deliberate exit of the launcher and of the ranks leaves through ``flush_and_exit``: the logs
 and both streams flushed, then ``os._exit``.
@@ -17,6 +24,7 @@ tells it nothing of the workers' exits then). Each attempt's workers clear the f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -48,17 +56,89 @@ class UserError(Exception):
         return f"{self.setting}{shown}: {self.why}. Fix: {self.fix}"
 
 
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: (
+        "no space left on the device",
+        "free space on that volume (or grow it), or write to another one with room",
+    ),
+    errno.EDQUOT: (
+        "the disk quota is used up",
+        "free space within the quota (or raise it), or write to another volume",
+    ),
+    errno.ENAMETOOLONG: (
+        "a file name is too long for the file system (at most 255 bytes a name, 4096 a path)",
+        "use a shorter name",
+    ),
+    errno.EROFS: (
+        "it is on a read-only file system",
+        "write to a writable folder (a PVC mounted read-write, or a folder of your own): pass another path",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "use a folder this user can write (check the volume's owner and the pod's securityContext fsGroup), "
+        "or pass another path",
+    ),
+    errno.ENOTDIR: (
+        "a part of that path is a file, not a folder",
+        "name a folder, or move the file that is in the way",
+    ),
+    errno.EISDIR: ("it is a folder where a file is needed", "name a file, not a folder"),
+    errno.EEXIST: (
+        "it exists and is not a folder",
+        "name a folder (or a path that does not exist yet), or move the file that is in the way",
+    ),
+    errno.ENOENT: (
+        "no such file or folder",
+        "check the path (a relative path is taken from the current directory, {cwd})",
+    ),
+}
+_OS_ERRORS[errno.EPERM] = _OS_ERRORS[errno.EACCES]
+
+
+def describe_os_error(error: OSError, setting: str = "path") -> UserError | None:
+    """An ``OSError`` about a path the user gave as one line (the path, what the system said, the fix);
+    None when it names no path or is not one of these errnos (``_OS_ERRORS``): a bug, or a network
+    error, keeps its traceback."""
+    if not isinstance(error, OSError) or error.filename is None or error.errno not in _OS_ERRORS:
+        return None
+    why, fix = _OS_ERRORS[error.errno]
+    path = os.fsdecode(error.filename) if isinstance(error.filename, (str, bytes, os.PathLike)) else error.filename
+    if error.filename2 is not None:  # a rename or a link: both ends
+        why = f"{why} (writing {os.fsdecode(error.filename2)})"
+    with contextlib.suppress(OSError):
+        fix = fix.format(cwd=os.getcwd())
+    return UserError(setting, str(path), f"{why} [{errno.errorcode.get(error.errno, error.errno)}]", fix)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Name ``path`` on an ``OSError`` raised inside that names none (a full disk found when a file is
+    closed, a library's write), so that ``describe_os_error`` can name it."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = os.fspath(path)
+        raise
+
+
 def exit_with(error: UserError, prog: str = "torchtitan-runai") -> NoReturn:
     print(f"{prog}: error: {error.line()}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
 
 
 def cli(main: Callable[[list[str]], int | None], prog: str) -> NoReturn:
-    """Run a command's main(argv); turn a UserError into one line and exit 2."""
+    """Run a command's main(argv); turn a UserError, or an OSError about a path
+    (``describe_os_error``), into one line and exit 2."""
     try:
         code = main(sys.argv[1:])
     except UserError as error:
         exit_with(error, prog)
+    except OSError as error:
+        described = describe_os_error(error)
+        if described is None:
+            raise
+        exit_with(described, prog)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130)

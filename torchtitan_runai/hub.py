@@ -127,7 +127,9 @@ def describe(error: BaseException) -> str:
     while error is not None and id(error) not in seen and len(parts) < 3:
         seen.add(id(error))
         first = (str(error).strip().splitlines() or [""])[0]
-        parts.append(f"{type(error).__name__}: {first}" if first else type(error).__name__)
+        part = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        if not parts or part != parts[-1]:  # a client that re-raises its cause as itself: said once
+            parts.append(part)
         error = error.__cause__ or error.__context__
     return redact(" <- ".join(parts))
 
@@ -330,6 +332,31 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, transport_errors())
 
 
+def cannot_connect(error: BaseException) -> bool:
+    """No connection was made at all: the host's name does not resolve, no route to it, or it refuses
+    (``httpx.ConnectError``, ``socket.gaierror``, ``ECONNREFUSED``, ``ENETUNREACH``, ``EHOSTUNREACH``), as
+    opposed to a 429, a 5xx, a timeout or a connection dropped mid-answer."""
+    import errno
+    import importlib
+    import socket
+
+    refused: list[type[BaseException]] = [ConnectionRefusedError, socket.gaierror]
+    for name in HTTP_CLIENTS:  # whichever client the installed huggingface_hub uses
+        try:
+            refused.append(importlib.import_module(name).ConnectError)
+        except (ImportError, AttributeError):
+            continue
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, tuple(refused)):
+            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def with_backoff(
     fn: Callable[[], T],
     *,
@@ -339,13 +366,18 @@ def with_backoff(
     what: str,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """``fn()``, retried on transient errors with exponential backoff, at most ``retries`` times."""
+    """``fn()``, retried on transient errors with exponential backoff, at most ``retries`` times.
+
+    A first attempt that cannot connect at all (``cannot_connect``: no network, a name that does not
+    resolve, a proxy that is needed) fails at once: waiting does not bring a network, and a command
+    without one would otherwise spend a minute in backoff before its line. Once a connection has been
+    made, or for a 429 / 5xx / timeout / dropped connection, the backoff applies."""
     wait = backoff_s
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as error:  # noqa: BLE001
-            if attempt >= retries or not is_transient(error):
+            if attempt >= retries or not is_transient(error) or (attempt == 0 and cannot_connect(error)):
                 raise
             logger.warning(f"{what}: {describe(error)}; retry {attempt + 1}/{retries} in {wait:.1f}s")
             sleep(wait)
@@ -417,6 +449,14 @@ def hub_error(error: BaseException, hub: Hub, token: str | None) -> UserError:
             hub.repo_id,
             f"the Hub answered {status} after {hub.retries + 1} attempts",
             "retry later, or use a staged cache with HF_HUB_OFFLINE=1",
+        )
+    elif cannot_connect(error):
+        result = UserError(
+            "HF_ENDPOINT",
+            endpoint,
+            f"cannot reach the Hub: no connection could be made ({describe(error)}; no network, or a proxy needed?)",
+            "check the pod's network/proxy (HTTPS_PROXY), or stage the tokenizer where there is a network "
+            "(python -m torchtitan_runai.stage) and set HF_HUB_OFFLINE=1",
         )
     elif isinstance(error, transport_errors()):
         result = UserError(

@@ -20,12 +20,13 @@ never a failed job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 from torchtitan_runai import storage
-from torchtitan_runai.errors import UserError, cli
+from torchtitan_runai.errors import UserError, cli, writing
 
 LOSS = "loss_metrics/global_avg_loss"
 VALIDATION_LOSS = "validation_metrics/loss"
@@ -113,9 +114,14 @@ def plot_training_curves(
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial.png")
-    figure.savefig(partial, dpi=100)
-    plt.close(figure)
-    partial.replace(output)  # a reader never sees half a PNG
+    try:
+        with writing(output):
+            figure.savefig(partial, dpi=100)
+            partial.replace(output)  # a reader never sees half a PNG
+    finally:
+        plt.close(figure)
+        with contextlib.suppress(OSError):  # a full disk: no half PNG left holding its space
+            partial.unlink(missing_ok=True)
     return output
 
 

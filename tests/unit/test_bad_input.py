@@ -59,6 +59,17 @@ def empty_token_file(tmp: Path) -> None:
     (tmp / "HF_TOKEN").write_text("\n")
 
 
+def data_file(name: str, content: bytes):
+    """A local dataset file ``{tmp}/<name>``; the stock config."""
+
+    def make(tmp: Path) -> None:
+        (tmp / name).write_bytes(content)
+
+    return make
+
+
+LOCAL_DATA = ["--training.dataset", "local", "--training.dataset_path"]
+
 # (id, config file builder or None for the stock debug config, extra args, env, setting named);
 # "{tmp}" in an argument or an environment value is the case's folder
 CASES = [
@@ -118,6 +129,13 @@ CASES = [
     ("load-step-incomplete", None, ["--checkpoint.load_step", "5"], {}, "checkpoint.load_step"),
     ("load-step-missing", None, ["--checkpoint.load_step", "7"], {}, "checkpoint.load_step"),
     ("unknown-flag", None, ["--training.stepz", "3"], {}, "--training.steps"),
+    # issue 24: tyro's box flattened onto one line, without the right spelling
+    ("switch-given-false", None, ["--checkpoint.enable", "false"], {}, "Fix: write --checkpoint.no-enable"),
+    ("switch-given-true", None, ["--checkpoint.enable=true"], {}, "Fix: write --checkpoint.enable"),
+    ("flag-typo", None, ["--training.step", "3"], {}, "did you mean --training.steps"),
+    ("key-without-its-section", None, ["--steps", "3"], {}, "--training.steps"),
+    ("dry-run-not-first", None, ["--training.steps", "3", "--dry-run"], {}, "--dry-run must come first"),
+    ("value-of-the-wrong-type", None, ["--training.steps", "ten"], {}, "Error parsing --training.steps"),
     ("ngpu-not-a-number", None, [], {"NGPU": "two"}, "NGPU"),
     ("max-restarts-negative", None, [], {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
     ("master-port-missing", None, [], {"MASTER_ADDR": "127.0.0.1", "PET_NNODES": "2"}, "MASTER_PORT"),
@@ -149,6 +167,29 @@ CASES = [
         [],
         {"HF_TOKEN": "", "HF_TOKEN_PATH": "{tmp}/HF_TOKEN"},
         "HF_TOKEN_PATH",
+    ),
+    # issue 24: a worker's traceback, or the launcher's own, before
+    (
+        "jsonl-first-line-not-json",
+        data_file("d.jsonl", b"text,id\nhello,1\n"),
+        [*LOCAL_DATA, "{tmp}/d.jsonl"],
+        {},
+        "line 1: is not JSON",
+    ),
+    ("binary-named-jsonl", data_file("d.jsonl", bytes(range(256)) * 16), [*LOCAL_DATA, "{tmp}/d.jsonl"], {}, "UTF-8"),
+    (
+        "jsonl-without-the-text-column",
+        data_file("d.jsonl", b'{"text": "a"}\n{"content": "b"}\n'),
+        [*LOCAL_DATA, "{tmp}/d.jsonl"],
+        {},
+        "data.text_column",
+    ),
+    (
+        "jsonl-text-not-a-string",
+        data_file("d.jsonl", b'{"text": ["a", "b"]}\n'),
+        [*LOCAL_DATA, "{tmp}/d.jsonl"],
+        {},
+        "holds a JSON list",
     ),
     (
         "config-with-bom-and-bad-key",
@@ -224,18 +265,20 @@ def check(result, setting: str, before: dict, folder: Path):
     assert snapshot(folder) == before
 
 
-def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict, capfd, monkeypatch):
+def no_workers(*_args, **_kwargs):
+    raise AssertionError("the launcher got as far as starting workers")
+
+
+def launch_in_process(tmp: Path, config: str | None, args: list[str], env: dict, capfd, monkeypatch, agent=no_workers):
     """``launch`` in this process: the launcher's ``main`` under ``errors.cli``, as its command runs it.
 
     ``entry()`` is not called: it leaves through ``os._exit``. The caller restores ``os.environ``
-    (``pod_environ``); the launcher sets variables there for its workers."""
+    (``pod_environ``); the launcher sets variables there for its workers. ``agent`` stands in for
+    torchrun's (``launch.run_agent``)."""
     from torchtitan_runai.errors import cli
     from torchtitan_runai.launcher import launch as launcher
 
-    def no_workers(*_args, **_kwargs):
-        raise AssertionError("the launcher got as far as starting workers")
-
-    monkeypatch.setattr(launcher, "run_agent", no_workers)
+    monkeypatch.setattr(launcher, "run_agent", agent)
     monkeypatch.setattr(
         sys,
         "argv",

@@ -118,3 +118,26 @@ def test_resume_refuses_per_rank_positions_at_another_size(tmp_path):
         parse_job_config(args(tmp_path, "--checkpoint.no-enable"), world_size=4, resume=True).training.local_batch_size
         == 4
     )  # nothing to resume from
+
+
+def test_a_rejected_value_is_tyros_reason_without_its_box(tmp_path):
+    with pytest.raises(UserError) as err:
+        parse_job_config(args(tmp_path, "--training.steps", "ten"), world_size=2)
+    line = err.value.line()
+    assert "Error parsing --training.steps: invalid literal for int() with base 10: 'ten'" in line
+    assert not set("╭╮╰╯│─") & set(line) and "helptext" not in line and "\n" not in line
+
+
+def test_a_switch_names_its_other_spelling_and_a_sectionless_key_its_sections(tmp_path):
+    with pytest.raises(UserError) as err:
+        parse_job_config(args(tmp_path, "--checkpoint.enable", "false"), world_size=2)
+    assert err.value.fix == "write --checkpoint.no-enable"
+    with pytest.raises(UserError) as err:
+        parse_job_config(args(tmp_path, "--checkpoint.enable=sometimes"), world_size=2)
+    assert "--checkpoint.enable (on) or --checkpoint.no-enable (off)" in err.value.fix
+    with pytest.raises(UserError) as err:
+        parse_job_config(args(tmp_path, "--seq-len", "64"), world_size=2)
+    assert "--training.seq_len" in err.value.fix
+    # the switches as written stay accepted
+    config = parse_job_config(args(tmp_path, "--checkpoint.no-enable", "--metrics.enable_tensorboard"), world_size=2)
+    assert config.checkpoint.enable is False and config.metrics.enable_tensorboard is True

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from torchtitan_runai import storage
-from torchtitan_runai.errors import UserError, cli
+from torchtitan_runai.errors import UserError, cli, writing
 from torchtitan_runai.goodput import report
 from torchtitan_runai.goodput.ledger import read_records
 
@@ -80,7 +80,8 @@ def main(argv: list[str]) -> int:
     else:
         print("\n".join(table(summary)))
     png = args.output or _output_folder(args.folder, ledger) / storage.GOODPUT_PLOT
-    report.plot(summary, png)
+    with writing(png):
+        report.plot(summary, png)
     print(f"plot written to {png}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -6,6 +6,14 @@ datasets are read from its source (``upstream.text_dataset_paths``).
 
 Mistakes are ``UserError``s naming the setting: a missing path, an empty file or folder, an
 unknown format, mixed formats, a missing text column.
+
+The content is sampled too (``check_content``), every file of a local dataset, before any worker
+starts: a JSON Lines file's first ``HEAD_LINES`` lines and, when it is not compressed, one whole line
+at each of ``SPREAD_SAMPLES`` offsets spread through it (a seek each: a 100 GB file costs as little as a
+small one); a text file's same lines; a Parquet or Arrow file's schema. Each sampled record must
+parse, be a JSON object, have ``data.text_column``, and hold text there. A failure names the file,
+the line (its number in the head, its byte offset further on) and the fix: a worker would otherwise
+die on it after minutes of start-up, with a ``datasets`` traceback, in every rank.
 """
 
 from __future__ import annotations
@@ -123,6 +131,150 @@ def sniff_columns(fmt: str, file: Path) -> list[str] | None:
     return []
 
 
+HEAD_LINES = 20
+"""How many lines from the start of each JSON Lines or text file ``check_content`` reads."""
+SPREAD_SAMPLES = 8
+"""How many more lines, at offsets spread through an uncompressed file, ``check_content`` reads."""
+
+
+def _sample_lines(file: Path) -> list[tuple[str, bytes]]:
+    """(where, raw line) for the head lines and, uncompressed, one whole line at each spread offset."""
+    samples: list[tuple[str, bytes]] = []
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if number > HEAD_LINES:
+                break
+            samples.append((f"line {number}", line))
+    if file.name.endswith(".gz"):
+        return samples
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        for i in range(1, SPREAD_SAMPLES + 1):
+            offset = size * i // (SPREAD_SAMPLES + 1)
+            f.seek(max(offset - 1, 0))
+            f.readline()  # the rest of the line the offset falls in: the sample starts at a line's start
+            start = f.tell()
+            line = f.readline()
+            if line:
+                samples.append((f"the line at byte {start}", line))
+    return samples
+
+
+def _bad_record(file: Path, where: str, why: str, fix: str, setting: str = "training.dataset_path") -> UserError:
+    return UserError(setting, str(file), f"{where}: {why}", fix)
+
+
+def check_content(fmt: str, files: list[Path], data: Data) -> None:
+    """Sample every file's content (the module docstring says how much); UserError naming the file
+    and the line."""
+    for file in files:
+        if fmt in ("parquet", "arrow"):
+            _check_schema(fmt, file, data)
+            continue
+        head_is_array = False
+        for index, (where, raw) in enumerate(_sample_lines(file)):
+            try:
+                if b"\x00" in raw:  # valid UTF-8, but no text holds a NUL: a binary file
+                    raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _bad_record(
+                    file,
+                    where,
+                    f"is not UTF-8 text (byte {e.start} of the line: a binary or compressed file under a "
+                    f"{'text' if fmt == 'text' else 'JSON'} name?)",
+                    "point training.dataset_path at the text data; a gzip file needs its .gz suffix, other "
+                    "formats theirs (.parquet, .arrow)",
+                ) from None
+            if fmt == "text" or not line.strip():
+                continue
+            if index == 0 and line.lstrip().startswith("[") and not file.name.endswith((".jsonl", ".jsonl.gz")):
+                head_is_array = True  # one JSON array (datasets reads it whole): not line by line
+            if head_is_array:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if line.lstrip().startswith("{") and index == 0 and not file.name.endswith((".jsonl", ".jsonl.gz")):
+                    break  # a pretty-printed JSON document, not JSON Lines: datasets reads it whole
+                raise _bad_record(
+                    file,
+                    where,
+                    f"is not JSON ({e.msg}, column {e.colno}): {line.strip()[:60]!r}",
+                    'write one JSON object per line (JSON Lines), e.g. {"text": "..."}, or fix that line',
+                ) from None
+            _check_record(file, where, record, data)
+
+
+def _check_record(file: Path, where: str, record: Any, data: Data) -> None:
+    column = data.text_column
+    if not isinstance(record, dict):
+        raise _bad_record(
+            file,
+            where,
+            f"is a JSON {type(record).__name__}, not an object",
+            f'write one JSON object per line, with the text under "{column}"',
+        )
+    if column not in record:
+        raise _bad_record(
+            file,
+            where,
+            f"has no '{column}' column (columns: {list(record)[:10]})",
+            "set data.text_column to the key holding the text, or add it to every record",
+            setting="data.text_column",
+        )
+    if not isinstance(record[column], str):
+        raise _bad_record(
+            file,
+            where,
+            f"'{column}' holds a JSON {type(record[column]).__name__}, not text",
+            f'store the text as a JSON string ("{column}": "..."), or set data.text_column to the key holding it',
+            setting="data.text_column",
+        )
+
+
+def _check_schema(fmt: str, file: Path, data: Data) -> None:
+    import pyarrow as pa
+
+    try:
+        columns = sniff_columns(fmt, file)
+        schema = _schema(fmt, file)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise _bad_record(
+            file,
+            "the file",
+            f"is not a readable {fmt} file ({str(e).splitlines()[0][:120]})",
+            f"point training.dataset_path at {fmt} files, or rename the file to its real format's suffix",
+        ) from None
+    check_column(columns, data, str(file))
+    kind = schema.field(data.text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise _bad_record(
+            file,
+            "the schema",
+            f"column '{data.text_column}' is {kind}, not text",
+            "set data.text_column to the string column holding the text, or write it as strings",
+            setting="data.text_column",
+        )
+
+
+def _schema(fmt: str, file: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        return pq.read_schema(file)
+    with open(file, "rb") as f:
+        try:
+            return pa.ipc.open_stream(f).schema
+        except pa.ArrowInvalid:
+            f.seek(0)
+            return pa.ipc.open_file(f).schema
+
+
 def check_column(columns: list[str] | None, data: Data, path: str) -> None:
     if columns is None:
         return
@@ -159,6 +311,7 @@ def check_dataset(name: str, path: str | None, data: Data, section: str = "train
     if key == LOCAL:
         fmt, files = find_data_files(path, data, setting)
         if fmt != "disk":
+            check_content(fmt, files, data)
             check_column(sniff_columns(fmt, files[0]), data, path or "")
         return
     effective = path or _named_dataset_paths()[key]

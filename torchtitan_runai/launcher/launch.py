@@ -100,6 +100,7 @@ also retryable.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import signal
@@ -116,7 +117,15 @@ from torchtitan_runai.checkpoint.folder import newest_resumable, scan
 from torchtitan_runai.checkpoint.ownership import claim_folder, hold_folder
 from torchtitan_runai.checkpoint.resume import prestart
 from torchtitan_runai.config import Hub, config_file_from_args, data_parallel_degree, warmup_note
-from torchtitan_runai.errors import EXIT_HUNG, EXIT_USER_ERROR, UserError, cli, flush_and_exit, reported
+from torchtitan_runai.errors import (
+    EXIT_HUNG,
+    EXIT_USER_ERROR,
+    UserError,
+    cli,
+    describe_os_error,
+    flush_and_exit,
+    reported,
+)
 from torchtitan_runai.inputs import data_files, tokenizer_files
 from torchtitan_runai.inputs.data_files import validate_data_config
 from torchtitan_runai.job import parse_job_config
@@ -784,10 +793,11 @@ def main(argv: list[str]) -> int:
     # Only now, with every check passed, is the folder claimed (job.json, lock.json), by node 0.
     node0 = plan.node_rank in (None, 0)
     hold = hold_folder(config, env) if node0 else None
-    record = goodput.build_launch_record(config) if node0 else None  # the goodput ledger's launch
     code = 1
     error = None
-    try:
+    record = None
+    try:  # from here on, whatever happens, the folder's lock is released (finally)
+        record = goodput.build_launch_record(config) if node0 else None  # the goodput ledger's launch
         with tempfile.TemporaryDirectory(prefix="runai-launch-") as scratch:
             verdict, worker_error = Path(scratch) / "hang-verdict", Path(scratch) / "worker-error"
             workers.export(
@@ -806,6 +816,11 @@ def main(argv: list[str]) -> int:
             code = run_agent(command, plan, verdict, worker_error)
     except UserError as e:  # a rendezvous timeout, a worker's full disk: the last line, after the records
         error, code = e, EXIT_USER_ERROR
+    except OSError as e:  # the launcher's own write (its scratch folder, the agent's files) on a full volume
+        error = launch_os_error(e, config)
+        if error is None:
+            raise
+        code = EXIT_USER_ERROR
     finally:
         if record is not None:
             record.close(code)
@@ -819,6 +834,30 @@ def main(argv: list[str]) -> int:
         print(f"[launch] {finished_line(config, time.monotonic() - started)}", flush=True)
         print(f"[launch] {next_line(config, env)}", flush=True)
     return code
+
+
+def launch_os_error(error: OSError, config) -> UserError | None:
+    """The launcher's own ``OSError`` while its workers run, as its last line (``errors.describe_os_error``).
+
+    A full disk names the newest complete checkpoint and its folder: nothing saved is lost and the run
+    resumes from it once there is room (the ranks' own full disk during a save comes through
+    ``errors.report_to_launcher`` instead, naming the step it could not save)."""
+    described = describe_os_error(error)
+    if described is None or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return described
+    folder = storage.checkpoint_dir(config)
+    newest = newest_resumable(scan(folder)) if config.checkpoint.enable else None
+    kept = (
+        f"the newest complete checkpoint, step {newest.step} in {folder}, is intact and the run resumes from it"
+        if newest is not None
+        else f"no checkpoint in {folder} was complete yet, so the run starts afresh"
+    )
+    return UserError(
+        "checkpoint.folder" if config.checkpoint.enable else "job.dump_folder",
+        described.value,
+        f"the disk filled up during the run ({described.why}). Nothing saved was lost: {kept} once there is room",
+        "free space on the volume, lower checkpoint.keep_latest_k, or grow the volume; then run the same command again",
+    )
 
 
 def finished_line(config, seconds: float) -> str:

@@ -665,9 +665,10 @@ def main(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for fmt in formats:
             path = out / FILENAMES[fmt]
-            path.write_text(render(spec, fmt, command_line))
-            if fmt.startswith("runai"):
-                path.chmod(0o755)
+            with errors.writing(path):
+                path.write_text(render(spec, fmt, command_line))
+                if fmt.startswith("runai"):
+                    path.chmod(0o755)
             print(path)
         return 0
     print("\n".join(render(spec, fmt, command_line) for fmt in formats), end="")

@@ -8,6 +8,13 @@ call the Hub at the same moment. ``HF_TOKEN`` comes from the environment, as in 
 Without ``--output-dir`` it fills the job's own locations: the tokenizer goes into the cache the
 job will read (``hub.cache_dir``, ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or
 ``<job.dump_folder>/hf_cache``: point one of them at the PVC) and a local dataset is checked.
+``OUTPUT_DIR`` moves them as it moves the job's (``storage.apply_output_dir``, as the launcher
+applies it). A relative ``job.dump_folder`` is taken from the current directory; one that would make
+a new folder at the file system's root (run from ``/``) is refused with a line naming it: pass
+``--output-dir``, set ``OUTPUT_DIR``, or run from the repository.
+
+Without a network the first failed connection is the command's line at once (``hub.with_backoff``:
+no backoff when no connection could be made at all).
 
 With ``--output-dir DIR`` everything is copied under DIR and the command prints the settings that
 make the job use it:
@@ -23,11 +30,12 @@ line for a problem you can fix (bad token, licence not accepted, missing data, .
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from torchtitan_runai import errors, hub
+from torchtitan_runai import errors, hub, storage
 from torchtitan_runai.config import Data, Hub
 from torchtitan_runai.inputs import tokenizer_files
 from torchtitan_runai.inputs.data_files import LOCAL, check_dataset, find_data_files
@@ -131,12 +139,41 @@ def stage(job_config: Any, output_dir: str | None = None) -> list[str]:
     return lines
 
 
+def job_locations(job_config: Any, train_args: list[str]) -> Any:
+    """Without ``--output-dir``: the job's own locations, ``OUTPUT_DIR`` applied as the launcher applies
+    it (``HF_HOME`` included); refused when the tokenizer's download would make a folder at the file
+    system's root."""
+    job_config, _, paths = storage.apply_output_dir(job_config, train_args, os.environ, parse_job_config)
+    for key, value in paths.env_updates().items():
+        os.environ.setdefault(key, value)
+    hub_section: Hub = getattr(job_config, "hub", None) or Hub()
+    local = job_config.model.hf_assets_path
+    if local and tokenizer_files.find_tokenizer_files(Path(local).expanduser(), hub_section.tokenizer_format):
+        return job_config  # nothing to download: nothing written
+    cache = hub.resolve_cache_dir(hub_section, job_config.job.dump_folder).expanduser().absolute()
+    top = Path(cache.anchor, *cache.parts[1:2])
+    if len(cache.parts) > 1 and not top.exists():
+        raise errors.UserError(
+            "--output-dir",
+            None,
+            f"without it the tokenizer would be downloaded into {cache}, a new folder {top} at the file "
+            f"system's root (job.dump_folder = {job_config.job.dump_folder!r} is taken from the current "
+            f"directory, {os.getcwd()})",
+            "pass --output-dir on the volume the job reads (e.g. --output-dir /pvc/stage), set OUTPUT_DIR as the "
+            "job does, or run from the repository",
+        )
+    return job_config
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the job's TOML config")
     parser.add_argument("--output-dir", help="stage under this folder (e.g. on the PVC)")
     args, overrides = parser.parse_known_args(argv)
-    job_config = parse_job_config(["--job.config_file", args.config, *overrides])
+    train_args = ["--job.config_file", args.config, *overrides]
+    job_config = parse_job_config(train_args)
+    if not args.output_dir:
+        job_config = job_locations(job_config, train_args)
     for line in stage(job_config, args.output_dir):
         print(hub.redact(line), flush=True)
     return 0

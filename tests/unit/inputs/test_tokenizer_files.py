@@ -282,3 +282,24 @@ def test_token_never_leaks_to_output_or_files(hub, tmp_path):
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written
     assert not [p for p in written if TOKEN.encode() in p.read_bytes()]
+
+
+def test_a_first_attempt_that_cannot_connect_is_not_retried():
+    waits: list[float] = []
+
+    def refused():
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        hub_mod.with_backoff(refused, retries=5, backoff_s=1, max_backoff_s=3, what="t", sleep=waits.append)
+    assert waits == []  # no network: at once
+    calls = iter([ConnectionError("reset"), ConnectionRefusedError(111, "refused"), None])
+
+    def flaky():  # connected once (reset mid-answer): then a refusal is a server restarting, retried
+        error = next(calls)
+        if error:
+            raise error
+        return "ok"
+
+    assert hub_mod.with_backoff(flaky, retries=5, backoff_s=1, max_backoff_s=3, what="t", sleep=waits.append) == "ok"
+    assert waits == [1, 2]

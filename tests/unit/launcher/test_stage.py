@@ -166,3 +166,57 @@ def test_cli_user_error_is_one_line_exit_2(hub, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "401" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr
+
+
+# ---- without a network, and without --output-dir (issue 24) -------------------------------------
+
+
+def test_cli_without_a_network_fails_at_the_first_connection(tmp_path):
+    # a backoff long enough that a single retry would show (the old way: 5 retries, 72 s by default)
+    env = {"HF_ENDPOINT": "http://no-such-host.invalid"}
+    proc = run_cli_env(tmp_path, env, "--output-dir", str(tmp_path / "pvc"), "--hub.backoff_s=5", "--hub.retries=3")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot reach the Hub: no connection could be made" in lines[0] and "retry" not in proc.stderr
+
+
+def test_cli_from_the_root_refuses_a_new_folder_there(tmp_path):
+    name = f"runai-stage-test-{os.getpid()}"
+    args = [sys.executable, "-m", "torchtitan_runai.stage", "--config", str(ROOT / "train_configs/debug_model.toml")]
+    args += [f"--job.dump_folder=./{name}", f"--model.hf_assets_path={tmp_path / 'none'}", f"--hub.repo_id={REPO}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE", "OUTPUT_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd="/")
+        made = Path("/", name).exists()
+    finally:
+        if Path("/", name).exists():
+            import shutil
+
+            shutil.rmtree(Path("/", name))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"/{name}/hf_cache" in lines[0] and "file system's root" in lines[0] and "--output-dir" in lines[0]
+    assert not made
+
+
+def test_without_output_dir_output_dir_env_places_the_cache_as_the_job_does(tmp_path, monkeypatch):
+    from torchtitan_runai.job import parse_job_config
+
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "pvc"))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    train_args = ["--job.config_file", str(ROOT / "train_configs/debug_model.toml"), "--model.hf_assets_path=/none"]
+    config = stage.job_locations(parse_job_config(train_args), train_args)
+    assert config.job.dump_folder == str(tmp_path / "pvc")
+    from torchtitan_runai import storage
+
+    assert os.environ["HF_HOME"] == str(tmp_path / "pvc" / storage.HF_CACHE_SUBDIR)
+
+
+def run_cli_env(tmp_path, env, *extra):
+    args = [sys.executable, "-m", "torchtitan_runai.stage", "--config", str(ROOT / "train_configs/debug_model.toml")]
+    args += [*extra, f"--job.dump_folder={tmp_path / 'out'}", f"--model.hf_assets_path={tmp_path / 'none'}"]
+    args += ["--training.dataset=local", f"--training.dataset_path={corpus(tmp_path)}", f"--hub.repo_id={REPO}"]
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(args, env=full, capture_output=True, text=True, timeout=300, cwd=ROOT)
