@@ -10,11 +10,17 @@ A seed run (FSDP 2, one step) writes the initial weights; FSDP 2 and PP 2 then s
 global batch of 4 (FSDP: 2 per rank; PP: 4 on its one pipeline, 4 microbatches of 1) for 4 steps.
 
 Proven, step by step: the loss in the default log (rank 0, PP's first stage) and in TensorBoard,
-and ``grad_norm``, are FSDP's; after 4 updates every weight is FSDP's. Tolerance: float32 with
-another order of the same sums (PP adds 4 microbatch gradients on one rank, FSDP sums 2 ranks'
-batches of 2): relative ``REL_TOL`` for loss and grad_norm, ``WEIGHT_ATOL`` for the weights (the
-learning rate is 8e-4, so a wrong update would differ by ~1e-4 or more); the printed log line is
-compared at its own precision.
+and ``grad_norm``, are FSDP's; after 4 updates every weight is FSDP's. Tolerances (float32, another
+order of the same sums; measured on this machine in brackets):
+
+- loss: ``LOSS_REL_TOL`` relative [1.7e-7]: PP adds 4 microbatches of 1 on one rank, FSDP 2 ranks'
+  batches of 2;
+- grad_norm: ``NORM_REL_TOL`` relative [6.7e-5]: torch's float32 norm of the gradients itself is only
+  good to ~1e-4 on the CPU (its ``foreach`` sum of squares: 1.1e-4 off the float64 norm for whole
+  tensors, 4.5e-5 for FSDP's halves), and FSDP sums per-shard norms where PP has whole tensors;
+  the bug it guards against was a factor of ~500;
+- weights after 4 steps: ``WEIGHT_ATOL`` [2.4e-7]; a wrong update would differ by ~lr = 8e-4;
+- the printed step line at its own precision (5 decimals for the loss, 4 for grad_norm).
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ import re
 import subprocess
 
 import pytest
-from conftest import ANSI, REPO, launcher_cmd, losses, pod_env
+from conftest import ANSI, REPO, launcher_cmd, pod_env
 
 from torchtitan_runai.hf.export import read_model_state_dict
 from torchtitan_runai.plots import read_scalars
 
 STEPS, GLOBAL_BATCH, SEED = 4, 4, "1234"
-REL_TOL = 1e-4
+LOSS_REL_TOL = 1e-6
+NORM_REL_TOL = 2e-4
 WEIGHT_ATOL = 2e-6
 GRAD_NORM = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[0-9.]+)\s+grad_norm:\s*([0-9.]+)")
 
@@ -104,12 +111,9 @@ def test_pp2_logs_fsdp2s_loss_and_grad_norm_and_makes_its_updates(tmp_path):
     for step in range(1, STEPS + 1):
         # the default log (rank 0: PP's first stage) shows the real loss, at the log's precision
         assert pp_log[step][0] == pytest.approx(fsdp_log[step][0], abs=2e-5), (step, fsdp_log, pp_log)
-        assert pp_log[step][1] == pytest.approx(fsdp_log[step][1], abs=2e-4), (step, fsdp_log, pp_log)
-        assert math.isclose(pp_loss[step], fsdp_loss[step], rel_tol=REL_TOL), (step, fsdp_loss, pp_loss)
-        assert math.isclose(pp_norm[step], fsdp_norm[step], rel_tol=REL_TOL), (step, fsdp_norm, pp_norm)
-    assert losses(pp_out) == losses(fsdp_out) or all(
-        abs(losses(pp_out)[s] - losses(fsdp_out)[s]) <= 2e-5 for s in range(1, STEPS + 1)
-    )
+        assert pp_log[step][1] == pytest.approx(fsdp_log[step][1], abs=5e-4), (step, fsdp_log, pp_log)
+        assert math.isclose(pp_loss[step], fsdp_loss[step], rel_tol=LOSS_REL_TOL), (step, fsdp_loss, pp_loss)
+        assert math.isclose(pp_norm[step], fsdp_norm[step], rel_tol=NORM_REL_TOL), (step, fsdp_norm, pp_norm)
 
     fsdp_step, pp_step = (tmp_path / d / "checkpoint" / f"step-{STEPS}" for d in ("fsdp", "pp"))
     from torch.distributed.checkpoint import FileSystemReader
