@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_runai import storage
-from torchtitan_runai.checkpoint import folder
+from torchtitan_runai.checkpoint import folder, subclasses
 from torchtitan_runai.config import EXPORT_DTYPES as DTYPES
 from torchtitan_runai.errors import UserError
 from torchtitan_runai.hf.llama import hf_config_dict
@@ -136,7 +136,9 @@ def read_model_state_dict(
     ``layers.0.attention.wq.weight``) beside ``optimizer``/``lr_scheduler``/``train_state``...; we
     ask DCP for the model keys only, so optimizer state is never read. Loads with ``no_dist``:
     no process group is needed, whatever the number of ranks that wrote it. Tensors are
-    allocated in ``dtype`` (default: as stored) and DCP converts while reading.
+    allocated in ``dtype`` (default: as stored) and DCP converts while reading. A float8-trained
+    checkpoint (torchao's weight classes in its pickles) reads the same, with torchao's classes
+    allowed (``checkpoint.subclasses.load_allowing_torchao``): the weights come out plain.
     """
     import torch
     import torch.distributed.checkpoint as dcp
@@ -174,7 +176,11 @@ def read_model_state_dict(
     state_dict = {
         k: torch.empty(tuple(stored[k].size), dtype=torch_dtype or stored[k].properties.dtype) for k in expected
     }
-    dcp.load(state_dict, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
+    subclasses.load_allowing_torchao(
+        lambda: dcp.load(state_dict, storage_reader=FileSystemReader(str(step_dir)), no_dist=True),
+        "CHECKPOINT_STEP_DIR",
+        str(step_dir),
+    )
     return state_dict
 
 

@@ -62,6 +62,7 @@ QUIET = (
     r"seed: \d+$",
     r"Error running lspci",
     r"no complete checkpoint in \S+: starting fresh$",  # the startup summary says it
+    r"Pipeline Parallel loss is not visible",  # it is: every stage logs the last one's (loss.last_stage_loss)
 )
 """torchtitan's (and our) INFO/WARNING lines shown only at LOG_LEVEL=debug."""
 

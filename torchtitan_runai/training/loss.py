@@ -18,10 +18,23 @@ Variants (``[perf] loss``, see ``config.Perf``); all return the same value and g
   ``torchtitan_runai.training.fused_head``) and the loss computes logits, loss and gradients chunk by chunk:
   neither the logits nor their gradient ever exist in full. Needs the model class
   ``FusedHeadTransformer``; if the model returns plain logits the loss falls back to ``plain``.
+
+Pipeline parallel (upstream torchtitan issue #2972). Without PP the Trainer divides the summed loss
+by the step's global count of valid tokens *before* ``backward``. With PP, torchtitan 0.2.2 hands
+this function to torch's pipeline schedule (``scale_grads=False``), which runs ``backward`` on what
+it returns, the raw sum: every gradient came out ``global_valid_tokens`` times too large (956 vs
+1.74 ``grad_norm`` on the debug model), and only the logged value was divided. Clipping at
+``max_norm`` hid it while the true norm was above the limit. ``spec.pipeline`` marks the loss
+``pipelined``; the trainer then gives it each step's count (``pipeline_step``) and the loss keeps
+its value (the sum the Trainer divides for the log) but divides its gradient by the count
+(``ScaledGrad``), so the gradients equal the non-PP ones up to the order of the sums. And only the
+last stage computes a loss: the other stages' Trainer returns -1, which is what rank 0 (a first
+stage) logged; ``last_stage_loss`` gives every stage the last stage's value.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -63,8 +76,29 @@ def _as_logits(pred) -> torch.Tensor:
     return pred
 
 
+class ScaledGrad(torch.autograd.Function):
+    """``total`` unchanged in forward; its gradient divided by ``denominator`` in backward.
+
+    A division rather than a multiplication by ``1 / denominator``: the same rounding as the
+    Trainer's ``loss_sum / global_valid_tokens`` without PP."""
+
+    @staticmethod
+    def forward(ctx, total: torch.Tensor, denominator) -> torch.Tensor:
+        ctx.denominator = denominator
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad / ctx.denominator, None
+
+
 class LossFn:
-    """The callable handed to torchtitan: ``loss_fn(pred, labels) -> sum of token losses``."""
+    """The callable handed to torchtitan: ``loss_fn(pred, labels) -> sum of token losses``.
+
+    ``pipelined`` (set by ``spec.pipeline``): the loss runs inside torch's pipeline schedule, which
+    calls ``backward`` on it directly; its gradient is then divided by the step's global count of
+    valid tokens (``pipeline_step``), see the module docstring.
+    """
 
     def __init__(
         self,
@@ -80,14 +114,62 @@ class LossFn:
         self.variant, self.chunk_tokens = variant, chunk_tokens
         self.ce_fn = ce_fn or ce_sum_and_grad
         self.plain_fn = plain_fn or cross_entropy_loss
+        self.pipelined = False
+        self.step_tokens = None  # the step's global valid-token count, while pipeline_step holds it
 
     def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
+        total = self._sum(pred, labels)
+        if not self.pipelined:
+            return total
+        if self.step_tokens is None:
+            # A trainer that does not give the count (torchtitan's own) would train with gradients
+            # scaled by the token count: refuse rather than train wrongly.
+            raise RuntimeError(
+                "the pipelined loss needs the step's global valid-token count "
+                "(training.loss.pipeline_step, called by RunaiTrainer.forward_backward_step)"
+            )
+        return ScaledGrad.apply(total, self.step_tokens)
+
+    def _sum(self, pred, labels: torch.Tensor) -> torch.Tensor:
         if self.variant == "fused" and isinstance(pred, HeadInput):
             return fused_linear_cross_entropy(pred, labels, chunk_tokens=self.chunk_tokens, ce_fn=self.ce_fn)
         logits = _as_logits(pred)
         if self.variant == "chunked":
             return chunked_cross_entropy(logits, labels, self.chunk_tokens)
         return self.plain_fn(logits, labels)
+
+
+@contextmanager
+def pipeline_step(loss_fn, global_valid_tokens):
+    """While the pipeline schedule runs one microbatch of the step: the pipelined loss divides its
+    gradient by ``global_valid_tokens`` (the Trainer's count: a tensor, or a number once reduced
+    over data-parallel ranks). A loss that is not pipelined is left alone."""
+    if not getattr(loss_fn, "pipelined", False):
+        yield
+        return
+    loss_fn.step_tokens = global_valid_tokens
+    try:
+        yield
+    finally:
+        loss_fn.step_tokens = None
+
+
+def last_stage_loss(loss: torch.Tensor, has_last_stage: bool, pp_group) -> torch.Tensor:
+    """The last pipeline stage's loss on every rank of its pipeline (``pp_group``).
+
+    torchtitan returns -1 on the ranks without the last stage and logs rank 0's value, so a PP job's
+    default log showed ``loss: -1.00000``. One scalar all-reduce per microbatch: exactly one rank of
+    a pipeline holds the last stage (for V schedules, the first rank), the others add 0. After it the
+    Trainer's data-parallel reduction and the step trace see the real loss on every rank.
+    """
+    import torch.distributed as dist
+
+    if has_last_stage:
+        value = loss.detach().reshape(()).to(torch.float32).clone()
+    else:
+        value = torch.zeros((), dtype=torch.float32, device=loss.device)
+    dist.all_reduce(value, group=pp_group)
+    return value
 
 
 def build_loss_fn(job_config: JobConfig, **kwargs):

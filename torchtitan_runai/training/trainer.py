@@ -12,6 +12,8 @@ Trainer built (there is no hook to choose its class) and overrides its ``load`` 
 torchtitan's device globals for the CPU rehearsal (``upstream.use_cpu_device``). All of it is
 pinned to the exact torchtitan version (``upstream``).
 
+- ``forward_backward_step`` with pipeline parallel: the loss's gradient divided by the step's token
+  count and the last stage's loss on every rank (upstream torchtitan issue #2972; ``training.loss``).
 - ``init_distributed``: on gloo (CPU), create the process group with retries under a fresh store
   prefix per attempt (``gloo.init_gloo``: stock restarts fail most of the time); then agree on
   the run's 32-bit seed (rank 0 draws it when ``debug.seed`` is unset, ``seed``: the
@@ -65,7 +67,7 @@ import time
 import torch
 
 from torchtitan_runai import goodput, lifetime, plots, seed, storage, upstream
-from torchtitan_runai.checkpoint import ownership
+from torchtitan_runai.checkpoint import ownership, subclasses
 from torchtitan_runai.config import Resilience
 from torchtitan_runai.errors import flush_and_exit
 from torchtitan_runai.hf.export import export_at_end
@@ -85,6 +87,7 @@ from torchtitan_runai.training import (
 )
 from torchtitan_runai.training.checkpoint import staging
 from torchtitan_runai.training.checkpoint.manager import Preempted, RunaiCheckpointManager
+from torchtitan_runai.training.loss import last_stage_loss, pipeline_step
 
 logger = upstream.logger
 
@@ -107,6 +110,9 @@ class RunaiTrainer(upstream.Trainer):
         self.step_trace = step_trace.StepTrace()
         self.data_trace = data_position.StepRecorder()
         self._step_loss = None
+        # A float8 run's checkpoint names torchao's weight class: allowed before torchtitan reads one
+        # without float8 configured (an initial load, a resume); checkpoint/subclasses.py.
+        subclasses.allow_on_ranks(job_config)
         super().__init__(job_config)
         pd = self.parallel_dims
         owner = read_json(storage.checkpoint_dir(job_config) / ownership.OWNER) or {}
@@ -183,7 +189,14 @@ class RunaiTrainer(upstream.Trainer):
             plots.plot_at_end(self.job_config)
 
     def forward_backward_step(self, *args, **kwargs):
-        loss = super().forward_backward_step(*args, **kwargs)
+        if self.parallel_dims.pp_enabled:
+            # Upstream torchtitan issue #2972: the pipelined loss divides its gradient by the step's
+            # token count, and every stage reports the last stage's loss (training/loss.py).
+            with pipeline_step(self.loss_fn, kwargs["global_valid_tokens"]):
+                loss = super().forward_backward_step(*args, **kwargs)
+            loss = last_stage_loss(loss, self.pp_has_last_stage, self.parallel_dims.get_mesh("pp").get_group())
+        else:
+            loss = super().forward_backward_step(*args, **kwargs)
         detached = loss.detach()
         if self.step_trace.enabled or self.data_trace.enabled:
             self._step_loss = detached if self._step_loss is None else self._step_loss + detached

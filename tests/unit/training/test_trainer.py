@@ -239,7 +239,7 @@ def test_the_ledger_comes_first_and_the_watchdog_and_checkpointer_are_wired_to_i
     model_parts = [torch.nn.Linear(2, 2)]
     config = SimpleNamespace(
         job=SimpleNamespace(dump_folder=str(tmp_path)),
-        checkpoint=SimpleNamespace(folder="ck"),
+        checkpoint=SimpleNamespace(folder="ck", enable=False),
         resilience=Resilience(hang_timeout_seconds=321, heartbeat_seconds=4),
         optimizer=SimpleNamespace(name="AdamW"),
     )
@@ -376,6 +376,7 @@ def test_a_traced_step_records_the_sum_of_its_microbatch_losses(monkeypatch, tmp
     monkeypatch.setattr(upstream.Trainer, "train_step", train_step)
     t = bare_trainer(Events())
     t.step_trace, t.data_trace = step_trace.StepTrace(), data_position.StepRecorder()
+    t.parallel_dims = SimpleNamespace(pp_enabled=False)
     t.lr_schedulers = SimpleNamespace(schedulers=[SimpleNamespace(get_last_lr=lambda: [0.5])])
     t._step_loss = None
     t.train_step(iter(()))
