@@ -518,17 +518,13 @@ class Rehearsal:
             why = f"exit {code}, expected 143 after a SIGTERM" if losses else f"exit {code} before step 1"
             self.fail("train", why, log)
         first, last = min(losses), max(losses)
-        bad = [step for step, loss in losses.items() if not 0 < float.fromhex(loss) < math.inf]
-        if bad:  # e.g. -1: the rank that logs holds no loss (a first pipeline stage)
-            value = float.fromhex(losses[bad[0]])
-            pp = "PP" in self.plan.layout.split()
-            setting = "parallelism.pipeline_parallel_degree" if pp else None
-            self.fail("train", f"step {bad[0]} logged loss {value}, not a cross-entropy", log, setting)
+        self.check_losses("train", losses, log)
+        shown = {step: float.fromhex(loss) for step, loss in losses.items()} | logged_losses(text)
         self.say(
             "PASS",
             "train",
             f"steps {first}-{last} as {self.plan.layout} on {self.ngpu} CPU ranks, loss "
-            f"{float.fromhex(losses[first]):.4f} -> {float.fromhex(losses[last]):.4f}",
+            f"{shown[first]:.4f} -> {shown[last]:.4f}",
         )
         if not (dump / "checkpoint" / f"step-{INTERVAL}" / ".metadata").is_file():
             self.fail("checkpoint", f"no complete step-{INTERVAL} after checkpoint.interval = {INTERVAL}", log)
@@ -554,9 +550,21 @@ class Rehearsal:
             self.fail("resume", f"did not continue from the SIGTERM's step-{self.stopped}", log)
         if max(losses) != STEPS:
             self.fail("resume", f"ended at step {max(losses)}, not {STEPS}", log)
-        self.say("PASS", "resume", f"from step-{self.stopped} to step {STEPS}, loss {float.fromhex(losses[STEPS]):.4f}")
+        self.check_losses("resume", losses, log)
+        loss = logged_losses(text).get(STEPS, float.fromhex(losses[STEPS]))
+        self.say("PASS", "resume", f"from step-{self.stopped} to step {STEPS}, loss {loss:.4f}")
         self.proven.append("resumes")
         return losses
+
+    def check_losses(self, check: str, losses: dict[int, str], log: Path) -> None:
+        """Every step's loss a cross-entropy: not NaN, not infinite, not -1 (the value a rank that
+        holds no loss logs: a first pipeline stage)."""
+        bad = [step for step, loss in sorted(losses.items()) if not 0 < float.fromhex(loss) < math.inf]
+        if bad:
+            value = float.fromhex(losses[bad[0]])
+            pp = "PP" in self.plan.layout.split() and value == -1
+            setting = "parallelism.pipeline_parallel_degree" if pp else None
+            self.fail(check, f"step {bad[0]} logged loss {value}, not a cross-entropy", log, setting)
 
     def compare(self, resumed: dict[int, str]) -> None:
         # the first run's seed (the recipe's, else the one it drew and logged): the same initial weights
@@ -620,6 +628,20 @@ class Rehearsal:
         env["HF_HUB_OFFLINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LAUNCHER.parent), env.get("PYTHONPATH", "")]))
         return env
+
+
+STEP_LOSS = re.compile(r"step:\s*(\d+)\s+loss:\s*(\S+)")
+
+
+def logged_losses(log: str) -> dict[int, float]:
+    """step -> the loss the log shows (the step trace holds rank 0's exact local value)."""
+    found = {}
+    for step, value in STEP_LOSS.findall(log):
+        try:
+            found[int(step)] = float(value)
+        except ValueError:
+            pass
+    return found
 
 
 def load_hf(folder: str) -> float:
