@@ -410,7 +410,7 @@ def blame(log: str) -> str:
     for line in ERROR_LINE.findall(log):
         if ":" in line and " = " in line.split(":", 1)[0] or line.split(":", 1)[0].count(".") == 1:
             return line.split(":", 1)[0].split(" = ")[0].strip()
-    tail = log[log.find("Traceback") :] if "Traceback" in log else log[-6000:]
+    tail = log[log.find("Traceback") :] if "Traceback" in log else log  # no traceback: what the run set up
     for pattern, setting in BLAME:
         if re.search(pattern, tail):
             return setting
