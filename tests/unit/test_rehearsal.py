@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
+import tomllib
 
 from torchtitan_runai.config import read_toml
 from torchtitan_runai.errors import UserError
