@@ -679,7 +679,10 @@ def rehearse(trainer_args: list[str], env: Mapping[str, str]) -> int:
     base = read_toml(recipe_path)  # a missing or broken recipe: one line
     recipe = Path(recipe_path)
     config, _ = merge_args(base, args)
-    ngpu = int(env.get("NGPU") or DEFAULT_RANKS)
+    raw = env.get("NGPU") or str(DEFAULT_RANKS)
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise UserError("NGPU", raw, "is not a number of CPU ranks", f"set NGPU to e.g. {DEFAULT_RANKS}, or unset it")
+    ngpu = int(raw)
     plan = plan_rehearsal(config, ngpu, torchao=torchao_installed(), compile_model=compile_model)
     folder = Path(env.get("OUTPUT_DIR") or "./outputs").resolve() / "rehearsal" / recipe.stem
     if folder.exists():  # the rehearsal's own folder: each rehearsal starts clean

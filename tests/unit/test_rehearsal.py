@@ -149,3 +149,11 @@ def test_blame_names_the_setting_of_a_failure():
     assert blame(trace.format("DTensor redistribute")) == "parallelism.tensor_parallel_degree"
     assert blame(trace.format("torch._inductor.exc.CppCompileError")) == "compile.enable"
     assert blame("nothing known") == "the recipe's layout"
+
+
+def test_ngpu_that_is_not_a_count_is_one_line():
+    from torchtitan_runai.rehearsal import rehearse
+
+    with pytest.raises(UserError) as err:
+        rehearse(["--job.config_file", RECIPES.format("debug_model")], {"NGPU": "four"})
+    assert err.value.setting == "NGPU"
