@@ -29,6 +29,8 @@ CLUSTER_ONLY = {
     "runai submit-dist": "needs a Run:ai cluster",
     "python -m torchtitan_runai.stage": "stages onto a PVC (/outputs) from the gated Hub repo",
     "python -m torchtitan_runai.export /outputs/": "reads a cluster job's checkpoint on its PVC",
+    # not cluster-only, but minutes: test_recipe_rehearsals.py runs it, and every other recipe's
+    "CONFIG_FILE=./train_configs/llama3_70b.toml ./run_llama_train.sh --rehearse": "run by test_recipe_rehearsals",
 }
 
 NOISE = [  # what main's make train printed that a reader does not need (issue 16's list)

@@ -20,14 +20,19 @@ Once per pod it:
 
 Usage::
 
-    run_llama_train.sh [--dry-run] [torchtitan arguments ...]
-    python -m torchtitan_runai.launch [--dry-run] [torchtitan arguments ...]
+    run_llama_train.sh [--dry-run | --rehearse [--exact]] [torchtitan arguments ...]
+    python -m torchtitan_runai.launch [--dry-run | --rehearse [--exact]] [torchtitan arguments ...]
 
 ``--dry-run`` (first argument only) validates and prints the equivalent torchrun command as the
 last line of stdout, shell-quoted, and starts nothing. Checks that depend on the machine (GPUs
 present, disk space, tokenizer files, context parallel without a GPU: ``check_device_support``) are
 warnings in a dry run. Arguments after the options are passed to torchtitan unchanged, e.g.
 ``run_llama_train.sh --training.steps 5``.
+
+``--rehearse`` (first argument only) runs the recipe on this machine's CPUs at toy size, offline: its
+own layout scaled to ``NGPU`` CPU ranks (default 4), its features where a CPU runs them, a SIGTERM, a
+resume, an HF export (``torchtitan_runai.rehearsal``, its docstring is the manual; ``--exact`` also
+compares the resumed losses with an uninterrupted run's).
 
 Environment shapes (what each operator injects: docs/cluster.md), tried in this order:
 
@@ -729,6 +734,10 @@ def check_device_support(config, gpus: int, dry_run: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--rehearse":  # the recipe on this machine's CPUs: launches of its own
+        from torchtitan_runai import rehearsal
+
+        return rehearsal.rehearse(trainer_args(dict(os.environ), argv[1:]), dict(os.environ))
     dry_run = bool(argv) and argv[0] == "--dry-run"
     user_args = argv[1:] if dry_run else list(argv)
     env = dict(os.environ)

@@ -133,14 +133,27 @@ def staging_sizes(model_parts: Iterable[Any], moments: int) -> list[int]:
     sizes, seen = [], set()
     for part in model_parts:
         for tensor, n_states in [(p, moments) for p in part.parameters()] + [(b, 0) for b in part.buffers()]:
-            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-            storage = local.untyped_storage()
-            if storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
-            sizes.append(storage.nbytes())
-            sizes += [local.numel() * local.element_size()] * n_states  # zeros_like(param): unpadded
+            for local in plain_tensors(tensor):
+                storage = local.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                sizes.append(storage.nbytes())
+                sizes += [local.numel() * local.element_size()] * n_states  # zeros_like(param): unpadded
     return [n for n in sizes if n >= PIN_MIN_BYTES]
+
+
+def plain_tensors(tensor: Any) -> list[Any]:
+    """The plain tensors that hold a parameter's data: a DTensor's shard, and inside a wrapper
+    subclass (torchao's float8 weight with FSDP float8 all-gather) the tensors it wraps, whose
+    storage is the one a checkpoint stages (the wrapper's own storage has no data pointer)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    inners = [getattr(tensor, name) for name in names]  # a DTensor of torch 2.13 also names its mesh
+    return [plain for inner in inners if isinstance(inner, torch.Tensor) for plain in plain_tensors(inner)]
 
 
 def new_shared_storage(nbytes: int) -> Any:

@@ -70,6 +70,16 @@ def test_staging_sizes_are_each_parameter_its_moments_and_the_buffers():
     assert len(ckpt_perf.staging_sizes([Model()], moments=0)) == 3
 
 
+def test_staging_sizes_look_inside_a_wrapper_subclass():
+    """torchao's float8 weight under FSDP float8 all-gather wraps the data, as TwoTensor does: the
+    wrapper's own storage has no data pointer (the 405B recipe's rehearsal died there, issue 22)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(TwoTensor(torch.randn(64, 32), torch.randn(64, 32)))
+    assert sorted(ckpt_perf.staging_sizes([model], moments=1)) == [64 * 32 * 4] * 4
+
+
 def test_pool_prepares_shared_buffers_and_hands_out_exact_sizes():
     pool = ckpt_perf.StagingPool([4096, 128, 128], pin=False).start()
     first = pool.take(128)
