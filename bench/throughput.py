@@ -32,9 +32,10 @@ from bench.assets import build_all
 from bench.child import child_env, run_torchrun
 
 LOG_RE = re.compile(
-    r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.naife]+).*?memory:\s*(?P<mem>[\d.]+GiB|n/a).*?"
-    r"tps:\s*(?P<tps>[\d,]+).*?tflops:\s*(?P<tflops>[\d.]+).*?mfu:\s*(?P<mfu>[\d.]+%|n/a)"  # n/a: ours on CPU
+    r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.naife]+)(?:.*?memory:\s*(?P<mem>[\d.]+GiB|n/a))?.*?"
+    r"tps:\s*(?P<tps>[\d,]+)(?:.*?tflops:\s*(?P<tflops>[\d.]+))?(?:.*?mfu:\s*(?P<mfu>[\d.]+%|n/a))?"
 )
+"""A step line; ours on CPU leaves out memory, tflops and mfu (and stock prints n/a): they read 0."""
 
 
 @dataclass
@@ -193,7 +194,10 @@ def run_one(cfg: Config, mode: str, corpus: Path, tok: Path, work: Path, steps: 
         if m:
             first.append(now)
             rows.append(
-                {k: 0.0 if v == "n/a" else float(v.replace(",", "").rstrip("GiB%")) for k, v in m.groupdict().items()}
+                {
+                    k: 0.0 if v in (None, "n/a") else float(v.replace(",", "").rstrip("GiB%"))
+                    for k, v in m.groupdict().items()
+                }
             )
 
     child = run_torchrun([*entry, *train_args(cfg, mode, corpus, tok, dump, steps)], env, timeout, on_line)
