@@ -33,6 +33,10 @@ copy requires that the current accelerator is available``): ``staging_options`` 
 same path (shared-memory staging on a background thread, the checkpoint-writing process) without
 pinning and non-blocking copies, so the CPU tests run what a GPU pod runs.
 
+Float8 weights: DCP's stager copied torchao's float8 weight wrapper (FSDP float8 all-gather, the 405B
+recipe) as uninitialized host memory, so such checkpoints resumed to loss NaN (issue 22).
+``WrapperSafeStateDictStager``, under both stagers built here, stages the weight it wraps instead.
+
 Nothing in torchtitan is changed or copied: the stager is handed to ``CheckpointManager.stager``,
 which torchtitan fills itself only while it is ``None``.
 """
