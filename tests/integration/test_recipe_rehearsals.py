@@ -67,41 +67,16 @@ def test_70b_tp_x_fsdp_resumes_bit_identically(tmp_path):
     assert "resumes bit-identically" in last
 
 
-KNOWN_FLOAT8_RESUME = (
-    "float8 with FSDP float8 all-gather (the 405B recipe) resumes to loss NaN from an async checkpoint: found by "
-    "this rehearsal; torchtitan's own stager does it too (checkpoint_perf.reuse_staging = false), async_mode = "
-    "disabled resumes fine; issue 22 item 4 (float8 checkpoints)"
-)
-KNOWN_FLOAT8_EXPORT = "float8 export (UnpicklingError ... WeightWithDynamicFloat8CastTensor): issue 22 item 4"
-KNOWN_PP = (
-    "PP's logged loss: rank 0 holds the first pipeline stage and logs loss -1, and backward runs on the "
-    "summed loss (upstream torchtitan #2972): issue 22 item 2, fixed in parallel"
-)
-
-
-def xfail_known(out: str, check: str, symptom: str, reason: str) -> None:
-    """A known bug's check, precisely: xfail when that check fails with that symptom, else go on."""
-    line = next((line for line in out.splitlines() if line.startswith(f"[rehearse] FAIL  {check}:")), "")
-    if symptom in line:
-        pytest.xfail(reason)
-
-
 def test_405b_float8_emulated_with_tp_x_fsdp(tmp_path):
     proc, out = rehearse(tmp_path, "llama3_405b", 4)
     assert "[rehearse] note  async TP (parallelism.enable_async_tensor_parallel)" in out
     assert "torchao is not installed" not in out, "float8 is emulated with torchao: pip install -e '.[test]'"
-    found = checks(out)
-    assert [found.get(c) for c in ("train", "checkpoint", "SIGTERM")] == ["PASS"] * 3, out[-3000:]
-    xfail_known(out, "resume", "loss nan", KNOWN_FLOAT8_RESUME)
-    xfail_known(out, "HF export", "failed", KNOWN_FLOAT8_EXPORT)
     last = assert_proven(proc, out, "TP 2 x FSDP 2")
     assert "float8 (emulated, FSDP float8 all-gather)" in last
 
 
 def test_pp_x_fsdp_resumes_bit_identically(tmp_path):
     proc, out = rehearse(tmp_path, "debug_model", 4, "--exact", "--parallelism.pipeline_parallel_degree", "2")
-    xfail_known(out, "train", "loss -1.0", KNOWN_PP)
-    xfail_known(out, "exact resume", "loss after the resume", KNOWN_PP)
     last = assert_proven(proc, out, "PP 2 x FSDP 2", "exact resume")
     assert "resumes bit-identically" in last
 

@@ -33,6 +33,10 @@ copy requires that the current accelerator is available``): ``staging_options`` 
 same path (shared-memory staging on a background thread, the checkpoint-writing process) without
 pinning and non-blocking copies, so the CPU tests run what a GPU pod runs.
 
+Float8 weights: DCP's stager copied torchao's float8 weight wrapper (FSDP float8 all-gather, the 405B
+recipe) as uninitialized host memory, so such checkpoints resumed to loss NaN (issue 22).
+``WrapperSafeStateDictStager``, under both stagers built here, stages the weight it wraps instead.
+
 Nothing in torchtitan is changed or copied: the stager is handed to ``CheckpointManager.stager``,
 which torchtitan fills itself only while it is ``None``.
 """
@@ -53,6 +57,7 @@ import torch
 import torch.multiprocessing
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchtitan_runai.config import CheckpointPerf, wants_pinned_staging
 
@@ -74,9 +79,72 @@ def staging_options():
     )
 
 
-class KeptStateDictStager(StateDictStager):
-    """DCP's deep-copying stager, keeping its buffers and copy rules until ``release``; storages it
-    has not staged yet take a ready buffer of their size from ``pool`` when there is one."""
+def wrapped_weight(tensor: Any) -> Any:
+    """The plain weight inside a training-time weight wrapper (torchao's
+    ``WeightWithDynamicFloat8CastTensor``, which wraps it as ``_tensor``), or ``None`` for any other
+    object. A DTensor is not one: DCP's stager copies it (and its shard) correctly."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor) or not is_traceable_wrapper_subclass(tensor):
+        return None
+    names, _ = tensor.__tensor_flatten__()
+    inner = getattr(tensor, "_tensor", None) if names[:1] == ["_tensor"] else None
+    return inner if isinstance(inner, torch.Tensor) else None
+
+
+class WrapperSafeStateDictStager(StateDictStager):
+    """DCP's deep-copying stager, staging a float8 weight wrapper as the plain weight it wraps.
+
+    DCP copies a tensor whose own storage has no data pointer (a wrapper subclass) as
+    ``x.new_empty(x.size(), device="cpu")`` plus its attributes. For a DTensor that gives a DTensor
+    whose shard is then replaced by the staged shard. torchao's float8 weight does not keep its class
+    through ``new_empty``: the copy is a plain tensor of *uninitialized* host memory, the staged
+    weight is set on it as a mere attribute, and that garbage is what the checkpoint writes. The
+    405B recipe (float8 with FSDP float8 all-gather, ``async_with_pinned_mem``) resumed to loss NaN
+    from such a checkpoint (issue 22, found by ``--rehearse``); ``async_mode = "disabled"`` writes
+    the weights directly and ``"async"`` stages through DCP's other copier, both correct.
+
+    Here the wrapper is staged as the weight it wraps (what DCP's ``"async"`` staging writes too):
+    the checkpoint holds plain tensors, which load into a float8 model (the wrapper's ``copy_``
+    fills the weight it wraps) and into a model without float8 or the HF export with no torchao.
+    Any other wrapper subclass whose staged copy loses its class is refused rather than written.
+    """
+
+    @torch.no_grad()
+    def deepcopy_with_tensor_offload(self, x, memo=None, _nil=[], non_blocking=False):  # noqa: B006 (DCP's signature)
+        inner = wrapped_weight(x) if isinstance(x, torch.Tensor) else None
+        if inner is not None:
+            if memo is None:
+                memo = {}
+            y = super().deepcopy_with_tensor_offload(inner, memo, _nil, non_blocking=non_blocking)
+            memo[id(x)] = y
+            self._keep_alive(x, memo)
+            return y
+        y = super().deepcopy_with_tensor_offload(x, memo, _nil, non_blocking=non_blocking)
+        if type(y) is not type(x) and is_traceable_wrapper_subclass(x):
+            raise TypeError(
+                f"checkpoint staging: a {type(x).__qualname__} would be staged as an uninitialized "
+                f"{type(y).__qualname__} (DCP's stager keeps only classes that survive new_empty); "
+                'use checkpoint.async_mode = "async" or "disabled" for this model'
+            )
+        return y
+
+
+def stock_stager(options: StagingOptions | None = None) -> DefaultStager:
+    """torchtitan's own stager (``checkpoint_perf.reuse_staging = false``): DCP's ``DefaultStager``,
+    closed after every staging as torch does, over ``WrapperSafeStateDictStager``."""
+    options = options or staging_options()
+    stager = DefaultStager(options)
+    stager._state_dict_stager = WrapperSafeStateDictStager(
+        pin_memory=options.use_pinned_memory, share_memory=options.use_shared_memory
+    )
+    return stager
+
+
+class KeptStateDictStager(WrapperSafeStateDictStager):
+    """DCP's deep-copying stager (float8 wrappers staged as their weight), keeping its buffers and
+    copy rules until ``release``; storages it has not staged yet take a ready buffer of their size
+    from ``pool`` when there is one."""
 
     def __init__(self, *args, pool: StagingPool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -147,8 +215,6 @@ def plain_tensors(tensor: Any) -> list[Any]:
     """The plain tensors that hold a parameter's data: a DTensor's shard, and inside a wrapper
     subclass (torchao's float8 weight with FSDP float8 all-gather) the tensors it wraps, whose
     storage is the one a checkpoint stages (the wrapper's own storage has no data pointer)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if not is_traceable_wrapper_subclass(tensor):
         return [tensor]
     names, _ = tensor.__tensor_flatten__()
@@ -276,7 +342,7 @@ def install(
     if getattr(manager, "stager", None) is not None:
         return None  # someone else's stager: leave it
     if not perf.reuse_staging:
-        manager.stager = DefaultStager(staging_options())  # torchtitan's, minus what a CPU refuses
+        manager.stager = stock_stager()  # torchtitan's, minus what a CPU refuses, float8 staged correctly
         return None
     pool = None
     if perf.prepare_at_start and not pool_supported():

@@ -231,3 +231,82 @@ def test_without_dcps_per_storage_hook_no_pool_is_built(monkeypatch):
     m = manager()
     assert ckpt_perf.install(m, pinned(), model_parts=[Model()], optimizer_name="AdamW", stager_factory=cpu) is None
     assert type(m.stager).__name__ == "ReusableStager"  # the reuse fix still applies
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def float8_fsdp_model(mesh, seed: int):
+    """The 405B recipe's weights in small: float8 linears (emulated on CPU) with FSDP float8
+    all-gather, so each parameter is a DTensor whose shard is torchao's WeightWithDynamicFloat8CastTensor."""
+    float8 = pytest.importorskip("torchao.float8")
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(64, 16, bias=False))
+    config = float8.Float8LinearConfig(enable_fsdp_float8_all_gather=True, emulate=True)
+    float8.convert_to_float8_training(model, config=config)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+CPU_ASYNC = StagingOptions(False, True, True, False)  # what a CPU rank stages with (no pinning)
+STAGERS = {
+    "reusable": lambda model: ckpt_perf.build_stager(CPU_ASYNC),
+    "reusable with the pool": lambda model: ckpt_perf.build_stager(
+        CPU_ASYNC, pool=ckpt_perf.StagingPool(ckpt_perf.staging_sizes([model], 0), pin=False).start()
+    ),
+    "torchtitan's (reuse_staging = false)": lambda model: ckpt_perf.stock_stager(CPU_ASYNC),
+}
+
+
+@pytest.mark.parametrize("kind", STAGERS)
+def test_float8_weights_are_staged_as_their_values_and_resume(one_rank_mesh, tmp_path, kind):
+    """Issue 22: DCP's stager copied a float8 weight as uninitialized host memory, so the 405B
+    recipe resumed to loss NaN from any async_with_pinned_mem checkpoint (and its preemption
+    checkpoint, staged the same way). Staged, written and loaded back, the weights are the model's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = float8_fsdp_model(one_rank_mesh, seed=0)
+    sd = get_model_state_dict(model)
+    assert {type(v.to_local()).__name__ for v in sd.values()} == {"WeightWithDynamicFloat8CastTensor"}
+    weights = {k: v.to_local()._tensor.clone() for k, v in sd.items()}
+    stager = STAGERS[kind](model)
+    staged = torch_2_11_stage(stager, {"model": sd})["model"]
+    for k, v in staged.items():
+        assert type(v.to_local()) is torch.Tensor and torch.equal(v.to_local(), weights[k]), k
+    dcp.save(staged, checkpoint_id=str(tmp_path / "step-1"))  # what the saving process writes
+    stager.close()
+
+    resumed = float8_fsdp_model(one_rank_mesh, seed=1)
+    target = get_model_state_dict(resumed)
+    dcp.load(target, checkpoint_id=str(tmp_path / "step-1"))
+    set_model_state_dict(resumed, target)
+    for k, v in get_model_state_dict(resumed).items():
+        assert type(v.to_local()).__name__ == "WeightWithDynamicFloat8CastTensor"  # still float8-trained
+        assert torch.equal(v.to_local()._tensor, weights[k]), k
+
+
+def test_a_wrapper_that_would_be_staged_as_garbage_is_refused():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    class LosesItsClass(TwoTensor):  # as torchao's float8 weight does under DCP's stager: new_empty is plain
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args, kwargs=None):
+            if func is torch.ops.aten.new_empty.default:
+                return torch.empty(args[1], dtype=args[0].dtype)
+            return super().__torch_dispatch__(func, types, args, kwargs or {})
+
+    w = LosesItsClass(torch.randn(4, 4), torch.randn(4, 4))
+    with pytest.raises(TypeError, match="LosesItsClass would be staged as an uninitialized Tensor"):
+        ckpt_perf.WrapperSafeStateDictStager().stage({"w": w})
