@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -73,21 +72,23 @@ def launch(tmp: Path, files: list[Path], name: str, ngpu: int, *more: str, trace
     cmd = launcher_cmd(*args)
     if trace:  # only the read calls stop the job (seccomp); -y names each call's file
         strace = ["strace", "--seccomp-bpf", "-f", "-qq", "-y", "-s", "0", "-e", "signal=none"]
-        cmd = [*strace, "-e", "trace=read,pread64,readv,preadv", "-o", str(log), *cmd]
+        cmd = [*strace, "-e", "trace=read,pread64,readv,preadv,execve", "-o", str(log), *cmd]
     proc = subprocess.Popen(
         cmd, env=pod_env(NGPU=str(ngpu)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    launcher = _child(proc.pid) if trace else None  # strace's tracee: the launcher (bash execs it)
     out = proc.communicate(timeout=900)[0].decode(errors="replace")
     assert proc.returncode == 0, out[-4000:]
-    return out, corpus_reads(log, files[0].parent, launcher) if trace else {}
+    return out, corpus_reads(log, files[0].parent) if trace else {}
 
 
-def corpus_reads(log: Path, folder: Path, launcher: int | None) -> dict[int, int]:
+def corpus_reads(log: Path, folder: Path) -> dict[int, int]:
     """Bytes of the files in ``folder`` read by each thread but the launcher's main thread."""
     per_thread: Counter = Counter()  # strace -f names threads by their own id
     pending: set[int] = set()  # threads whose read of a corpus file strace split in two lines
-    for line in log.read_text().splitlines():
+    lines = log.read_text().splitlines()
+    # the launcher: strace's own child, the first to exec (run_llama_train.sh, which execs the launcher)
+    launcher = next(int(line.split()[0]) for line in lines if " execve(" in line)
+    for line in lines:
         m = CALL.match(line)
         if not m:
             continue
@@ -104,19 +105,6 @@ def corpus_reads(log: Path, folder: Path, launcher: int | None) -> dict[int, int
         if ours and done and tid != launcher:  # the launcher samples each file in its main thread
             per_thread[tid] += int(done.group(1))
     return dict(per_thread)
-
-
-def _child(pid: int) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
-        if children:
-            return int(children[0])
-        time.sleep(0.01)
-    raise AssertionError("strace started no process")
 
 
 @pytest.fixture(scope="module")
