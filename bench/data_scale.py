@@ -16,7 +16,9 @@ step). The total over all ranks against DP 1's is the figure of merit (issue 26:
 
 The same order is then read through ``datasets``' streaming client (``StreamShards``, the path c4
 from the Hub takes) for ``--datasets-dp`` sizes, bytes counted by the kernel (``/proc/self/io``).
-Through a fake Hub it was not run: this environment's ``datasets`` lacks ``aiohttp`` for HTTP streams.
+Through a fake Hub it is not run here: ``tests/unit/training/test_data_bytes.py`` does it (the real
+``datasets`` client over ``hf://`` paths, ``huggingface_hub``'s own HTTP client, no ``aiohttp``;
+``tests/fakehub.py`` counts the bytes it serves) at DP 4 against DP 1.
 
 The tokenizer is a whitespace split with a hashed id per word (a real BPE costs more per token, the
 same at every DP: it moves time per batch, not bytes).

@@ -4,7 +4,11 @@ It answers what ``hf_hub_download`` (HEAD + GET on ``/{repo}/resolve/{rev}/{file
 ``/datasets/``) and ``snapshot_download`` (``/api/models/{repo}[/revision/{rev}]`` and
 ``/api/models/{repo}/tree/{rev}``) ask for, with the headers the client requires
 (``X-Repo-Commit``, ``ETag``, ``Content-Length``) and the error codes the real Hub uses
-(``X-Error-Code: RepoNotFound / GatedRepo / EntryNotFound / RevisionNotFound``).
+(``X-Error-Code: RepoNotFound / GatedRepo / EntryNotFound / RevisionNotFound``). It also serves
+what ``datasets`` streaming asks through ``huggingface_hub``'s ``HfFileSystem`` (``hf://`` paths):
+the tree of a folder (``/api/datasets/{repo}/tree/{rev}/{folder}``, ``?recursive=true``, with its
+directories) and byte ranges of a file (``Range: bytes=a-b``, 206). ``served`` counts the bytes of
+each file's content written to clients: what a job pulled from the Hub.
 
 Authorization: when ``token`` is set, a request must carry ``Authorization: Bearer <token>``:
 none or another token gets 401 (the Hub's answer for a gated repo to an anonymous caller).
@@ -29,7 +33,8 @@ from urllib.parse import unquote, urlsplit
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?(.+?)/resolve/([^/]+)/(.+)$")
-_API = re.compile(r"^/api/(models|datasets)/(.+?)(?:/(revision|tree)/([^/]+)(?:/.*)?)?$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_API = re.compile(r"^/api/(models|datasets)/(.+?)(?:/(revision|tree|paths-info)/([^/]+)(?:/(.*))?)?$")
 
 
 class FakeHub:
@@ -38,6 +43,8 @@ class FakeHub:
         self.ungated_tokens: set[str] = set()
         self.repos: dict[tuple[str, str], dict[str, bytes]] = {}
         self.requests: list[tuple[str, str, bool]] = []
+        self.served: dict[str, int] = {}
+        """Bytes of each repo file's content written to a client (a file's path in its repo)."""
         self._failures: list[int] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -106,14 +113,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _send(self, status: int, data: bytes = b"", headers: dict | None = None, body: bool = True):
+    def _send(
+        self, status: int, data: bytes = b"", headers: dict | None = None, body: bool = True, count: str = ""
+    ) -> None:
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body and data:
-            self.wfile.write(data)
+            sent = 0
+            try:
+                for at in range(0, len(data), 64 * 1024):  # a client that stops reading stops the count
+                    self.wfile.write(data[at : at + 64 * 1024])
+                    sent += len(data[at : at + 64 * 1024])
+            finally:
+                if count:
+                    with self.fake._lock:
+                        self.fake.served[count] = self.fake.served.get(count, 0) + sent
 
     def _error(self, status: int, code: str | None, message: str, body: bool) -> None:
         headers = {"X-Error-Message": message, "X-Repo-Commit": COMMIT}
@@ -156,8 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve(repo_type, repo_id, revision, filename, body)
         match = _API.match(path)
         if match:
-            kinds, repo_id, sub, revision = match.groups()
-            return self._api(kinds[:-1], repo_id, sub, revision or "main", body)
+            kinds, repo_id, sub, revision, inner = match.groups()
+            return self._api(kinds[:-1], repo_id, sub, revision or "main", body, inner or "")
         self._error(404, None, "Not found", body)
 
     def _repo(self, repo_type: str, repo_id: str, revision: str, body: bool):
@@ -181,19 +198,24 @@ class _Handler(BaseHTTPRequestHandler):
             "X-Repo-Commit": COMMIT,
             "ETag": '"' + hashlib.sha1(data).hexdigest() + '"',
             "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
         }
-        self._send(200, data, headers, body)
+        status, part = 200, data
+        wanted = _RANGE.match(self.headers.get("Range", ""))
+        if wanted:
+            first = int(wanted.group(1))
+            last = min(int(wanted.group(2)) if wanted.group(2) else len(data) - 1, len(data) - 1)
+            status, part = 206, data[first : last + 1]
+            headers["Content-Range"] = f"bytes {first}-{first + len(part) - 1}/{len(data)}"
+        self._send(status, part, headers, body, count=filename)
 
-    def _api(self, repo_type, repo_id, sub, revision, body) -> None:
+    def _api(self, repo_type, repo_id, sub, revision, body, inner: str = "") -> None:
         files = self._repo(repo_type, repo_id, revision, body)
         if files is None:
             return
         if sub == "tree":
-            listing = [
-                {"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                for p, d in sorted(files.items())
-            ]
-            data = json.dumps(listing).encode()
+            recursive = "recursive=true" in urlsplit(self.path).query.lower()
+            data = json.dumps(_tree(files, inner.strip("/"), recursive)).encode()
         else:
             data = json.dumps(
                 {
@@ -204,3 +226,25 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             ).encode()
         self._send(200, data, {"Content-Type": "application/json"}, body)
+
+
+def _entry(path: str, data: bytes | None) -> dict:
+    if data is None:
+        return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+    return {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+
+
+def _tree(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict]:
+    """The Hub's tree listing of ``folder`` (files and directories; below it too when ``recursive``)."""
+    prefix = f"{folder}/" if folder else ""
+    out: dict[str, bytes | None] = {}
+    for path, data in files.items():
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix) :].split("/")
+        for depth in range(1, len(parts)):  # the directories on the way
+            if recursive or depth == 1:
+                out.setdefault(prefix + "/".join(parts[:depth]), None)
+        if recursive or len(parts) == 1:
+            out[path] = data
+    return [_entry(p, d) for p, d in sorted(out.items())]

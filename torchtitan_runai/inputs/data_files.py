@@ -302,15 +302,17 @@ def known_datasets() -> list[str]:
     return sorted(set(_named_dataset_paths()) | {LOCAL})
 
 
-def check_dataset(name: str, path: str | None, data: Data, section: str = "training") -> None:
-    """Cheap checks of one dataset setting (no loading): UserError naming the setting."""
+def check_dataset(name: str, path: str | None, data: Data, section: str = "training", content: bool = True) -> None:
+    """Cheap checks of one dataset setting (no loading): UserError naming the setting. ``content``:
+    sample every file's content and its text column too (the launcher's check; a rank that the
+    launcher started skips it: every rank reading the head of every shard is ranks x shards reads)."""
     key = (name or "").lower()
     if key not in known_datasets():
         raise UserError(f"{section}.dataset", name, "unknown dataset", f"use one of {known_datasets()}")
     setting = f"{section}.dataset_path"
     if key == LOCAL:
         fmt, files = find_data_files(path, data, setting)
-        if fmt != "disk":
+        if fmt != "disk" and content:
             check_content(fmt, files, data)
             check_column(sniff_columns(fmt, files[0]), data, path or "")
         return

@@ -453,7 +453,8 @@ class RunaiDataloader(BaseDataLoader):
     """Global lanes, unless the checkpoint it resumes from has torchtitan's per-rank state.
 
     The loader is built on first use, so that the checkpoint manager can pick the format
-    (``use_per_rank``) before anything is read.
+    (``use_per_rank``) before anything is read; with ``peers`` (``training.data_peers``) only the
+    reader of a data-parallel rank's peers builds one.
     """
 
     def __init__(
@@ -461,7 +462,12 @@ class RunaiDataloader(BaseDataLoader):
         build_lanes: Callable[[], Any],
         build_per_rank: Callable[[], Any],
         build_shards: Callable[[], Any] | None = None,
+        peers: Any = None,
     ):
+        self.peers = peers
+        """``training.data_peers.Peers``: this rank reads and hands its batches to its pipeline /
+        context / tensor-parallel peers, or (``peers.reads`` false) receives them and builds nothing."""
+        self._received: dict[str, Any] = {}  # a peer's: the reader's state after the last batch
         self._build = {FORMAT: build_lanes, PER_RANK: build_per_rank}
         self._orders = {FORMAT: build_lanes}
         self.order = FORMAT
@@ -483,13 +489,31 @@ class RunaiDataloader(BaseDataLoader):
         """torchtitan's per-rank order (``data.order = "per-rank"``, or an old checkpoint)."""
         self.format, self._impl = PER_RANK, None
 
+    @property
+    def receives(self) -> bool:
+        """A peer that reads nothing: its batches come from its data-parallel rank's reader."""
+        return self.peers is not None and not self.peers.reads
+
+    def _keep(self, state: dict[str, Any]) -> None:
+        self._received = state
+
     def __iter__(self):
-        return iter(self.impl)
+        if self.peers is None:
+            return iter(self.impl)
+        if self.receives:
+            return self.peers.receive(self._keep)
+        impl = self.impl
+        return self.peers.send(iter(impl), impl.state_dict)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.receives:
+            return self._received
         return self.impl.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.receives:
+            self._received = state_dict or {}
+            return
         saved = saved_order(state_dict) if self.format == FORMAT else None
         if saved in self._orders and saved != self.order:
             # a checkpoint of the other global order (lanes-1: written before shards-1) goes on in its own

@@ -162,3 +162,16 @@ def test_parquet_text_column_of_another_type_or_not_parquet_at_all(tmp_path, cfg
     (tmp_path / "b" / "b.parquet").write_text("this is not parquet")
     with pytest.raises(UserError, match=r"b.parquet': the file: is not a readable parquet file"):
         check_local(tmp_path / "b", cfg)
+
+
+def test_content_is_sampled_only_where_asked(tmp_path, cfg, monkeypatch):
+    """The launcher samples every file's content once per node; a rank it started (``content=False``,
+    ``training.data``) opens no file for it: 512 ranks x 1,024 shards would each read every head."""
+    path = write_jsonl(tmp_path / "d" / "a.jsonl", TEXTS, column="body")  # no text column
+    with pytest.raises(UserError, match="data.text_column"):
+        data_files.check_dataset("local", str(path.parent), cfg)
+    opened = []
+    monkeypatch.setattr(data_files, "open", lambda *a, **k: opened.append(a) or open(*a, **k), raising=False)
+    monkeypatch.setattr(data_files.gzip, "open", lambda *a, **k: opened.append(a), raising=False)
+    data_files.check_dataset("local", str(path.parent), cfg, content=False)
+    assert opened == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fakehub import FakeHub
@@ -299,3 +300,23 @@ def test_hub_loader_retries_real_429_then_succeeds(monkeypatch):
     # registering again does not wrap twice
     data_mod.register_datasets(Data())
     assert text_datasets.DATASETS["c4"].loader.__wrapped_loader__ is original
+
+
+def test_a_rank_under_the_launcher_skips_the_content_check(tmp_path, monkeypatch):
+    from torchtitan_runai.lifetime import LAUNCHER_ENV
+    from torchtitan_runai.training import data as data_mod
+
+    seen = []
+    monkeypatch.setattr(data_mod, "check_dataset", lambda *a, **k: seen.append(k.get("content", True)))
+    monkeypatch.setattr(data_mod, "build_peers", lambda *a, **k: None)
+    job = SimpleNamespace(
+        training=SimpleNamespace(dataset="local", dataset_path=str(tmp_path)),
+        data=Data(),
+        comm=SimpleNamespace(init_timeout_seconds=1, train_timeout_seconds=1),
+        parallelism=SimpleNamespace(),
+    )
+    monkeypatch.delenv(LAUNCHER_ENV, raising=False)
+    data_mod.build_dataloader(1, 0, None, job)
+    monkeypatch.setenv(LAUNCHER_ENV, "1 2")
+    data_mod.build_dataloader(1, 0, None, job)
+    assert seen == [True, False]

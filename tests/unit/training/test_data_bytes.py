@@ -44,7 +44,10 @@ def c4_like(folder: Path, shards: int, docs: int) -> Path:
     folder.mkdir()
     rng = random.Random(0)
     for s in range(shards):
-        lines = "".join(json.dumps({"text": document(rng), "url": f"u{s}"}) + "\n" for _ in range(docs))
+        lines = "".join(
+            json.dumps({"text": document(rng), "timestamp": "2019-04-25T12:57:54Z", "url": f"u{s}"}) + "\n"
+            for _ in range(docs)
+        )
         (folder / f"c4-train.{s:05d}-of-{shards:05d}.json.gz").write_bytes(gzip.compress(lines.encode()))
     return folder
 
@@ -105,3 +108,87 @@ def test_four_ranks_read_what_one_rank_reads(tmp_path, tokenizer, corpus):
     assert got == expected  # the same global batches
     assert one < corpus_bytes / 4  # a small part of the corpus is consumed...
     assert four <= 1.1 * one, f"DP 4 read {four} bytes, DP 1 {one} ({four / one:.2f}x)"
+
+
+# ---------------------------------------------------------------------------------------------
+# c4 through the real ``datasets`` streaming client (``hf://`` paths: ``huggingface_hub``'s
+# HfFileSystem) against a local fake Hub that counts the bytes of each file it serves
+
+HUB_SHARDS = 16
+C4_README = """---
+configs:
+- config_name: en
+  data_files:
+  - split: train
+    path: en/c4-train.*.json.gz
+---
+"""
+
+
+def hub_child(dp_degree: int, tok: str, tmp: str) -> None:
+    """A child process (HF_ENDPOINT set before any import): ``dp_degree`` ranks of ``training.dataset =
+    "c4"`` trained STEPS steps; prints the global batches' digest."""
+    import hashlib
+
+    from torchtitan_runai.config import Data
+    from torchtitan_runai.training import data as data_mod
+    from torchtitan_runai.upstream import HuggingFaceTokenizer, JobConfig
+
+    job = JobConfig()
+    job.training.dataset, job.training.dataset_path = "c4", None
+    job.training.seq_len, job.training.global_batch_size = SEQ_LEN, GLOBAL_BATCH
+    job.training.local_batch_size = GLOBAL_BATCH // dp_degree
+    job.data = Data(cache_dir=str(Path(tmp) / "cache"))
+    tokenizer = HuggingFaceTokenizer(tok)
+    loaders = [data_mod.build_dataloader(dp_degree, r, tokenizer, job) for r in range(dp_degree)]
+    iterators = [iter(loader) for loader in loaders]
+    batches = [sum((next(it)[0]["input"].tolist() for it in iterators), []) for _ in range(STEPS)]
+    deadline = time.monotonic() + 120
+    while any(x.impl._thread.is_alive() and not _queue_full(x) for x in loaders) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    print("DIGEST", hashlib.sha1(json.dumps(batches).encode()).hexdigest(), flush=True)
+
+
+def served_to(hub, dp_degree: int, tok: str, tmp: Path) -> tuple[int, int, str]:
+    """(bytes of the shards the fake Hub served, of everything else, the batches' digest) for one run."""
+    import os
+    import subprocess
+
+    before_shards, before_all = _served(hub)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[3]), env.get("PYTHONPATH", "")])
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_data_bytes as t; "
+    code += f"t.hub_child({dp_degree}, {tok!r}, {str(tmp)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    digest = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("DIGEST"))
+    after_shards, after_all = _served(hub)
+    return after_shards - before_shards, (after_all - after_shards) - (before_all - before_shards), digest
+
+
+def _served(hub) -> tuple[int, int]:
+    with hub._lock:
+        return sum(n for p, n in hub.served.items() if p.endswith(".json.gz")), sum(hub.served.values())
+
+
+def test_four_ranks_pull_from_the_hub_what_one_rank_pulls(tmp_path, tokenizer):
+    from fakehub import FakeHub
+
+    shards = c4_like(tmp_path / "c4", shards=HUB_SHARDS, docs=60)
+    tok = str(write_tokenizer(tmp_path / "tok"))
+    with FakeHub() as hub:
+        hub.add_file("allenai/c4", "README.md", C4_README.encode(), "dataset")
+        for f in sorted(shards.iterdir()):
+            hub.add_file("allenai/c4", f"en/{f.name}", f.read_bytes(), "dataset")
+        corpus_bytes = sum(f.stat().st_size for f in shards.iterdir())
+        one, one_meta, expected = served_to(hub, 1, tok, tmp_path / "one")
+        four, four_meta, got = served_to(hub, 4, tok, tmp_path / "four")
+    assert got == expected  # the same global batches
+    assert 0 < one < corpus_bytes  # a part of the corpus is pulled
+    print(
+        f"\nc4 from the fake Hub: corpus {corpus_bytes} B; DP 1 pulled {one} B (+{one_meta} B of other repo files), "
+        f"DP 4 {four} B (+{four_meta} B) ({four / one:.2f}x)"
+    )
+    assert four <= 1.1 * one, f"DP 4 pulled {four} bytes of shards, DP 1 {one} ({four / one:.2f}x)"
