@@ -910,7 +910,8 @@ def next_line(config, env: Mapping[str, str] = os.environ) -> str:
             parts.append(f"loss curves {shown(plot)}")
     if goodput.enabled(config):
         parts.append(
-            f"goodput breakdown: python -m torchtitan_runai.goodput {shlex.quote(shown(config.job.dump_folder))}"
+            # through Path, as the export's paths are: `./outputs/x` shows as `outputs/x` in both
+            f"goodput breakdown: python -m torchtitan_runai.goodput {shlex.quote(shown(Path(config.job.dump_folder)))}"
         )
     return "next: " + ("; ".join(parts) if parts else "nothing was saved (checkpoint.enable = false)")
 

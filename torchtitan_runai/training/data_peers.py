@@ -20,7 +20,7 @@ the Trainer asks for the next batch, every peer at the same point of its step)
     inputs and the labels as two tensor broadcasts. The end of a finite order and a failure of the
     reader go the same way, so the peers stop with it or fail naming it, never wait for a batch that
     does not come. The reader's own reading stays ahead of the step (``data_position.LaneLoader``);
-    the hand-off is one small broadcast: measured in ``tests/integration/test_data_peers.py``.
+    the hand-off is one small broadcast: measured in ``tests/integration/test_peer_reads.py``.
 
 The checkpoint
     Every peer's ``state_dict`` is the reader's state after the last batch handed out, received with

@@ -609,3 +609,10 @@ def test_the_last_line_says_what_to_do_next(tmp_path, monkeypatch):
     (out / "hf").mkdir()
     (out / "hf" / "config.json").write_text("{}")
     assert next_line(config, {}).startswith(f"next: the Hugging Face model is in {out}/hf; loss curves ")
+    # a dump folder written `./x` is shown as the export's folder is: `x`, one spelling in one line
+    monkeypatch.chdir(tmp_path)
+    config.job.dump_folder = "./out"
+    assert next_line(config, {}) == (
+        "next: the Hugging Face model is in out/hf; loss curves out/tb/training_curves.png; "
+        "goodput breakdown: python -m torchtitan_runai.goodput out"
+    )

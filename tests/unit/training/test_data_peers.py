@@ -4,7 +4,7 @@ each peer trains on its reader's batches and holds its reader's data position; t
 DP 2 without peers; a finite order ends on every peer; a reader's failure fails its peers, naming it.
 
 The bytes the peers do not read are counted from outside the ranks in
-``tests/integration/test_data_peers.py``."""
+``tests/integration/test_peer_reads.py``."""
 
 from __future__ import annotations
 
