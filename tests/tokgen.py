@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from torchtitan_runai.training.tokenizer import llama3_special_tokens
+
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -34,23 +36,6 @@ TEST_TEXT = (
     "Hello world! It's 2025: the fox's 12345 llamas aren't lazy.\n\n  Naïve café 🦙 tokens\t"
     "tabs,   spaces and <|end_of_text|> inside text."
 )
-
-
-def llama3_special_tokens() -> list[str]:
-    named = [
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>",
-        "<|finetune_right_pad_id|>",
-        "<|step_id|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eom_id|>",
-        "<|eot_id|>",
-        "<|python_tag|>",
-    ]
-    return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
 
 
 def _byte_decoder() -> dict[str, int]:

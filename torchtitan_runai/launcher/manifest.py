@@ -327,6 +327,16 @@ def build_trainjob(spec: JobSpec, trainer_version: str | None = None) -> dict[st
     }
 
 
+def _runai_pod_flags(spec: JobSpec) -> list[str]:
+    """The flags both Run:ai CLI syntaxes spell alike: project, GPUs, image, shared memory, volume, env."""
+    flags = ["-p", spec.project] if spec.project else []
+    flags += ["-g", str(spec.gpus_per_node), "-i", spec.image, "--large-shm"]
+    flags += ["--existing-pvc", f"claimname={spec.pvc_claim},path={spec.mount_path}"]
+    for key, value in spec.env():
+        flags += ["-e", f"{key}={value}"]
+    return flags
+
+
 def build_runai_command(spec: JobSpec) -> list[str]:
     """argv of the Run:ai CLI (v1 syntax, as in the original example project): ``submit-dist pytorch`` for several
     nodes, plain ``submit`` for one. HF_TOKEN comes from the Secret (``-e VAR=SECRET:name,key``)."""
@@ -335,12 +345,7 @@ def build_runai_command(spec: JobSpec) -> list[str]:
         argv += ["submit-dist", "pytorch", "--name", spec.name, f"--workers={spec.nodes - 1}"]
     else:
         argv += ["submit", "--name", spec.name]
-    if spec.project:
-        argv += ["-p", spec.project]
-    argv += ["-g", str(spec.gpus_per_node), "-i", spec.image, "--large-shm"]
-    argv += ["--existing-pvc", f"claimname={spec.pvc_claim},path={spec.mount_path}"]
-    for key, value in spec.env():
-        argv += ["-e", f"{key}={value}"]
+    argv += _runai_pod_flags(spec)
     argv += ["-e", f"{HF_TOKEN_KEY}=SECRET:{spec.secret},{HF_TOKEN_KEY}"]
     return argv
 
@@ -397,12 +402,7 @@ def _runai_v2_argv(spec: JobSpec, token_flags: list[str]) -> list[str]:
         ]
     else:
         argv += ["standard", "submit", spec.name]
-    if spec.project:
-        argv += ["-p", spec.project]
-    argv += ["-g", str(spec.gpus_per_node), "-i", spec.image, "--large-shm"]
-    argv += ["--existing-pvc", f"claimname={spec.pvc_claim},path={spec.mount_path}"]
-    for key, value in spec.env():
-        argv += ["-e", f"{key}={value}"]
+    argv += _runai_pod_flags(spec)
     argv += ["-e", f"{storage.GRACE_PERIOD_ENV}={spec.grace_seconds}"]
     argv += token_flags
     argv += ["--termination-grace-period", f"{spec.grace_seconds}s", "--backoff-limit", str(spec.backoff_limit)]
