@@ -229,6 +229,10 @@ def test_make_room_before_a_save_frees_old_checkpoints(tmp_path, monkeypatch):
     m = bare_manager(tmp_path, 3, monkeypatch)
     for step in (5, 10, 15):
         write_ckpt(tmp_path, step)
+    # the next save's size is the newest's: half a checkpoint more than step-5's, so step-5 alone
+    # cannot make room and step-10 must go too (equal sizes left it to DCP's metadata, a few bytes apart)
+    base = ckfolder.folder_bytes(tmp_path / "step-5")
+    (tmp_path / "step-15" / "extra.bin").write_bytes(b"\0" * (base // 2))
     free(monkeypatch, 0)
     m._make_room(20)
     assert on_disk(tmp_path) == {15: True}
